@@ -1,0 +1,347 @@
+//! Command line: parsing (clap) and the subcommands. The only place that reads the process
+//! environment and the machine for the pure core.
+
+use crate::config;
+use crate::env_vars as ev;
+use crate::error::{Error, Result};
+use crate::exit;
+use crate::host::{self, HostFacts};
+use crate::hostlist;
+use crate::plan::{self, NodeInfo, Plan};
+use crate::settings::{self, Overrides, Settings};
+use crate::slurm::{self, Step, StepKind};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn footer() -> String {
+    let mut s = String::from("Environment variables:\n");
+    for (k, v) in ev::READ {
+        s.push_str(&format!("  {k:<26} {v}\n"));
+    }
+    s.push_str("\nExit codes:\n");
+    for (c, v) in exit::TABLE {
+        s.push_str(&format!("  {c:<4} {v}\n"));
+    }
+    s.push_str("\nIn client mode (`-- CMD`) the step exits with the client's exit code.");
+    s
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ray-launch",
+    version,
+    about = "Serve or batch-run LLMs (vLLM, SGLang, Ray) across the nodes of a Slurm step",
+    long_about = "Run once per node with `srun --ntasks-per-node=1 ray-launch --config FILE`.\n\
+                  The node with SLURM_NODEID=0 (first of SLURM_STEP_NODELIST) is the master.",
+    after_help = footer(),
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Start the step's part on this node and supervise it (the default).
+    Run(RunArgs),
+    /// Print the plan for every rank of the current step (or of a simulated one).
+    Plan(PlanArgs),
+    /// Validate the config (and the Slurm environment, when inside a step).
+    Check(CommonArgs),
+    /// Expand or compress Slurm hostlist expressions.
+    #[command(subcommand)]
+    Hostlist(HostlistCmd),
+    /// Wait until an endpoint file says ready; print its URL.
+    Wait(WaitArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// YAML config (see configs/ and the README's config reference).
+    #[arg(long, short = 'c', env = ev::RAY_LAUNCH_CONFIG)]
+    pub config: Option<PathBuf>,
+    /// GPUs per node; overrides `gpus_per_node` in the config.
+    #[arg(long, env = ev::RAY_LAUNCH_GPUS_PER_NODE)]
+    pub gpus_per_node: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Endpoint file written when ready (default from the config).
+    #[arg(long, env = ev::RAY_LAUNCH_ENDPOINT_FILE)]
+    pub endpoint_file: Option<String>,
+    /// JSON-lines event log (default from the config; none if unset).
+    #[arg(long, env = ev::RAY_LAUNCH_EVENT_LOG)]
+    pub event_log: Option<String>,
+    /// Directory for per-node process logs (default from the config).
+    #[arg(long, env = ev::RAY_LAUNCH_LOG_DIR)]
+    pub log_dir: Option<String>,
+    /// Client command run on the master once ready; the step ends when it exits.
+    #[arg(last = true, value_name = "CLIENT")]
+    pub client: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Simulate a step over these nodes (NODEID order = expansion order), e.g. `node[1-4]`.
+    #[arg(long)]
+    pub nodelist: Option<String>,
+    /// Job id for the simulated step (decides the port block).
+    #[arg(long, requires = "nodelist")]
+    pub job_id: Option<String>,
+    /// Show the commands of this rank in text form (repeatable).
+    #[arg(long)]
+    pub rank: Vec<usize>,
+    /// The client command, as `run` would get it.
+    #[arg(last = true, value_name = "CLIENT")]
+    pub client: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostlistCmd {
+    /// One host per line.
+    Expand {
+        #[arg(required = true)]
+        exprs: Vec<String>,
+    },
+    /// One expression; hosts from the arguments, or stdin (one per line or comma-separated).
+    Compress { hosts: Vec<String> },
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// The endpoint file (the config's `endpoint_file`, or RAY_LAUNCH_ENDPOINT).
+    #[arg(env = ev::RAY_LAUNCH_ENDPOINT)]
+    pub endpoint_file: PathBuf,
+    /// Give up after this long (`30s`, `10m`).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { exit::USAGE } else { exit::SUCCESS };
+        }
+    };
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Cmd::Run(a)) => run(a),
+        Some(Cmd::Plan(a)) => cmd_plan(a),
+        Some(Cmd::Check(a)) => cmd_check(a),
+        Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
+        Some(Cmd::Wait(w)) => cmd_wait(w),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", e.report());
+            e.exit_code()
+        }
+    }
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Everything the pure core needs, gathered from the process environment and the machine.
+pub struct Gathered {
+    pub settings: Settings,
+    pub step: Step,
+    pub facts: HostFacts,
+    pub nodes: Vec<NodeInfo>,
+    pub plan: Plan,
+}
+
+pub fn load_config(common: &CommonArgs) -> Result<config::Loaded> {
+    let path = common.config.as_ref().ok_or_else(|| {
+        Error::usage("no config given")
+            .hint(format!("pass --config FILE (or set {}); examples are in configs/", ev::RAY_LAUNCH_CONFIG))
+    })?;
+    config::load(path)
+}
+
+/// This node's NodeInfo from its own facts (address chosen by the config's network rule).
+pub fn self_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts, resolved: Option<std::net::IpAddr>) -> Result<NodeInfo> {
+    let (ip, ifname) = host::choose_address(&s.config.network, facts, resolved)?;
+    let object_store_bytes = match s.config.ray.object_store_memory {
+        config::Size::Bytes(b) => b,
+        config::Size::Auto => host::auto_object_store(facts, step.mem_per_node_mb),
+    };
+    Ok(NodeInfo {
+        name: name.to_string(),
+        address: ip.to_string(),
+        interface: Some(ifname),
+        cpus: step.cpus_on_node.unwrap_or(facts.cpus),
+        object_store_bytes,
+    })
+}
+
+pub fn gather(
+    common: &CommonArgs,
+    ov_extra: Overrides,
+    nodelist: Option<&str>,
+    job_id: Option<&str>,
+    client: Vec<String>,
+) -> Result<Gathered> {
+    let loaded = load_config(common)?;
+    let facts = HostFacts::read();
+    let step = match nodelist {
+        Some(expr) => {
+            let nodes = hostlist::expand(expr)?;
+            if nodes.is_empty() {
+                return Err(Error::usage("--nodelist is empty").hint("give nodes like `node[1-4]`"));
+            }
+            Step::preview(nodes, job_id.unwrap_or("0").to_string())
+        }
+        None => slurm::detect(&env_lookup, &facts.hostname)?,
+    };
+    let ov = Overrides { gpus_per_node: common.gpus_per_node, ..ov_extra };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let settings = settings::resolve(&loaded, &ov, &step, client, &cwd);
+    let resolved = host::resolve_all(&step.nodes, Duration::from_secs(2));
+    let mut nodes = Vec::with_capacity(step.nodes.len());
+    let mine = match step.self_rank {
+        Some(r) => Some(self_info(&settings, &step, &step.nodes[r], &facts, resolved[r])?),
+        None => None,
+    };
+    for (i, name) in step.nodes.iter().enumerate() {
+        if step.self_rank == Some(i) {
+            nodes.push(mine.clone().expect("self info"));
+            continue;
+        }
+        // Other nodes: assumed alike (same CPUs, memory, interface name); at run time each
+        // rank reports its own facts during the rendezvous.
+        let template = mine.clone().unwrap_or_else(|| NodeInfo {
+            name: String::new(),
+            address: String::new(),
+            interface: settings.config.network.interface.clone(),
+            cpus: step.cpus_on_node.unwrap_or(facts.cpus),
+            object_store_bytes: match settings.config.ray.object_store_memory {
+                config::Size::Bytes(b) => b,
+                config::Size::Auto => host::auto_object_store(&facts, step.mem_per_node_mb),
+            },
+        });
+        nodes.push(NodeInfo {
+            name: name.clone(),
+            address: resolved[i].map_or_else(|| name.clone(), |ip| ip.to_string()),
+            ..template
+        });
+    }
+    let plan = plan::build(&settings, &step, &nodes)?;
+    Ok(Gathered { settings, step, facts, nodes, plan })
+}
+
+fn cmd_plan(a: PlanArgs) -> Result<i32> {
+    let g = gather(&a.common, Overrides::default(), a.nodelist.as_deref(), a.job_id.as_deref(), a.client)?;
+    match a.format {
+        Format::Json => {
+            println!("{}", serde_json::to_string_pretty(&g.plan).expect("plan serializes"));
+        }
+        Format::Text => {
+            let show: Vec<usize> = if !a.rank.is_empty() {
+                for r in &a.rank {
+                    if *r >= g.plan.ranks.len() {
+                        return Err(Error::usage(format!("--rank {r}: the step has {} ranks", g.plan.ranks.len()))
+                            .hint(format!("use 0..{}", g.plan.ranks.len() - 1)));
+                    }
+                }
+                a.rank.clone()
+            } else if g.plan.ranks.len() <= 8 {
+                (0..g.plan.ranks.len()).collect()
+            } else {
+                let mut v = vec![0, 1];
+                if let Some(s) = &g.plan.self_rank {
+                    v.push(s.node_rank);
+                }
+                v.sort();
+                v.dedup();
+                v
+            };
+            print!("{}", plan::render_text(&g.plan, &show));
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn cmd_check(a: CommonArgs) -> Result<i32> {
+    let g = gather(&a, Overrides::default(), None, None, Vec::new())?;
+    let where_ = match g.step.kind {
+        StepKind::Srun => format!("srun step of job {}, this is node rank {}", g.step.job_id, g.step.self_rank.unwrap_or(0)),
+        StepKind::Local => "no Slurm step: a single-node run on this machine".to_string(),
+        StepKind::Preview => "preview".to_string(),
+    };
+    println!(
+        "ok: {} is valid ({where_}; {} node(s), {} replica(s))",
+        g.settings.config_path, g.plan.nodes, g.plan.replicas
+    );
+    Ok(exit::SUCCESS)
+}
+
+fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
+    match h {
+        HostlistCmd::Expand { exprs } => {
+            let mut out = String::new();
+            for e in exprs {
+                for host in hostlist::expand(&e)? {
+                    out.push_str(&host);
+                    out.push('\n');
+                }
+            }
+            print!("{out}");
+        }
+        HostlistCmd::Compress { hosts } => {
+            let hosts = if hosts.is_empty() {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|e| Error::usage(format!("cannot read hosts from stdin: {e}")))?;
+                s.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                hosts
+            };
+            println!("{}", hostlist::compress(&hosts)?);
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn cmd_wait(_w: WaitArgs) -> Result<i32> {
+    Err(Error::internal("`wait` is not built yet"))
+}
+
+fn run(a: RunArgs) -> Result<i32> {
+    let ov = Overrides {
+        gpus_per_node: None,
+        endpoint_file: a.endpoint_file.clone(),
+        event_log: a.event_log.clone(),
+        log_dir: a.log_dir.clone(),
+    };
+    let g = gather(&a.common, ov, None, None, a.client.clone())?;
+    let me = g.step.self_rank.unwrap_or(0);
+    print!("{}", plan::render_text(&g.plan, &[me]));
+    Err(Error::internal("running the plan is not built yet"))
+}

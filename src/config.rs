@@ -1,0 +1,668 @@
+//! The YAML config: schema, parsing and validation.
+//!
+//! Parsing is strict (unknown keys and wrong types are errors); `validate` then checks
+//! values and relations. Every error names the key, the line, and the fix.
+//! The schema is documented in README.md ("Config reference"); keep both in step.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Vllm,
+    Sglang,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VllmBackend {
+    Ray,
+    Mp,
+}
+
+/// `auto` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Auto<T> {
+    Auto,
+    Value(T),
+}
+
+impl<T> Default for Auto<T> {
+    fn default() -> Self {
+        Auto::Auto
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Auto<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw<T> {
+            Str(String),
+            Val(T),
+        }
+        match Raw::<T>::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected `auto` or a non-negative whole number")
+        })? {
+            Raw::Str(s) if s == "auto" => Ok(Auto::Auto),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "expected `auto` or a non-negative whole number, found `{s}`"
+            ))),
+            Raw::Val(v) => Ok(Auto::Value(v)),
+        }
+    }
+}
+
+/// A duration written the humantime way: `30s`, `5m`, `1h 30m` (a bare number is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as `30s`, `5m` or `1h 30m`")
+        })? {
+            Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Str(s) => humantime::parse_duration(&s).map(Dur).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write it like `30s`, `5m` or `1h 30m`"
+                ))
+            }),
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A size in bytes: `auto`, a number of bytes, or `64GiB` / `500M` (K, M, G, T are powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Size {
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Str(String),
+        }
+        let msg = "expected `auto`, a number of bytes, or a size such as `64GiB`";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
+            Raw::Bytes(b) => Ok(Size::Bytes(b)),
+            Raw::Str(s) if s == "auto" => Ok(Size::Auto),
+            Raw::Str(s) => parse_size(&s)
+                .map(Size::Bytes)
+                .ok_or_else(|| serde::de::Error::custom(format!("{msg}, found `{s}`"))),
+        }
+    }
+}
+
+/// An environment variable value: YAML scalars are taken as their text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvValue(pub String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        match v {
+            serde_yaml::Value::String(s) => Ok(EnvValue(s)),
+            serde_yaml::Value::Number(n) => Ok(EnvValue(n.to_string())),
+            serde_yaml::Value::Bool(b) => Ok(EnvValue(b.to_string())),
+            _ => Err(serde::de::Error::custom(
+                "environment values must be text, numbers or true/false",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Parallel {
+    pub tensor: u32,
+    #[serde(default = "one")]
+    pub pipeline: u32,
+    /// Nodes one model instance spans. `auto`: tensor × pipeline ÷ GPUs per node, rounded up;
+    /// all nodes of the step when there are no GPUs (CPU runs).
+    #[serde(default)]
+    pub nodes_per_replica: Auto<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Vllm {
+    pub backend: VllmBackend,
+    pub executable: String,
+}
+
+impl Default for Vllm {
+    fn default() -> Self {
+        Vllm { backend: VllmBackend::Ray, executable: "vllm".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sglang {
+    pub python: String,
+}
+
+impl Default for Sglang {
+    fn default() -> Self {
+        Sglang { python: "python3".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub host: String,
+    /// `auto`: a port from the job's port block, so two jobs on one node never collide.
+    pub port: Auto<u16>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server { host: "0.0.0.0".into(), port: Auto::Auto }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// Take addresses from this interface (e.g. `ib0`).
+    pub interface: Option<String>,
+    /// Or from the interface whose address is in this network (e.g. `10.10.0.0/16`).
+    pub cidr: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ray {
+    pub executable: String,
+    /// GCS port; `auto` = from the job's port block.
+    pub port: Auto<u16>,
+    pub object_store_memory: Size,
+    /// Node-local, job- and node-scoped. Placeholders: `{job}`, `{node}`, `{node_rank}`.
+    pub temp_dir: String,
+    pub dashboard: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Ray {
+    fn default() -> Self {
+        Ray {
+            executable: "ray".into(),
+            port: Auto::Auto,
+            object_store_memory: Size::Auto,
+            temp_dir: "/tmp/rl-{job}-{node_rank}".into(),
+            dashboard: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ports {
+    /// Ports the job's block is taken from, `LOW-HIGH`. Keep it below the kernel's ephemeral
+    /// range (`/proc/sys/net/ipv4/ip_local_port_range`, usually from 32768).
+    pub range: String,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports { range: "20000-32767".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Every rank has connected to the master.
+    pub rendezvous: Dur,
+    /// Every Ray worker has joined (or every engine rank has started).
+    pub worker_join: Dur,
+    /// The engine answers `/health` with 200.
+    pub engine_ready: Dur,
+    /// How long each stage of teardown waits after SIGTERM before SIGKILL.
+    pub shutdown_grace: Dur,
+    /// Slurm's KillWait on this cluster: teardown must finish well inside it.
+    pub kill_wait: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            rendezvous: Dur(Duration::from_secs(300)),
+            worker_join: Dur(Duration::from_secs(180)),
+            engine_ready: Dur(Duration::from_secs(1800)),
+            shutdown_grace: Dur(Duration::from_secs(10)),
+            kill_wait: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// How often the engine's `/health` is polled once ready.
+    pub interval: Dur,
+    /// Consecutive failed polls that count as an engine failure.
+    pub failures: u32,
+    /// How often ranks tell the master they are alive (and the master them).
+    pub heartbeat_interval: Dur,
+    /// Silence after which a rank (or the master) counts as lost.
+    pub heartbeat_timeout: Dur,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            interval: Dur(Duration::from_secs(5)),
+            failures: 3,
+            heartbeat_interval: Dur(Duration::from_secs(2)),
+            heartbeat_timeout: Dur(Duration::from_secs(20)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub engine: Engine,
+    pub model: String,
+    #[serde(default)]
+    pub served_model_name: Option<String>,
+    pub parallel: Parallel,
+    /// `auto`: `SLURM_GPUS_ON_NODE`, then `CUDA_VISIBLE_DEVICES`, else 0.
+    #[serde(default)]
+    pub gpus_per_node: Auto<u32>,
+    #[serde(default)]
+    pub vllm: Vllm,
+    #[serde(default)]
+    pub sglang: Sglang,
+    #[serde(default)]
+    pub server: Server,
+    /// Extra arguments appended to the engine's command line.
+    #[serde(default)]
+    pub engine_args: Vec<String>,
+    /// Set for every process on every node (Ray's workers inherit it from `ray start`).
+    #[serde(default)]
+    pub env: BTreeMap<String, EnvValue>,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub ray: Ray,
+    #[serde(default)]
+    pub ports: Ports,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub health: Health,
+    /// Per-node process logs. Placeholders `{job}`; relative paths are from the working directory.
+    #[serde(default = "default_log_dir")]
+    pub log_dir: String,
+    /// Written atomically when the endpoint is ready. Placeholder `{job}`.
+    #[serde(default = "default_endpoint_file")]
+    pub endpoint_file: String,
+    /// JSON-lines event log (master writes it). Placeholder `{job}`. Empty = none.
+    #[serde(default)]
+    pub event_log: Option<String>,
+}
+
+fn default_log_dir() -> String {
+    "ray-launch-{job}".into()
+}
+fn default_endpoint_file() -> String {
+    "ray-launch-{job}/endpoint.json".into()
+}
+
+/// Flags the launcher sets itself; in `engine_args` they would fight the plan.
+const OWNED_ENGINE_FLAGS: &[(&str, &str)] = &[
+    ("--tensor-parallel-size", "parallel.tensor"),
+    ("-tp", "parallel.tensor"),
+    ("--tp-size", "parallel.tensor"),
+    ("--tp", "parallel.tensor"),
+    ("--pipeline-parallel-size", "parallel.pipeline"),
+    ("-pp", "parallel.pipeline"),
+    ("--pp-size", "parallel.pipeline"),
+    ("--distributed-executor-backend", "vllm.backend"),
+    ("--host", "server.host"),
+    ("--port", "server.port"),
+    ("--nnodes", "the step's node count"),
+    ("--node-rank", "the node's rank in the step"),
+    ("--master-addr", "the elected master"),
+    ("--master-port", "the job's port block"),
+    ("--dist-init-addr", "the elected master"),
+    ("--headless", "the node's role"),
+    ("--served-model-name", "served_model_name"),
+    ("--model-path", "model"),
+    ("--model", "model"),
+];
+
+const OWNED_RAY_FLAGS: &[&str] = &[
+    "--head", "--address", "--port", "--node-ip-address", "--num-gpus", "--num-cpus",
+    "--temp-dir", "--object-store-memory", "--block", "--include-dashboard",
+    "--node-manager-port", "--object-manager-port", "--min-worker-port", "--max-worker-port",
+    "--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+];
+
+/// Where a key path (`["parallel", "tensor"]`) sits in the YAML text: 1-based line.
+/// Good enough for block-style YAML, which is what configs are; `None` when not found.
+pub fn locate(src: &str, path: &[&str]) -> Option<usize> {
+    let mut depth_indent: Vec<usize> = Vec::new();
+    let mut want = 0;
+    for (i, line) in src.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        while let Some(&d) = depth_indent.last() {
+            if indent <= d {
+                depth_indent.pop();
+                want -= 1;
+            } else {
+                break;
+            }
+        }
+        if want < path.len() && depth_indent.len() == want {
+            let key = path[want];
+            let matches = trimmed
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'));
+            if matches {
+                if want + 1 == path.len() {
+                    return Some(i + 1);
+                }
+                depth_indent.push(indent);
+                want += 1;
+            }
+        }
+    }
+    None
+}
+
+pub struct Loaded {
+    pub config: Config,
+    pub path: String,
+    pub source: String,
+}
+
+impl Loaded {
+    /// A validation error for `key` (dotted), with its line.
+    pub fn key_error(&self, key: &str, problem: impl std::fmt::Display, fix: impl Into<String>) -> Error {
+        let parts: Vec<&str> = key.split('.').collect();
+        let at = match locate(&self.source, &parts) {
+            Some(line) => format!("{}:{line}", self.path),
+            None => self.path.clone(),
+        };
+        Error::usage(format!("{at}: `{key}` {problem}")).hint(fix)
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let shown = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        Error::usage(format!("cannot read config {shown}: {e}"))
+            .hint("pass an existing YAML file with --config (or RAY_LAUNCH_CONFIG); examples are in configs/")
+    })?;
+    parse(&shown, &source)
+}
+
+pub fn parse(path: &str, source: &str) -> Result<Loaded> {
+    let config: Config = serde_yaml::from_str(source).map_err(|e| yaml_error(path, &e))?;
+    let loaded = Loaded { config, path: path.to_string(), source: source.to_string() };
+    validate(&loaded)?;
+    Ok(loaded)
+}
+
+fn yaml_error(path: &str, e: &serde_yaml::Error) -> Error {
+    let text = e.to_string();
+    // serde_yaml puts " at line L column C" at the end; move the location to the front.
+    let (msg, at) = match (text.rfind(" at line "), e.location()) {
+        (Some(i), Some(loc)) => (text[..i].to_string(), format!("{path}:{}", loc.line())),
+        (_, Some(loc)) => (text.clone(), format!("{path}:{}", loc.line())),
+        _ => (text.clone(), path.to_string()),
+    };
+    let hint = if msg.contains("unknown field") {
+        "remove or correct that key; README.md (\"Config reference\") lists every key"
+    } else if msg.contains("missing field") {
+        "the minimal config needs `engine`, `model` and `parallel.tensor`; see configs/"
+    } else if msg.contains("unknown variant") {
+        "use one of the values the message lists"
+    } else {
+        "fix the value or the YAML syntax at that line; README.md (\"Config reference\") shows each key's type"
+    };
+    Error::usage(format!("{at}: {msg}")).hint(hint)
+}
+
+fn validate(l: &Loaded) -> Result<()> {
+    let c = &l.config;
+    if c.model.trim().is_empty() {
+        return Err(l.key_error("model", "is empty", "set `model:` to a model path or hub id"));
+    }
+    if c.served_model_name.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        return Err(l.key_error("served_model_name", "is empty", "remove the key or give a name"));
+    }
+    if c.parallel.tensor == 0 {
+        return Err(l.key_error("parallel.tensor", "must be at least 1", "set the tensor-parallel size, e.g. `tensor: 8`"));
+    }
+    if c.parallel.pipeline == 0 {
+        return Err(l.key_error("parallel.pipeline", "must be at least 1", "use `pipeline: 1` for no pipeline parallelism"));
+    }
+    if c.parallel.nodes_per_replica == Auto::Value(0) {
+        return Err(l.key_error("parallel.nodes_per_replica", "must be at least 1", "use `auto` or a node count"));
+    }
+    if c.server.port == Auto::Value(0) {
+        return Err(l.key_error("server.port", "must be 1-65535", "use `auto` (a port from the job's block) or a port number"));
+    }
+    if c.ray.port == Auto::Value(0) {
+        return Err(l.key_error("ray.port", "must be 1-65535", "use `auto` or a port number"));
+    }
+    if c.server.host.parse::<IpAddr>().is_err() {
+        return Err(l.key_error(
+            "server.host",
+            format!("`{}` is not an IP address", c.server.host),
+            "use `0.0.0.0` (all interfaces) or an address such as `127.0.0.1`",
+        ));
+    }
+    port_range(&c.ports.range).map_err(|why| {
+        l.key_error("ports.range", format!("`{}` {why}", c.ports.range), "write it as `LOW-HIGH` with 1024 <= LOW and HIGH <= 65535, at least 256 ports, e.g. `20000-32767`")
+    })?;
+    if c.network.interface.is_some() && c.network.cidr.is_some() {
+        return Err(l.key_error("network.cidr", "is set together with `network.interface`", "keep one of the two"));
+    }
+    if let Some(cidr) = &c.network.cidr {
+        if cidr.parse::<ipnet::IpNet>().is_err() {
+            return Err(l.key_error("network.cidr", format!("`{cidr}` is not a network"), "write it like `10.10.0.0/16`"));
+        }
+    }
+    if c.network.interface.as_deref().is_some_and(|s| s.is_empty() || s.contains('/')) {
+        return Err(l.key_error("network.interface", "is not an interface name", "use a name from `ip -br addr`, e.g. `ib0`"));
+    }
+    for (k, v) in &c.env {
+        let valid = !k.is_empty()
+            && !k.starts_with(|ch: char| ch.is_ascii_digit())
+            && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        if !valid {
+            return Err(l.key_error("env", format!("has an invalid variable name `{k}`"), "names are letters, digits and `_`, not starting with a digit"));
+        }
+        if v.0.contains('\0') {
+            return Err(l.key_error("env", format!("value of `{k}` contains a NUL byte"), "remove it"));
+        }
+    }
+    for (key, durv) in [
+        ("timeouts.rendezvous", c.timeouts.rendezvous),
+        ("timeouts.worker_join", c.timeouts.worker_join),
+        ("timeouts.engine_ready", c.timeouts.engine_ready),
+        ("timeouts.shutdown_grace", c.timeouts.shutdown_grace),
+        ("timeouts.kill_wait", c.timeouts.kill_wait),
+        ("health.interval", c.health.interval),
+        ("health.heartbeat_interval", c.health.heartbeat_interval),
+        ("health.heartbeat_timeout", c.health.heartbeat_timeout),
+    ] {
+        if durv.0.is_zero() {
+            return Err(l.key_error(key, "must be longer than zero", "write it like `30s` or `5m`"));
+        }
+    }
+    if c.health.failures == 0 {
+        return Err(l.key_error("health.failures", "must be at least 1", "e.g. `failures: 3`"));
+    }
+    if c.health.heartbeat_timeout.0 < c.health.heartbeat_interval.0 * 2 {
+        return Err(l.key_error(
+            "health.heartbeat_timeout",
+            format!(
+                "({}) must be at least twice `health.heartbeat_interval` ({})",
+                humantime::format_duration(c.health.heartbeat_timeout.0),
+                humantime::format_duration(c.health.heartbeat_interval.0)
+            ),
+            "raise the timeout or shorten the interval",
+        ));
+    }
+    let budget = teardown_budget(c);
+    if budget >= c.timeouts.kill_wait.0 {
+        return Err(l.key_error(
+            "timeouts.shutdown_grace",
+            format!(
+                "({}) makes teardown take up to {} (engine, then Ray, plus 1s), which does not fit in `timeouts.kill_wait` ({})",
+                humantime::format_duration(c.timeouts.shutdown_grace.0),
+                humantime::format_duration(budget),
+                humantime::format_duration(c.timeouts.kill_wait.0)
+            ),
+            "shorten shutdown_grace, or set kill_wait to your cluster's KillWait (`scontrol show config | grep KillWait`)",
+        ));
+    }
+    for a in &c.engine_args {
+        let flag = a.split('=').next().unwrap_or(a);
+        if let Some((_, owner)) = OWNED_ENGINE_FLAGS.iter().find(|(f, _)| *f == flag) {
+            return Err(l.key_error(
+                "engine_args",
+                format!("contains `{flag}`, which ray-launch sets from {owner}"),
+                format!("remove `{flag}` from engine_args and set {owner} instead"),
+            ));
+        }
+    }
+    for a in &c.ray.extra_args {
+        let flag = a.split('=').next().unwrap_or(a);
+        if OWNED_RAY_FLAGS.contains(&flag) {
+            return Err(l.key_error(
+                "ray.extra_args",
+                format!("contains `{flag}`, which ray-launch sets from the plan"),
+                format!("remove `{flag}`; the README's config reference says which key controls it"),
+            ));
+        }
+    }
+    for (key, exe) in [
+        ("vllm.executable", &c.vllm.executable),
+        ("sglang.python", &c.sglang.python),
+        ("ray.executable", &c.ray.executable),
+    ] {
+        if exe.trim().is_empty() {
+            return Err(l.key_error(key, "is empty", "give a program name on PATH or a path"));
+        }
+    }
+    if !c.ray.temp_dir.starts_with('/') {
+        return Err(l.key_error("ray.temp_dir", "must be an absolute path", "use a node-local path such as `/tmp/rl-{job}-{node_rank}`"));
+    }
+    for (key, v) in [("ray.temp_dir", &c.ray.temp_dir), ("log_dir", &c.log_dir), ("endpoint_file", &c.endpoint_file)] {
+        if let Err(bad) = check_placeholders(v) {
+            return Err(l.key_error(key, format!("has an unknown placeholder `{bad}`"), "placeholders are {job}, {node} and {node_rank}"));
+        }
+    }
+    Ok(())
+}
+
+/// Longest teardown: engine grace, then Ray grace, then a second for SIGKILL and reaping.
+pub fn teardown_budget(c: &Config) -> Duration {
+    c.timeouts.shutdown_grace.0 * 2 + Duration::from_secs(1)
+}
+
+pub fn check_placeholders(s: &str) -> std::result::Result<(), String> {
+    let mut rest = s;
+    while let Some(i) = rest.find('{') {
+        let end = rest[i..].find('}').ok_or_else(|| rest[i..].to_string())?;
+        let name = &rest[i + 1..i + end];
+        if !["job", "node", "node_rank"].contains(&name) {
+            return Err(format!("{{{name}}}"));
+        }
+        rest = &rest[i + end + 1..];
+    }
+    Ok(())
+}
+
+pub fn port_range(s: &str) -> std::result::Result<(u16, u16), &'static str> {
+    let (a, b) = s.split_once('-').ok_or("is not of the form LOW-HIGH")?;
+    let lo: u16 = a.trim().parse().map_err(|_| "has a low end that is not a port")?;
+    let hi: u16 = b.trim().parse().map_err(|_| "has a high end that is not a port")?;
+    if lo < 1024 {
+        return Err("starts below 1024 (privileged ports)");
+    }
+    if hi < lo || (hi - lo + 1) < crate::plan::PORT_BLOCK {
+        return Err("holds fewer ports than one job's block (256)");
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_nested_keys() {
+        let src = "engine: vllm\nmodel: m\n# c\nparallel:\n  tensor: 8\n  pipeline: 2\nray:\n  port: 3\n";
+        assert_eq!(locate(src, &["parallel", "tensor"]), Some(5));
+        assert_eq!(locate(src, &["parallel", "pipeline"]), Some(6));
+        assert_eq!(locate(src, &["ray", "port"]), Some(8));
+        assert_eq!(locate(src, &["model"]), Some(2));
+        assert_eq!(locate(src, &["ray", "tensor"]), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64GiB"), Some(64 << 30));
+        assert_eq!(parse_size("500M"), Some(500 << 20));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("12 XB"), None);
+    }
+}

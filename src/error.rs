@@ -1,0 +1,86 @@
+//! The one error type. Every error says what is wrong and, where there is one, the fix (`hint`).
+//! `main` prints `error: …`, then `  caused by: …` lines, then `hint: …`, and exits with
+//! `Error::exit_code`.
+
+use crate::exit;
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Flags, config, environment, hostlist: exit 2, nothing started.
+    Usage,
+    StartupTimeout,
+    PeerFailure,
+    EngineFailure,
+    LaunchFailure,
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub kind: Kind,
+    pub msg: String,
+    pub causes: Vec<String>,
+    pub hint: Option<String>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
+        Error { kind, msg: msg.into(), causes: Vec::new(), hint: None }
+    }
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Self::new(Kind::Usage, msg)
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Self::new(Kind::Internal, msg)
+    }
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    pub fn cause(mut self, cause: impl fmt::Display) -> Self {
+        self.causes.push(cause.to_string());
+        self
+    }
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            Kind::Usage => exit::USAGE,
+            Kind::StartupTimeout => exit::STARTUP_TIMEOUT,
+            Kind::PeerFailure => exit::PEER_FAILURE,
+            Kind::EngineFailure => exit::ENGINE_FAILURE,
+            Kind::LaunchFailure => exit::LAUNCH_FAILURE,
+            Kind::Internal => exit::INTERNAL,
+        }
+    }
+    /// The full report as printed on stderr.
+    pub fn report(&self) -> String {
+        let mut s = format!("error: {}", self.msg);
+        for c in &self.causes {
+            s.push_str("\n  caused by: ");
+            s.push_str(c);
+        }
+        if let Some(h) = &self.hint {
+            s.push_str("\nhint: ");
+            s.push_str(h);
+        }
+        s
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<crate::hostlist::HostlistError> for Error {
+    fn from(e: crate::hostlist::HostlistError) -> Self {
+        Error::usage(e.to_string()).hint(
+            "write ranges as `node[01-04,7]`: numbers only, low before high, brackets balanced",
+        )
+    }
+}

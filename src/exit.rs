@@ -1,0 +1,33 @@
+//! Exit codes of `ray-launch`, in one place. Every rank of a step exits with the same code
+//! for the same cause, so `sacct` shows one story.
+
+/// Clean stop: a client finished with 0, or a stop was asked for with SIGUSR1 (drain).
+pub const SUCCESS: i32 = 0;
+/// A bug or an unexpected local I/O failure in the launcher itself.
+pub const INTERNAL: i32 = 1;
+/// Bad input: flags, config, environment or hostlist. Nothing was started.
+pub const USAGE: i32 = 2;
+/// A deadline passed while starting: rendezvous, worker join, or engine readiness.
+pub const STARTUP_TIMEOUT: i32 = 3;
+/// Another node failed: its launcher, Ray daemon or engine process died, or it went silent.
+pub const PEER_FAILURE: i32 = 4;
+/// The engine on this node died, or its `/health` failed too often.
+pub const ENGINE_FAILURE: i32 = 5;
+/// A process could not be started (missing executable, Ray head did not come up).
+pub const LAUNCH_FAILURE: i32 = 6;
+/// Killed by signal `n` (SIGTERM from scancel or the time limit: 143).
+pub const fn signal(n: i32) -> i32 {
+    128 + n
+}
+
+/// The table printed by `--help` and the README.
+pub const TABLE: &[(i32, &str)] = &[
+    (SUCCESS, "clean stop (client exited 0, or SIGUSR1 drain)"),
+    (INTERNAL, "internal error of the launcher"),
+    (USAGE, "bad flags, config, environment or hostlist; nothing was started"),
+    (STARTUP_TIMEOUT, "rendezvous, worker join or engine readiness deadline passed"),
+    (PEER_FAILURE, "another node's launcher, Ray or engine died, or it went silent"),
+    (ENGINE_FAILURE, "the engine died or failed its health checks"),
+    (LAUNCH_FAILURE, "a process could not be started"),
+    (143, "stopped by SIGTERM (scancel, time limit); 128+n for signal n"),
+];

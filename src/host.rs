@@ -1,0 +1,198 @@
+//! Facts about this machine (interfaces, memory, CPUs), read once; and the pure rules that
+//! turn them into an address and an object store size.
+
+use crate::config::Network;
+use crate::error::{Error, Result};
+use std::net::IpAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    pub hostname: String,
+    /// (interface, IPv4 address) of every interface that is up, loopback included.
+    pub interfaces: Vec<(String, IpAddr)>,
+    pub cpus: u32,
+    pub mem_available: Option<u64>,
+    pub cgroup_limit: Option<u64>,
+    pub shm_size: Option<u64>,
+}
+
+impl HostFacts {
+    pub fn read() -> HostFacts {
+        let hostname = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut interfaces = Vec::new();
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs {
+                let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+                if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                    if up {
+                        interfaces.push((a.interface_name.clone(), IpAddr::V4(sin.ip())));
+                    }
+                }
+            }
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let mem_available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        });
+        let cgroup_limit = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+            .filter(|v| *v < (1u64 << 60));
+        let shm_size = nix::sys::statvfs::statvfs("/dev/shm")
+            .ok()
+            .map(|s| s.blocks() as u64 * s.fragment_size() as u64);
+        HostFacts { hostname, interfaces, cpus, mem_available, cgroup_limit, shm_size }
+    }
+}
+
+/// Ray's own floor for the object store.
+pub const MIN_OBJECT_STORE: u64 = 78_643_200;
+const CAP_OBJECT_STORE: u64 = 200 << 30;
+
+/// min(30 % of the memory the job may use, /dev/shm, 200 GiB), never below Ray's floor.
+/// "Memory the job may use" = the smallest of the cgroup limit, `--mem`, and MemAvailable.
+pub fn auto_object_store(f: &HostFacts, slurm_mem_mb: Option<u64>) -> u64 {
+    let job_mem = [f.cgroup_limit, slurm_mem_mb.map(|m| m << 20), f.mem_available]
+        .into_iter()
+        .flatten()
+        .min();
+    let mut v = CAP_OBJECT_STORE;
+    if let Some(m) = job_mem {
+        v = v.min(m / 10 * 3);
+    }
+    if let Some(s) = f.shm_size {
+        v = v.min(s);
+    }
+    v.max(MIN_OBJECT_STORE)
+}
+
+/// Pick this node's address and interface.
+/// - `network.interface`: that interface's first IPv4 address.
+/// - `network.cidr`: the first address inside that network.
+/// - neither: the address the node's name resolves to when it is a non-loopback address of
+///   this host (what Slurm and DNS agree on), else the first non-loopback IPv4 address,
+///   else 127.0.0.1 (a single-node run).
+pub fn choose_address(net: &Network, f: &HostFacts, resolved_self: Option<IpAddr>) -> Result<(IpAddr, String)> {
+    let listing = || {
+        f.interfaces.iter().map(|(n, a)| format!("{n} {a}")).collect::<Vec<_>>().join(", ")
+    };
+    if let Some(want) = &net.interface {
+        return f
+            .interfaces
+            .iter()
+            .find(|(n, _)| n == want)
+            .map(|(n, a)| (*a, n.clone()))
+            .ok_or_else(|| {
+                Error::usage(format!("network.interface `{want}` has no IPv4 address on {} (up interfaces: {})", f.hostname, listing()))
+                    .hint("set network.interface to one of those, or use network.cidr")
+            });
+    }
+    if let Some(cidr) = &net.cidr {
+        let netw: ipnet::IpNet = cidr.parse().map_err(|_| Error::usage(format!("bad network.cidr `{cidr}`")))?;
+        return f
+            .interfaces
+            .iter()
+            .find(|(_, a)| netw.contains(a))
+            .map(|(n, a)| (*a, n.clone()))
+            .ok_or_else(|| {
+                Error::usage(format!("no address of {} is inside network.cidr {cidr} (up interfaces: {})", f.hostname, listing()))
+                    .hint("set network.cidr to the network of the interface the nodes talk over")
+            });
+    }
+    if let Some(r) = resolved_self.filter(|r| !r.is_loopback()) {
+        if let Some((n, a)) = f.interfaces.iter().find(|(_, a)| *a == r) {
+            return Ok((*a, n.clone()));
+        }
+    }
+    if let Some((n, a)) = f.interfaces.iter().find(|(_, a)| !a.is_loopback()) {
+        return Ok((*a, n.clone()));
+    }
+    Ok((IpAddr::from([127, 0, 0, 1]), "lo".into()))
+}
+
+/// Resolve host names to IPv4 addresses, each in its own thread, all within `timeout`.
+/// `getaddrinfo` blocks and may wait on a DNS server; a name not resolved in time is `None`.
+pub fn resolve_all(names: &[String], timeout: Duration) -> Vec<Option<IpAddr>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut uniq: Vec<&String> = names.iter().collect();
+    uniq.sort();
+    uniq.dedup();
+    for (i, n) in uniq.iter().enumerate() {
+        let tx = tx.clone();
+        let n = (*n).clone();
+        std::thread::spawn(move || {
+            let ip = dns_lookup::lookup_host(&n)
+                .ok()
+                .and_then(|v| v.into_iter().find(IpAddr::is_ipv4));
+            let _ = tx.send((i, ip));
+        });
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = vec![None; uniq.len()];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((i, ip)) => got[i] = ip,
+            Err(_) => break,
+        }
+    }
+    names
+        .iter()
+        .map(|n| got[uniq.binary_search(&n).expect("present")])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            hostname: "node1".into(),
+            interfaces: vec![
+                ("lo".into(), "127.0.0.1".parse().unwrap()),
+                ("eth0".into(), "192.168.1.5".parse().unwrap()),
+                ("ib0".into(), "10.10.0.5".parse().unwrap()),
+            ],
+            cpus: 8,
+            mem_available: Some(100 << 30),
+            cgroup_limit: None,
+            shm_size: Some(20 << 30),
+        }
+    }
+
+    #[test]
+    fn address_choice() {
+        let f = facts();
+        let mut n = Network::default();
+        assert_eq!(choose_address(&n, &f, None).unwrap().1, "eth0");
+        // name resolves to 127.0.1.1: ignored
+        assert_eq!(choose_address(&n, &f, Some("127.0.1.1".parse().unwrap())).unwrap().1, "eth0");
+        assert_eq!(choose_address(&n, &f, Some("10.10.0.5".parse().unwrap())).unwrap().1, "ib0");
+        n.interface = Some("ib0".into());
+        assert_eq!(choose_address(&n, &f, None).unwrap().0.to_string(), "10.10.0.5");
+        n.interface = Some("ib9".into());
+        let e = choose_address(&n, &f, None).unwrap_err();
+        assert!(e.msg.contains("ib9") && e.msg.contains("eth0 192.168.1.5"), "{}", e.msg);
+        n.interface = None;
+        n.cidr = Some("10.10.0.0/16".into());
+        assert_eq!(choose_address(&n, &f, None).unwrap().1, "ib0");
+    }
+
+    #[test]
+    fn object_store() {
+        let mut f = facts();
+        // 30 % of 100 GiB = 30 GiB, capped by /dev/shm 20 GiB
+        assert_eq!(auto_object_store(&f, None), 20 << 30);
+        // --mem=10G → 3 GiB
+        assert_eq!(auto_object_store(&f, Some(10 * 1024)), (10u64 << 30) / 10 * 3);
+        f.cgroup_limit = Some(1 << 30);
+        assert_eq!(auto_object_store(&f, Some(10 * 1024)), (1u64 << 30) / 10 * 3);
+        f.shm_size = Some(1 << 20);
+        assert_eq!(auto_object_store(&f, None), MIN_OBJECT_STORE);
+    }
+}

@@ -1,0 +1,576 @@
+//! The plan: what every node of the step does. Pure: `build(settings, step, nodes)` does no
+//! I/O, so it is the main test surface and what `ray-launch plan` prints.
+//!
+//! The JSON form (`plan --format json`) is a stable schema, version [`SCHEMA`]:
+//! `master` {node, address}, `self` ({node, node_rank} or null), `ranks` [{node, node_rank,
+//! role, replica, commands: [{name, argv, env}], …}], plus `ports`, `endpoints`, `channel`.
+//! Fields are only ever added within one schema version.
+
+use crate::config::{Auto, Engine, VllmBackend};
+use crate::env_vars as ev;
+use crate::error::{Error, Result};
+use crate::settings::Settings;
+use crate::slurm::Step;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub const SCHEMA: u32 = 1;
+
+/// Ports per job block. Offsets inside a block are fixed (see [`Ports::for_block`]).
+pub const PORT_BLOCK: u16 = 256;
+
+/// Linux `sun_path` is 108 bytes with the NUL. Ray's longest socket path under the temp dir
+/// is `/session_2026-11-22_03-04-47_123456_1234567/sockets/plasma_store` (64 bytes).
+pub const MAX_TEMP_DIR_LEN: usize = 107 - 64;
+
+/// What the plan needs to know about each node. In a preview every node gets this node's
+/// facts; at run time each rank reports its own during the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// IP address as text, or the node's name when it could not be resolved (preview only).
+    pub address: String,
+    pub interface: Option<String>,
+    pub cpus: u32,
+    pub object_store_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Ray head, then the engine (vLLM, ray backend).
+    RayHead,
+    RayWorker,
+    /// Engine rank 0 of its replica: serves HTTP (vLLM mp, SGLang).
+    EngineLeader,
+    /// Engine rank > 0 (vLLM `--headless`, SGLang non-zero rank).
+    EngineFollower,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::RayHead => "ray-head",
+            Role::RayWorker => "ray-worker",
+            Role::EngineLeader => "engine-leader",
+            Role::EngineFollower => "engine-follower",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Command {
+    /// `ray-head`, `ray-worker`, `engine`, `client`.
+    pub name: String,
+    pub argv: Vec<String>,
+    /// Set on top of the launcher's own environment.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Command {
+    /// `VAR=value ... argv`, shell-quoted, to paste into a terminal.
+    pub fn shell(&self) -> String {
+        let mut parts: Vec<String> = self
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", quote(v)))
+            .collect();
+        parts.extend(self.argv.iter().map(|a| quote(a)));
+        parts.join(" ")
+    }
+}
+
+/// Shell-quote only words that need it (`--port=20001` stays as it is).
+pub fn quote(w: &str) -> String {
+    let safe = !w.is_empty()
+        && w.chars().all(|c| c.is_ascii_alphanumeric() || "_-./=:,@%+".contains(c));
+    if safe {
+        w.to_string()
+    } else {
+        shell_words::quote(w).into_owned()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Ports {
+    /// ray-launch's own rank-to-rank channel (on the master).
+    pub channel: u16,
+    pub ray_gcs: u16,
+    pub node_manager: u16,
+    pub object_manager: u16,
+    pub dashboard: u16,
+    pub dashboard_agent_listen: u16,
+    pub dashboard_agent_grpc: u16,
+    pub metrics_export: u16,
+    pub runtime_env_agent: u16,
+    pub ray_client_server: u16,
+    /// The engine's HTTP server on each replica leader.
+    pub engine_http: u16,
+    /// vLLM mp `--master-port` / SGLang `--dist-init-addr` port.
+    pub engine_rendezvous: u16,
+    pub min_worker: u16,
+    pub max_worker: u16,
+}
+
+impl Ports {
+    /// Offsets: 0 channel, 1-9 Ray daemons, 10 engine HTTP, 11 engine rendezvous,
+    /// 12-31 left free for ports engines pick near their own, 32-255 Ray worker ports.
+    pub fn for_block(base: u16) -> Ports {
+        Ports {
+            channel: base,
+            ray_gcs: base + 1,
+            node_manager: base + 2,
+            object_manager: base + 3,
+            dashboard: base + 4,
+            dashboard_agent_listen: base + 5,
+            dashboard_agent_grpc: base + 6,
+            metrics_export: base + 7,
+            runtime_env_agent: base + 8,
+            ray_client_server: base + 9,
+            engine_http: base + 10,
+            engine_rendezvous: base + 11,
+            min_worker: base + 32,
+            max_worker: base + PORT_BLOCK - 1,
+        }
+    }
+}
+
+/// Which block of `range` a job gets: numeric job ids take consecutive blocks (so jobs
+/// submitted one after another never share one until the range wraps); other ids hash.
+pub fn block_base(job_id: &str, range: (u16, u16)) -> u16 {
+    let nblocks = ((range.1 - range.0 + 1) / PORT_BLOCK) as u64;
+    let n = job_id.parse::<u64>().unwrap_or_else(|_| {
+        // FNV-1a: stable across runs and platforms
+        job_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    });
+    range.0 + ((n % nblocks) as u16) * PORT_BLOCK
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRef {
+    pub node: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SelfRef {
+    pub node: String,
+    pub node_rank: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Channel {
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointUrl {
+    pub replica: usize,
+    pub node: String,
+    /// OpenAI-compatible base URL for clients.
+    pub url: String,
+    /// What the leader's supervisor polls (on the leader itself).
+    pub health_url: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RankPlan {
+    pub node: String,
+    pub node_rank: usize,
+    pub address: String,
+    pub interface: Option<String>,
+    pub role: Role,
+    pub replica: usize,
+    /// Rank inside the replica (0 = leader).
+    pub replica_rank: usize,
+    /// Node name of this replica's leader.
+    pub leader: String,
+    pub temp_dir: String,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub schema: u32,
+    pub job_id: String,
+    pub engine: Engine,
+    /// vLLM's distributed backend; null for SGLang.
+    pub backend: Option<VllmBackend>,
+    pub model: String,
+    pub served_model_name: String,
+    pub nodes: usize,
+    pub nodes_per_replica: usize,
+    pub replicas: usize,
+    pub gpus_per_node: u32,
+    pub master: NodeRef,
+    pub channel: Channel,
+    #[serde(rename = "self")]
+    pub self_rank: Option<SelfRef>,
+    pub ports: Ports,
+    pub endpoints: Vec<EndpointUrl>,
+    pub ranks: Vec<RankPlan>,
+}
+
+impl Plan {
+    pub fn uses_ray(&self) -> bool {
+        self.engine == Engine::Vllm && self.backend == Some(VllmBackend::Ray)
+    }
+}
+
+fn fill(template: &str, job: &str, node: &str, rank: usize) -> String {
+    template
+        .replace("{job}", job)
+        .replace("{node}", node)
+        .replace("{node_rank}", &rank.to_string())
+}
+
+/// Nodes per replica and replica count, or an error that says which node counts would work.
+fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
+    let c = &s.config;
+    let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
+    let gpus = s.gpus_per_node as usize;
+    let why;
+    let npr = match c.parallel.nodes_per_replica {
+        Auto::Value(n) => {
+            why = format!("parallel.nodes_per_replica is {n}");
+            n as usize
+        }
+        Auto::Auto if gpus == 0 => {
+            why = String::new();
+            nnodes
+        }
+        Auto::Auto => {
+            why = format!(
+                "tensor {} x pipeline {} = {world} GPUs at {gpus} per node",
+                c.parallel.tensor, c.parallel.pipeline
+            );
+            world.div_ceil(gpus)
+        }
+    };
+    if nnodes < npr {
+        return Err(Error::usage(format!(
+            "one replica needs {npr} nodes ({why}) but the step has {nnodes}"
+        ))
+        .hint(format!("run on {npr} nodes (`srun -N{npr}`), or lower parallel.tensor/pipeline")));
+    }
+    if nnodes % npr != 0 {
+        let ok: Vec<String> = (1..=4).map(|k| (k * npr).to_string()).collect();
+        return Err(Error::usage(format!(
+            "the step has {nnodes} nodes, which do not split into replicas of {npr} nodes ({why})"
+        ))
+        .hint(format!("use a node count that is a multiple of {npr}: {}, ...", ok.join(", "))));
+    }
+    let backend_needs_even = c.engine == Engine::Sglang || c.vllm.backend == VllmBackend::Mp;
+    if backend_needs_even && world % npr != 0 {
+        return Err(Error::usage(format!(
+            "tensor {} x pipeline {} = {world} ranks do not split evenly over {npr} nodes per replica",
+            c.parallel.tensor, c.parallel.pipeline
+        ))
+        .hint("every node of a replica runs the same number of engine ranks: make tensor x pipeline a multiple of the nodes per replica"));
+    }
+    if gpus > 0 {
+        let per_node = world.div_ceil(npr);
+        if backend_needs_even && per_node > gpus {
+            return Err(Error::usage(format!(
+                "each node would run {per_node} engine ranks but has {gpus} GPUs"
+            ))
+            .hint("use more nodes per replica (parallel.nodes_per_replica) or smaller tensor/pipeline sizes"));
+        }
+        if world > npr * gpus {
+            return Err(Error::usage(format!(
+                "tensor {} x pipeline {} = {world} GPUs, but a replica of {npr} nodes has {}",
+                c.parallel.tensor,
+                c.parallel.pipeline,
+                npr * gpus
+            ))
+            .hint("use more nodes per replica (parallel.nodes_per_replica) or check gpus_per_node"));
+        }
+    }
+    Ok((npr, nnodes / npr))
+}
+
+pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
+    let c = &s.config;
+    assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
+    let nnodes = nodes.len();
+    let (npr, replicas) = layout(s, nnodes)?;
+    let range = crate::config::port_range(&c.ports.range).map_err(Error::usage)?;
+    let mut ports = Ports::for_block(block_base(&step.job_id, range));
+    if let Auto::Value(p) = c.ray.port {
+        ports.ray_gcs = p;
+    }
+    if let Auto::Value(p) = c.server.port {
+        ports.engine_http = p;
+    }
+    let served = c.served_model_name.clone().unwrap_or_else(|| c.model.clone());
+    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
+    let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
+
+    let endpoints: Vec<EndpointUrl> = (0..replicas)
+        .map(|r| {
+            let leader = &nodes[r * npr];
+            let host = if wildcard { leader.address.clone() } else { c.server.host.clone() };
+            let probe = if wildcard { "127.0.0.1".to_string() } else { c.server.host.clone() };
+            EndpointUrl {
+                replica: r,
+                node: leader.name.clone(),
+                url: format!("http://{host}:{}/v1", ports.engine_http),
+                health_url: format!("http://{probe}:{}/health", ports.engine_http),
+            }
+        })
+        .collect();
+
+    let mut ranks = Vec::with_capacity(nnodes);
+    for (rank, n) in nodes.iter().enumerate() {
+        let replica = rank / npr;
+        let rr = rank % npr;
+        let leader = &nodes[replica * npr];
+        let temp_dir = fill(&c.ray.temp_dir, &step.job_id, &n.name, rank);
+        if temp_dir.len() > MAX_TEMP_DIR_LEN {
+            return Err(Error::usage(format!(
+                "ray.temp_dir expands to `{temp_dir}` ({} bytes) on {}; Ray's Unix sockets under it would pass the 107-byte limit",
+                temp_dir.len(),
+                n.name
+            ))
+            .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}-{{node_rank}}`")));
+        }
+        // Environment for every process on this node: address and interface for vLLM,
+        // Gloo and NCCL, then the user's `env` (which wins, e.g. NCCL_SOCKET_IFNAME=ib0).
+        let mut base = BTreeMap::new();
+        if c.engine == Engine::Vllm {
+            base.insert(ev::VLLM_HOST_IP.to_string(), n.address.clone());
+        }
+        if let Some(ifname) = &n.interface {
+            base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
+            base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
+        }
+        let user: BTreeMap<String, String> = c.env.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        let with_user = |mut m: BTreeMap<String, String>| {
+            m.extend(user.clone());
+            m
+        };
+        let mut commands = Vec::new();
+        let role;
+        let gcs = format!("{}:{}", leader.address, ports.ray_gcs);
+        if uses_ray {
+            let mut env = base.clone();
+            env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+            env.insert(ev::RAY_USAGE_STATS_ENABLED.into(), "0".into());
+            let mut argv = vec![c.ray.executable.clone(), "start".into()];
+            if rr == 0 {
+                role = Role::RayHead;
+                argv.extend(["--head".into(), format!("--port={}", ports.ray_gcs)]);
+            } else {
+                role = Role::RayWorker;
+                argv.push(format!("--address={gcs}"));
+            }
+            argv.extend([
+                "--block".into(),
+                format!("--node-ip-address={}", n.address),
+                format!("--num-cpus={}", n.cpus),
+                format!("--num-gpus={}", s.gpus_per_node),
+                format!("--object-store-memory={}", n.object_store_bytes),
+                format!("--temp-dir={temp_dir}"),
+                "--disable-usage-stats".into(),
+                format!("--node-manager-port={}", ports.node_manager),
+                format!("--object-manager-port={}", ports.object_manager),
+                format!("--dashboard-agent-listen-port={}", ports.dashboard_agent_listen),
+                format!("--dashboard-agent-grpc-port={}", ports.dashboard_agent_grpc),
+                format!("--metrics-export-port={}", ports.metrics_export),
+                format!("--runtime-env-agent-port={}", ports.runtime_env_agent),
+                format!("--min-worker-port={}", ports.min_worker),
+                format!("--max-worker-port={}", ports.max_worker),
+            ]);
+            if rr == 0 {
+                argv.push(format!("--ray-client-server-port={}", ports.ray_client_server));
+                argv.push(format!("--include-dashboard={}", c.ray.dashboard));
+                if c.ray.dashboard {
+                    argv.push(format!("--dashboard-port={}", ports.dashboard));
+                }
+            }
+            argv.extend(c.ray.extra_args.iter().cloned());
+            commands.push(Command {
+                name: if rr == 0 { "ray-head" } else { "ray-worker" }.into(),
+                argv,
+                env: with_user(env.clone()),
+            });
+            if rr == 0 {
+                let mut argv = vec![
+                    c.vllm.executable.clone(),
+                    "serve".into(),
+                    c.model.clone(),
+                    "--tensor-parallel-size".into(),
+                    c.parallel.tensor.to_string(),
+                    "--pipeline-parallel-size".into(),
+                    c.parallel.pipeline.to_string(),
+                    "--distributed-executor-backend".into(),
+                    "ray".into(),
+                    "--host".into(),
+                    c.server.host.clone(),
+                    "--port".into(),
+                    ports.engine_http.to_string(),
+                ];
+                if let Some(name) = &c.served_model_name {
+                    argv.extend(["--served-model-name".into(), name.clone()]);
+                }
+                argv.extend(c.engine_args.iter().cloned());
+                let mut env = env;
+                env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
+                commands.push(Command { name: "engine".into(), argv, env: with_user(env) });
+            }
+        } else {
+            role = if rr == 0 { Role::EngineLeader } else { Role::EngineFollower };
+            let mut argv: Vec<String> = match c.engine {
+                Engine::Vllm => vec![
+                    c.vllm.executable.clone(),
+                    "serve".into(),
+                    c.model.clone(),
+                    "--tensor-parallel-size".into(),
+                    c.parallel.tensor.to_string(),
+                    "--pipeline-parallel-size".into(),
+                    c.parallel.pipeline.to_string(),
+                    "--distributed-executor-backend".into(),
+                    "mp".into(),
+                    "--nnodes".into(),
+                    npr.to_string(),
+                    "--node-rank".into(),
+                    rr.to_string(),
+                    "--master-addr".into(),
+                    leader.address.clone(),
+                    "--master-port".into(),
+                    ports.engine_rendezvous.to_string(),
+                ],
+                Engine::Sglang => vec![
+                    c.sglang.python.clone(),
+                    "-m".into(),
+                    "sglang.launch_server".into(),
+                    "--model-path".into(),
+                    c.model.clone(),
+                    "--tp-size".into(),
+                    c.parallel.tensor.to_string(),
+                    "--pp-size".into(),
+                    c.parallel.pipeline.to_string(),
+                    "--nnodes".into(),
+                    npr.to_string(),
+                    "--node-rank".into(),
+                    rr.to_string(),
+                    "--dist-init-addr".into(),
+                    format!("{}:{}", leader.address, ports.engine_rendezvous),
+                ],
+            };
+            let headless = c.engine == Engine::Vllm && rr != 0;
+            if headless {
+                argv.push("--headless".into());
+            } else {
+                argv.extend([
+                    "--host".into(),
+                    c.server.host.clone(),
+                    "--port".into(),
+                    ports.engine_http.to_string(),
+                ]);
+                if let Some(name) = &c.served_model_name {
+                    argv.extend(["--served-model-name".into(), name.clone()]);
+                }
+            }
+            argv.extend(c.engine_args.iter().cloned());
+            commands.push(Command { name: "engine".into(), argv, env: with_user(base.clone()) });
+        }
+        if rank == 0 && !s.client.is_empty() {
+            let mut env = BTreeMap::new();
+            env.insert(ev::OPENAI_BASE_URL.to_string(), endpoints[0].url.clone());
+            env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
+            env.insert(
+                ev::RAY_LAUNCH_ENDPOINTS.to_string(),
+                endpoints.iter().map(|e| e.url.as_str()).collect::<Vec<_>>().join(" "),
+            );
+            if uses_ray {
+                env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
+                env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+            }
+            commands.push(Command { name: "client".into(), argv: s.client.clone(), env: with_user(env) });
+        }
+        ranks.push(RankPlan {
+            node: n.name.clone(),
+            node_rank: rank,
+            address: n.address.clone(),
+            interface: n.interface.clone(),
+            role,
+            replica,
+            replica_rank: rr,
+            leader: leader.name.clone(),
+            temp_dir,
+            commands,
+        });
+    }
+    Ok(Plan {
+        schema: SCHEMA,
+        job_id: step.job_id.clone(),
+        engine: c.engine,
+        backend: (c.engine == Engine::Vllm).then_some(c.vllm.backend),
+        model: c.model.clone(),
+        served_model_name: served,
+        nodes: nnodes,
+        nodes_per_replica: npr,
+        replicas,
+        gpus_per_node: s.gpus_per_node,
+        master: NodeRef { node: nodes[0].name.clone(), address: nodes[0].address.clone() },
+        channel: Channel { address: nodes[0].address.clone(), port: ports.channel },
+        self_rank: step.self_rank.map(|r| SelfRef { node: nodes[r].name.clone(), node_rank: r }),
+        ports,
+        endpoints,
+        ranks,
+    })
+}
+
+/// Human-readable form. With many ranks, commands are shown for `show` ranks only.
+pub fn render_text(p: &Plan, show: &[usize]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let backend = p.backend.map(|b| format!(" ({} backend)", match b {
+        VllmBackend::Ray => "ray",
+        VllmBackend::Mp => "mp",
+    })).unwrap_or_default();
+    let engine = match p.engine {
+        Engine::Vllm => "vllm",
+        Engine::Sglang => "sglang",
+    };
+    let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
+    let _ = writeln!(
+        o,
+        "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
+        p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
+    );
+    let _ = writeln!(o, "master: {} ({}), launcher channel port {}", p.master.node, p.master.address, p.channel.port);
+    match &p.self_rank {
+        Some(s) => {
+            let _ = writeln!(o, "this task: {} (node rank {})", s.node, s.node_rank);
+        }
+        None => {
+            let _ = writeln!(o, "this task: not part of the step (preview)");
+        }
+    }
+    for e in &p.endpoints {
+        let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
+    }
+    let _ = writeln!(o, "\n{:<5} {:<20} {:<16} {:<16} {:<7}", "rank", "node", "address", "role", "replica");
+    for r in &p.ranks {
+        let _ = writeln!(o, "{:<5} {:<20} {:<16} {:<16} {:<7}", r.node_rank, r.node, r.address, r.role.as_str(), r.replica);
+    }
+    for &i in show {
+        let Some(r) = p.ranks.get(i) else { continue };
+        let _ = writeln!(o, "\n# rank {} on {} ({}), temp dir {}", r.node_rank, r.node, r.role.as_str(), r.temp_dir);
+        for c in &r.commands {
+            let _ = writeln!(o, "[{}] {}", c.name, c.shell());
+        }
+    }
+    if show.len() < p.ranks.len() {
+        let _ = writeln!(
+            o,
+            "\n({} of {} ranks shown; `--rank N` shows another, `--format json` shows all)",
+            show.len(),
+            p.ranks.len()
+        );
+    }
+    o
+}

@@ -1,0 +1,236 @@
+//! The Slurm step this task belongs to, read through a lookup function (tests pass maps).
+//!
+//! Election rule: the master is the node with `SLURM_NODEID=0`, i.e. the first host of the
+//! expanded `SLURM_STEP_NODELIST`. That is right under `srun -r`, `-w` in any order (Slurm
+//! sorts it), steps smaller than the job, and natural node order (node9 before node10),
+//! because Slurm itself numbers the step's nodes in that list's order. It never uses
+//! `SLURM_JOB_NODELIST` (the whole job), `SLURM_SRUN_COMM_HOST` (the login node) or an IP
+//! match with `gethostname()` (127.0.1.1 on many systems). Under `srun -m arbitrary` the task
+//! with `SLURM_PROCID=0` may run on NODEID 1: ray-launch still elects NODEID 0; PROCID plays
+//! no part.
+
+use crate::env_vars as ev;
+use crate::error::{Error, Result};
+use crate::hostlist;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// Inside an `srun` task.
+    Srun,
+    /// No Slurm variables: a single-node job on this machine.
+    Local,
+    /// `ray-launch plan --nodelist`: a simulated step, this process is none of its nodes.
+    Preview,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub kind: StepKind,
+    pub job_id: String,
+    /// The step's nodes in NODEID order.
+    pub nodes: Vec<String>,
+    /// This task's NODEID; `None` in a preview.
+    pub self_rank: Option<usize>,
+    /// Per-node facts Slurm gives this task (assumed equal on every node of the step).
+    pub gpus_on_node: Option<u32>,
+    pub cuda_visible_devices: Option<String>,
+    pub cpus_on_node: Option<u32>,
+    pub mem_per_node_mb: Option<u64>,
+}
+
+/// Expand Slurm's `N(xR)` lists: `2(x3),1` → [2, 2, 2, 1].
+pub fn parse_counts(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if let Some((n, rep)) = part.split_once("(x") {
+            let rep = rep.strip_suffix(')')?;
+            let n: u32 = n.parse().ok()?;
+            let r: usize = rep.parse().ok()?;
+            if r > hostlist::MAX_HOSTS {
+                return None;
+            }
+            out.extend(std::iter::repeat_n(n, r));
+        } else {
+            out.push(part.parse().ok()?);
+        }
+    }
+    Some(out)
+}
+
+/// How many GPUs `CUDA_VISIBLE_DEVICES` lists (`NoDevFiles` and empty = 0).
+pub fn count_visible_devices(v: &str) -> u32 {
+    let v = v.trim();
+    if v.is_empty() || v == "NoDevFiles" || v == "-1" {
+        return 0;
+    }
+    v.split(',').filter(|s| !s.trim().is_empty()).count() as u32
+}
+
+fn env_error(msg: impl Into<String>, hint: impl Into<String>) -> Error {
+    Error::usage(msg).hint(hint)
+}
+
+/// Read the step. `local_name` is this machine's host name, used for the local default.
+pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<Step> {
+    let job_id = get(ev::SLURM_JOB_ID).or_else(|| get(ev::SLURM_JOBID));
+    let step_id = get(ev::SLURM_STEP_ID);
+    let step_nodes = get(ev::SLURM_STEP_NODELIST);
+    let num = |name: &str| -> Result<Option<u64>> {
+        match get(name) {
+            None => Ok(None),
+            Some(v) if v.trim().is_empty() => Ok(None),
+            Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                env_error(
+                    format!("{name}=`{v}` is not a whole number"),
+                    format!("unset {name} or fix it; inside srun, Slurm sets it for you"),
+                )
+            }),
+        }
+    };
+    let gpus_on_node = num(ev::SLURM_GPUS_ON_NODE)?.map(|g| g as u32);
+    let cpus_on_node = num(ev::SLURM_CPUS_ON_NODE)?.map(|g| g as u32);
+    let mem_per_node_mb = num(ev::SLURM_MEM_PER_NODE)?;
+    let cuda_visible_devices = get(ev::CUDA_VISIBLE_DEVICES);
+
+    let Some(job_id) = job_id else {
+        return Ok(Step {
+            kind: StepKind::Local,
+            job_id: format!("local-{}", std::process::id()),
+            nodes: vec![local_name.to_string()],
+            self_rank: Some(0),
+            gpus_on_node,
+            cuda_visible_devices,
+            cpus_on_node,
+            mem_per_node_mb,
+        });
+    };
+    if job_id.trim().is_empty() || !job_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(env_error(
+            format!("SLURM_JOB_ID=`{job_id}` is not a job id"),
+            "run under Slurm, or unset SLURM_JOB_ID for a local run",
+        ));
+    }
+    let (Some(_), Some(step_nodes)) = (step_id, step_nodes) else {
+        return Err(env_error(
+            format!("not launched by srun: job {job_id} has no step here (SLURM_STEP_ID/SLURM_STEP_NODELIST unset), so only this one node would run"),
+            "start it with `srun --ntasks-per-node=1 ray-launch ...` inside the batch script",
+        ));
+    };
+    let nodes = hostlist::expand(&step_nodes).map_err(|e| {
+        env_error(
+            format!("SLURM_STEP_NODELIST: {e}"),
+            "this variable comes from Slurm; if you set it by hand, use hostlist syntax like `node[01-04]`",
+        )
+    })?;
+    if nodes.is_empty() {
+        return Err(env_error("SLURM_STEP_NODELIST is empty", "run inside an srun step"));
+    }
+    let nnodes = num(ev::SLURM_NNODES)?;
+    if let Some(n) = nnodes {
+        if n as usize != nodes.len() {
+            return Err(env_error(
+                format!("SLURM_NNODES={n} but SLURM_STEP_NODELIST=`{step_nodes}` has {} nodes", nodes.len()),
+                "do not override Slurm's step variables",
+            ));
+        }
+    }
+    // One task per node is the contract. Check it from variables every rank sees alike, so
+    // every rank raises the same error.
+    let tasks = get(ev::SLURM_STEP_TASKS_PER_NODE).or_else(|| get(ev::SLURM_TASKS_PER_NODE));
+    let ntasks = num(ev::SLURM_NTASKS)?;
+    let mut many: Option<(usize, u32)> = None;
+    if let Some(t) = &tasks {
+        let counts = parse_counts(t).ok_or_else(|| {
+            env_error(format!("SLURM_STEP_TASKS_PER_NODE=`{t}` cannot be read"), "expected Slurm's `N(xR),M` form")
+        })?;
+        many = counts.iter().enumerate().find(|(_, c)| **c != 1).map(|(i, c)| (i, *c));
+    }
+    if many.is_some() || ntasks.is_some_and(|n| n as usize != nodes.len()) {
+        let detail = match many {
+            Some((i, c)) => format!("{c} tasks on node {}", nodes.get(i).map_or("?", |s| s.as_str())),
+            None => format!("{} tasks on {} nodes", ntasks.unwrap_or(0), nodes.len()),
+        };
+        return Err(env_error(
+            format!("this step runs {detail}; ray-launch needs exactly one task per node (SLURM_STEP_TASKS_PER_NODE={})", tasks.as_deref().unwrap_or("?")),
+            "launch it with `srun --ntasks-per-node=1 ray-launch ...` (an sbatch `--ntasks-per-node` is inherited by srun)",
+        ));
+    }
+    let node_id = num(ev::SLURM_NODEID)?.ok_or_else(|| {
+        env_error("SLURM_NODEID is not set inside an srun step", "run ray-launch as an srun task, not through a wrapper that clears the environment")
+    })? as usize;
+    if node_id >= nodes.len() {
+        return Err(env_error(
+            format!("SLURM_NODEID={node_id} is outside the step's {} nodes", nodes.len()),
+            "do not override Slurm's step variables",
+        ));
+    }
+    if let Some(name) = get(ev::SLURMD_NODENAME) {
+        if !name.is_empty() && name != nodes[node_id] {
+            return Err(env_error(
+                format!(
+                    "SLURMD_NODENAME=`{name}` but SLURM_NODEID={node_id} is `{}` in SLURM_STEP_NODELIST=`{step_nodes}`",
+                    nodes[node_id]
+                ),
+                "the step's variables disagree: were they copied from another task's environment?",
+            ));
+        }
+    }
+    Ok(Step {
+        kind: StepKind::Srun,
+        job_id,
+        nodes,
+        self_rank: Some(node_id),
+        gpus_on_node,
+        cuda_visible_devices,
+        cpus_on_node,
+        mem_per_node_mb,
+    })
+}
+
+impl Step {
+    /// A simulated step over `nodes` (for `plan --nodelist`).
+    pub fn preview(nodes: Vec<String>, job_id: String) -> Step {
+        Step {
+            kind: StepKind::Preview,
+            job_id,
+            nodes,
+            self_rank: None,
+            gpus_on_node: None,
+            cuda_visible_devices: None,
+            cpus_on_node: None,
+            mem_per_node_mb: None,
+        }
+    }
+
+    /// GPUs this node has, from Slurm's view: `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES`.
+    pub fn detected_gpus(&self) -> Option<u32> {
+        self.gpus_on_node
+            .or_else(|| self.cuda_visible_devices.as_deref().map(count_visible_devices))
+    }
+
+    pub fn master(&self) -> &str {
+        &self.nodes[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_counts("2(x3),1"), Some(vec![2, 2, 2, 1]));
+        assert_eq!(parse_counts("1(x4)"), Some(vec![1, 1, 1, 1]));
+        assert_eq!(parse_counts("1"), Some(vec![1]));
+        assert_eq!(parse_counts("x"), None);
+    }
+
+    #[test]
+    fn visible_devices() {
+        assert_eq!(count_visible_devices("0,1,2,3"), 4);
+        assert_eq!(count_visible_devices("GPU-aa,GPU-bb"), 2);
+        assert_eq!(count_visible_devices("NoDevFiles"), 0);
+        assert_eq!(count_visible_devices(""), 0);
+    }
+}
