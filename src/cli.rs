@@ -329,19 +329,60 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-fn cmd_wait(_w: WaitArgs) -> Result<i32> {
-    Err(Error::internal("`wait` is not built yet"))
+fn cmd_wait(w: WaitArgs) -> Result<i32> {
+    let deadline = std::time::Instant::now() + w.timeout;
+    let shown = w.endpoint_file.display().to_string();
+    loop {
+        if let Ok(data) = std::fs::read(&w.endpoint_file) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+                match v.get("status").and_then(|s| s.as_str()) {
+                    Some("ready") => {
+                        println!("{}", v.get("url").and_then(|u| u.as_str()).unwrap_or(""));
+                        return Ok(exit::SUCCESS);
+                    }
+                    Some(st @ ("stopped" | "failed")) => {
+                        let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("no reason given");
+                        return Err(Error::new(crate::error::Kind::PeerFailure, format!("the job behind {shown} has {st}: {reason}"))
+                            .hint("look at the job's output (and the logs next to the endpoint file)"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::new(crate::error::Kind::StartupTimeout, format!("{shown} did not say ready within {}", humantime::format_duration(w.timeout)))
+                .hint("is the job running (squeue)? raise --timeout for large models"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 fn run(a: RunArgs) -> Result<i32> {
-    let ov = Overrides {
-        gpus_per_node: None,
-        endpoint_file: a.endpoint_file.clone(),
-        event_log: a.event_log.clone(),
-        log_dir: a.log_dir.clone(),
-    };
-    let g = gather(&a.common, ov, None, None, a.client.clone())?;
-    let me = g.step.self_rank.unwrap_or(0);
-    print!("{}", plan::render_text(&g.plan, &[me]));
-    Err(Error::internal("running the plan is not built yet"))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        // Signal handlers before anything else, so that an early scancel is seen.
+        let sigs = crate::signals::listen().map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
+        let ov = Overrides {
+            gpus_per_node: None,
+            endpoint_file: a.endpoint_file.clone(),
+            event_log: a.event_log.clone(),
+            log_dir: a.log_dir.clone(),
+        };
+        let g = gather(&a.common, ov, None, None, a.client.clone())?;
+        let me = g.step.self_rank.unwrap_or(0);
+        crate::logging::init(me, &g.step.nodes[me]);
+        tracing::info!(
+            "ray-launch {} job {}: node rank {me} of {}, master {} ({}), address {}",
+            env!("CARGO_PKG_VERSION"),
+            g.step.job_id,
+            g.step.nodes.len(),
+            g.plan.master.node,
+            g.plan.master.address,
+            g.nodes[me].address
+        );
+        Ok(crate::rank::run(g, sigs).await)
+    })
 }

@@ -224,6 +224,9 @@ pub struct Ray {
     /// Node-local, job- and node-scoped. Placeholders: `{job}`, `{node}`, `{node_rank}`.
     pub temp_dir: String,
     pub dashboard: bool,
+    /// Start Ray's client server (needs `ray[client]`) on the job's port. When false and
+    /// `ray[client]` is installed, Ray itself binds 10001 on the head.
+    pub client_server: bool,
     pub extra_args: Vec<String>,
 }
 
@@ -235,6 +238,7 @@ impl Default for Ray {
             object_store_memory: Size::Auto,
             temp_dir: "/tmp/rl-{job}-{node_rank}".into(),
             dashboard: false,
+            client_server: false,
             extra_args: Vec::new(),
         }
     }

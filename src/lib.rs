@@ -13,15 +13,27 @@
 //! - [`host`]: facts about this machine; address and object-store rules.
 //! - [`settings`]: CLI > env > file > defaults, resolved once.
 //! - [`plan`]: the pure plan: roles, addresses, ports, every command line and variable.
+//! - [`rank`]: what every rank runs: connect, start what the master says, watch, tear down.
+//! - [`coordinator`]: the master's rendezvous / ordered start / liveness state machine.
+//! - [`channel`]: the rank-to-rank protocol (JSON lines over TCP).
+//! - [`proc`]: children in their own sessions; teardown by session.
+//! - [`signals`]: signals → shutdown events, with the escalation rule.
+//! - [`logging`]: `[rank node]`-prefixed log lines.
 //! - [`error`], [`exit`], [`env_vars`]: the error type, exit codes, variable names.
 
+pub mod channel;
 pub mod cli;
+pub mod coordinator;
 pub mod config;
 pub mod env_vars;
 pub mod error;
 pub mod exit;
 pub mod host;
 pub mod hostlist;
+pub mod logging;
 pub mod plan;
+pub mod proc;
+pub mod rank;
 pub mod settings;
+pub mod signals;
 pub mod slurm;

@@ -25,7 +25,7 @@ pub const MAX_TEMP_DIR_LEN: usize = 107 - 64;
 
 /// What the plan needs to know about each node. In a preview every node gets this node's
 /// facts; at run time each rank reports its own during the rendezvous.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub name: String,
     /// IP address as text, or the node's name when it could not be resolved (preview only).
@@ -383,7 +383,9 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 format!("--max-worker-port={}", ports.max_worker),
             ]);
             if rr == 0 {
-                argv.push(format!("--ray-client-server-port={}", ports.ray_client_server));
+                if c.ray.client_server {
+                    argv.push(format!("--ray-client-server-port={}", ports.ray_client_server));
+                }
                 argv.push(format!("--include-dashboard={}", c.ray.dashboard));
                 if c.ray.dashboard {
                     argv.push(format!("--dashboard-port={}", ports.dashboard));

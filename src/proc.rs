@@ -1,0 +1,125 @@
+//! Child processes: each in its own session (so its whole tree can be found and killed),
+//! stdin from /dev/null, output to a log file, and `PR_SET_PDEATHSIG` so that a SIGKILLed
+//! launcher does not leave them running.
+//!
+//! Teardown is by session: Ray's daemons and vLLM's workers keep the session of the process
+//! we started even when they change process group. Never `ray stop` (it is host-wide).
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+/// Where a child's output goes.
+pub enum Output<'a> {
+    /// Append to this file (daemons, engines: never the task's stdout).
+    Log(&'a Path),
+    /// The launcher's own stdout/stderr (the client, whose output the user wants).
+    Inherit,
+}
+
+/// Spawn `argv` with `env` added, in a new session. Must be called from a thread that lives
+/// as long as the child should (PDEATHSIG fires when the *thread* that forked exits): the
+/// launcher runs a current-thread runtime on the main thread.
+pub fn spawn(argv: &[String], env: &BTreeMap<String, String>, out: Output<'_>) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).envs(env).stdin(Stdio::null());
+    match out {
+        Output::Log(path) => {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let f2 = f.try_clone()?;
+            cmd.stdout(f).stderr(f2);
+        }
+        Output::Inherit => {}
+    }
+    let parent = nix::unistd::getpid();
+    // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, kill) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            // The parent may have died between fork and prctl: then nobody would signal us.
+            if nix::unistd::getppid() != parent {
+                let _ = kill(nix::unistd::getpid(), Signal::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    let mut tcmd = tokio::process::Command::from(cmd);
+    tcmd.kill_on_drop(false);
+    tcmd.spawn()
+}
+
+/// (pid, state) of every live (non-zombie) process whose session id is `sid`.
+pub fn session_members(sid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // fields after the command name, which is in parentheses and may contain spaces
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // f[0] state, f[1] ppid, f[2] pgrp, f[3] session
+        if f.len() > 3 && f[3] == sid.to_string() && f[0] != "Z" && f[0] != "X" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn signal_pid(pid: i32, sig: Signal) {
+    let _ = kill(Pid::from_raw(pid), sig);
+}
+
+pub fn kill_session(sid: i32, sig: Signal) -> usize {
+    let pids = session_members(sid);
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p), sig);
+    }
+    pids.len()
+}
+
+/// Wait until none of `sids` has a live member, or `limit` passes. True when all are empty.
+pub async fn wait_sessions_empty(sids: &[i32], limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if sids.iter().all(|s| session_members(*s).is_empty()) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// "exit code 1" / "signal 9 (SIGKILL)", and the code a step should exit with for it.
+pub fn describe(status: &ExitStatus) -> (String, i32) {
+    use std::os::unix::process::ExitStatusExt as _;
+    if let Some(c) = status.code() {
+        (format!("exit code {c}"), c)
+    } else if let Some(s) = status.signal() {
+        let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
+        (format!("signal {s} ({name})"), 128 + s)
+    } else {
+        ("unknown status".into(), 1)
+    }
+}
+
+/// The last `n` non-empty lines of a log file (for error messages).
+pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
+    let Ok(data) = std::fs::read(path) else { return Vec::new() };
+    let start = data.len().saturating_sub(16 * 1024);
+    let text = String::from_utf8_lossy(&data[start..]);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.chars().take(300).collect())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
