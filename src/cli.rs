@@ -58,6 +58,12 @@ pub enum Cmd {
     Hostlist(HostlistCmd),
     /// Wait until an endpoint file says ready; print its URL.
     Wait(WaitArgs),
+    /// Internal: clean up after a launcher that was killed (see src/reaper.rs).
+    #[command(hide = true)]
+    Reap {
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -150,6 +156,7 @@ pub fn main() -> i32 {
         Some(Cmd::Check(a)) => cmd_check(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
+        Some(Cmd::Reap { grace }) => Ok(crate::reaper::main(grace)),
     };
     match result {
         Ok(code) => code,

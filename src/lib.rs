@@ -34,6 +34,7 @@ pub mod logging;
 pub mod plan;
 pub mod proc;
 pub mod rank;
+pub mod reaper;
 pub mod settings;
 pub mod signals;
 pub mod slurm;

@@ -197,6 +197,8 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
     if let Err(e) = std::fs::create_dir_all(&log_dir) {
         warn!("cannot create log dir {}: {e}", log_dir.display());
     }
+    let mut reaper = Reaper::start(&log_dir.join(format!("{node}.reaper.log")), cfg.timeouts.shutdown_grace.0);
+    reaper.tell(&format!("dir {}", mine.temp_dir));
 
     // ---- main loop
     let (local_tx, mut local_rx) = mpsc::unbounded_channel::<Local>();
@@ -241,6 +243,9 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
                     last_master = Instant::now();
                     if stopping.is_none() {
                         start(&name, &plan, me, &log_dir, &local_tx, &to_master, &mut procs, &mut watchers, &s);
+                        if let Some(p) = procs.last().filter(|p| p.name == name) {
+                            reaper.tell(&format!("session {}", p.pid));
+                        }
                     }
                 }
                 Some(Ok(ToRank::Stop { code, reason, node: culprit })) => {
@@ -303,6 +308,7 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
         }
     }
     let (code, reason) = stopping.expect("the loop ends only after a stop");
+    reaper.tell("done");
     send(&ToMaster::Stopped);
     if let Some(done) = coord_done {
         let wait = crate::config::teardown_budget(cfg) + Duration::from_secs(3);
@@ -315,6 +321,51 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
         info!("all processes of this job on {node} are gone; exit {code}");
     }
     code
+}
+
+/// The launcher's end of the reaper's pipe (see src/reaper.rs). Best effort: without a
+/// reaper, a SIGKILLed launcher still takes its children along through PDEATHSIG.
+struct Reaper {
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Reaper {
+    fn start(log: &Path, grace: Duration) -> Reaper {
+        let spawn = || -> std::io::Result<std::process::ChildStdin> {
+            use std::os::unix::process::CommandExt as _;
+            let exe = std::env::current_exe()?;
+            let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let mut cmd = std::process::Command::new(exe);
+            cmd.args(["reap", "--grace", &humantime::format_duration(grace).to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(out.try_clone()?)
+                .stderr(out);
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+            }
+            let mut child = cmd.spawn()?;
+            let stdin = child.stdin.take().expect("piped");
+            // reap the reaper when it exits, without blocking the runtime
+            std::thread::spawn(move || child.wait());
+            Ok(stdin)
+        };
+        match spawn() {
+            Ok(s) => Reaper { stdin: Some(s) },
+            Err(e) => {
+                warn!("cannot start the reaper ({e}); a SIGKILLed launcher would leave its temp dir");
+                Reaper { stdin: None }
+            }
+        }
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            if std::io::Write::write_all(s, format!("{line}\n").as_bytes()).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
 }
 
 fn report_stop(code: i32, reason: &str, culprit: Option<&str>) {

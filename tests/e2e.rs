@@ -1,0 +1,418 @@
+//! End to end on the local 3-node Slurm cluster (slurm/testbed, brought up by
+//! scripts/test.sh), with real Ray 2.60 from .venv and the stand-in engine
+//! (tests/standin: a real Ray driver that serves /health and /v1/models).
+//!
+//! `#[ignore]`: they need root, the test bed and the venv. Run them with
+//! `bash scripts/test.sh`, or `cargo test --test e2e -- --include-ignored --test-threads=1`
+//! once `slurm/testbed/up.sh` has run. After every test, no process other than the bed's own
+//! (tini, slurmd) may remain in any node's namespace, and no temp dir of the job.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NODES: usize = 3;
+const BED_PROCS: &[&str] = &["unshare", "tini", "slurmd", "slurmstepd"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ray-launch"))
+}
+
+fn slurm(cmd: &str) -> Command {
+    let mut c = Command::new(cmd);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("SLURM_CONF", "/etc/slurm/slurm.conf");
+    c
+}
+
+struct Bed {
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    /// Check the bed is up and idle, and give the test a work dir on the shared filesystem.
+    fn new() -> Bed {
+        let out = slurm("sinfo").args(["-h", "-N", "-t", "idle", "-o", "%N"]).output().expect("sinfo runs (bash scripts/test.sh sets up the bed)");
+        let idle = String::from_utf8_lossy(&out.stdout).lines().collect::<std::collections::BTreeSet<_>>().len();
+        assert_eq!(idle, NODES, "the test bed is not up with {NODES} idle nodes: run `bash slurm/testbed/up.sh`");
+        assert!(root().join(".venv/bin/ray").exists(), "no .venv: run scripts/setup.sh");
+        let dir = tempfile::Builder::new().prefix("rl-e2e-").tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        assert_no_leftovers("before the test");
+        Bed { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write a config: `base` plus `extra` YAML; `timeouts` default to a short grace unless
+    /// `extra` sets them. @STANDIN@ and @RECORD@ are replaced by the stand-in dir and the work dir.
+    fn config(&self, base: &str, extra: &str) -> PathBuf {
+        let standin = root().join("tests/standin");
+        let timeouts = if extra.contains("timeouts:") { "" } else { "timeouts: {shutdown_grace: 5s, kill_wait: 30s}\n" };
+        let yaml = format!(
+            "{base}\nray: {{executable: {ray}, object_store_memory: 200MiB}}\n{timeouts}{extra}\n",
+            ray = root().join(".venv/bin/ray").display()
+        )
+        .replace("@STANDIN@", &standin.display().to_string())
+        .replace("@RECORD@", &self.dir.path().display().to_string());
+        let p = self.path("job.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+
+    fn srun(&self, args: &[&str]) -> Command {
+        let mut c = slurm("srun");
+        c.args(["-N3", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]).args(args).current_dir(self.dir.path());
+        c
+    }
+
+    fn record(&self, node: &str, flavour: &str) -> serde_json::Value {
+        let p = self.path(&format!("{node}.{flavour}.json"));
+        let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_slice(&data).unwrap()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_leftovers("after the test");
+        } else {
+            // best effort so the next test starts clean
+            for (_, pid, _) in node_procs() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// (node, pid, "comm cmdline") of every process in the nodes' namespaces that is not the bed's.
+fn node_procs() -> Vec<(String, i32, String)> {
+    let mut out = Vec::new();
+    for i in 1..=NODES {
+        let o = Command::new("ip").args(["netns", "pids", &format!("sl-n{i}")]).output().unwrap();
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rfind(')').is_some_and(|i| stat[i + 2..].starts_with('Z'));
+            if comm.is_empty() || zombie || BED_PROCS.contains(&comm.as_str()) {
+                continue;
+            }
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default();
+            out.push((format!("node{i}"), pid, format!("{comm}: {cmd}")));
+        }
+    }
+    out
+}
+
+/// Wait (a few seconds: Slurm's step cleanup is asynchronous) until the nodes hold nothing
+/// but the bed's own processes and no job temp dir exists.
+fn assert_no_leftovers(when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let procs = node_procs();
+        let dirs: Vec<String> = std::fs::read_dir("/tmp")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("rl-") && !n.starts_with("rl-e2e-"))
+            .collect();
+        if procs.is_empty() && dirs.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("left behind {when}: processes {procs:#?}, temp dirs {dirs:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Run with a hard limit; kill srun (and with it the step) if it hangs.
+fn run_limited(mut c: Command, limit: Duration) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_limited(&mut child, limit)
+}
+
+fn wait_limited(child: &mut Child, limit: Duration) -> Output {
+    let t0 = Instant::now();
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let a = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = so.read_to_end(&mut s);
+        s
+    });
+    let b = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = se.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            let out = Output { status: st, stdout: a.join().unwrap(), stderr: b.join().unwrap() };
+            panic!("timed out after {limit:?}:\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output { status, stdout: a.join().unwrap(), stderr: b.join().unwrap() }
+}
+
+
+fn endpoint_status(p: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+fn endpoint_file(dir: &Path) -> PathBuf {
+    let d = std::fs::read_dir(dir).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("ray-launch-")).expect("a log dir");
+    d.path().join("endpoint.json")
+}
+
+/// Ranks' final lines: node -> exit code, from "...; exit N".
+fn exits(out: &str) -> std::collections::BTreeMap<String, i32> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in out.lines() {
+        if let (Some(i), Some(j)) = (l.find(" ["), l.rfind("; exit ")) {
+            if let Some(k) = l[i + 2..].find(']') {
+                let node = l[i + 2..i + 2 + k].split(' ').nth(1).unwrap_or("").to_string();
+                if let Ok(c) = l[j + 7..].trim().parse() {
+                    m.insert(node, c);
+                }
+            }
+        }
+    }
+    m
+}
+
+const RAY3: &str = "engine: vllm\nmodel: tiny\nserved_model_name: tiny-chat\nparallel: {tensor: 3}\ngpus_per_node: 1\nvllm: {executable: @STANDIN@/vllm}\nenv: {STANDIN_EXPECT_NODES: 3, STANDIN_RECORD_DIR: @RECORD@}";
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "");
+    let client = "cat \"$RAY_LAUNCH_ENDPOINT\" > client-saw.json; curl -sf --noproxy '*' \"$OPENAI_BASE_URL/models\" > models.json || exit 9; exit 3";
+    let mut c = bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--event-log", "events.jsonl", "--", "bash", "-c", client]);
+    c.env("http_proxy", "http://proxy.invalid:3128");
+    let t0 = Instant::now();
+    let out = run_limited(c, Duration::from_secs(120));
+    let all = text(&out);
+    eprintln!("{all}");
+    assert_eq!(out.status.code(), Some(3), "the client's exit code");
+    assert_eq!(exits(&all).values().copied().collect::<Vec<_>>(), [3, 3, 3], "{:?}", exits(&all));
+    // the endpoint the client saw, and what it got from the stand-in engine
+    let saw: serde_json::Value = serde_json::from_slice(&std::fs::read(bed.path("client-saw.json")).unwrap()).unwrap();
+    assert_eq!(saw["status"], "ready");
+    assert!(saw["url"].as_str().unwrap().starts_with("http://10.77.0.11:"), "{saw}");
+    assert_eq!(saw["served_model_name"], "tiny-chat");
+    let models = std::fs::read_to_string(bed.path("models.json")).unwrap();
+    assert!(models.contains("tiny-chat"), "{models}");
+    // the engine ran on the master only, as a driver of the 3-node Ray cluster
+    let rec = bed.record("node1", "vllm");
+    let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(argv.windows(2).any(|w| w == ["--distributed-executor-backend", "ray"]), "{argv:?}");
+    assert!(argv.windows(2).any(|w| w == ["--tensor-parallel-size", "3"]), "{argv:?}");
+    assert!(rec["env"]["RAY_ADDRESS"].as_str().unwrap().starts_with("10.77.0.11:"));
+    assert_eq!(rec["env"]["VLLM_HOST_IP"], "10.77.0.11");
+    assert!(!bed.path("node2.vllm.json").exists());
+    // the progress and event log
+    assert!(all.contains("replica 0: 3/3 nodes joined"), "{all}");
+    let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
+    for e in ["rendezvous_complete", "head_up", "worker_joined", "engine_started", "ready", "client_started", "all_stopped"] {
+        assert!(events.contains(&format!("\"event\":\"{e}\"")), "missing {e} in {events}");
+    }
+    let ep = endpoint_status(&endpoint_file(bed.dir.path())).unwrap();
+    assert_eq!(ep["status"], "failed");
+    assert_eq!(ep["exit_code"], 3);
+    eprintln!("client mode: {:.1}s from srun to the end", t0.elapsed().as_secs_f64());
+}
+
+/// Start a serving step in the background, wait until its endpoint says ready.
+fn serve(bed: &Bed, cfg: &Path) -> (Child, PathBuf) {
+    let mut c = bed.srun(&["-J", "rl-e2e", bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--event-log", "events.jsonl"]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let t0 = Instant::now();
+    let ep = loop {
+        if let Some(Ok(Some(d))) = std::fs::read_dir(bed.dir.path()).ok().map(|mut r| r.find(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ray-launch-"))).transpose()) {
+            let p = d.path().join("endpoint.json");
+            if endpoint_status(&p).is_some_and(|v| v["status"] == "ready") {
+                break p;
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = wait_limited(&mut child, Duration::from_secs(5));
+            panic!("the step ended ({st}) before ready:\n{}", text(&out));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "not ready in 90 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (child, ep)
+}
+
+fn job_id(name: &str) -> String {
+    let o = slurm("squeue").args(["-h", "-n", name, "-o", "%i"]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn pid_on(node: usize, comm: &str) -> Option<i32> {
+    node_procs().into_iter().find(|(n, _, c)| *n == format!("node{node}") && c.starts_with(&format!("{comm}:"))).map(|(_, p, _)| p)
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn scancel_stops_every_rank_with_the_signal_code_and_leaves_nothing() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "");
+    let (mut child, ep) = serve(&bed, &cfg);
+    let url = endpoint_status(&ep).unwrap()["url"].as_str().unwrap().replace("/v1", "/health");
+    let h = Command::new("curl").args(["-sf", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&h.stdout), "200");
+    let jid = job_id("rl-e2e");
+    let t0 = Instant::now();
+    assert!(slurm("scancel").arg(&jid).status().unwrap().success());
+    let out = wait_limited(&mut child, Duration::from_secs(60));
+    let all = text(&out);
+    eprintln!("{all}");
+    let codes = exits(&all);
+    assert_eq!(codes.len(), 3, "{codes:?}");
+    assert!(codes.values().all(|c| *c == 143), "{codes:?}");
+    assert_no_leftovers("after scancel");
+    eprintln!("scancel -> nothing left: {:.2}s", t0.elapsed().as_secs_f64());
+    assert_eq!(endpoint_status(&ep).unwrap()["exit_code"], 143);
+}
+
+fn kill_and_expect(bed: &Bed, node: usize, comm: &str, want_code: i32, want_msg: &str) {
+    let cfg = bed.config(RAY3, "health: {heartbeat_interval: 1s, heartbeat_timeout: 5s}");
+    let (mut child, _ep) = serve(bed, &cfg);
+    let pid = pid_on(node, comm).unwrap_or_else(|| panic!("no {comm} on node{node}: {:#?}", node_procs()));
+    let t0 = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = wait_limited(&mut child, Duration::from_secs(60));
+    let took = t0.elapsed();
+    let all = text(&out);
+    eprintln!("{all}");
+    let codes = exits(&all);
+    for n in 1..=NODES {
+        let name = format!("node{n}");
+        if comm == "ray-launch" && n == node {
+            continue; // that one was killed
+        }
+        assert_eq!(codes.get(&name), Some(&want_code), "{name}: {codes:?}");
+    }
+    assert!(all.contains(want_msg), "want `{want_msg}`");
+    eprintln!("kill -9 {comm} on node{node} -> step ended in {:.2}s", took.as_secs_f64());
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn kill_9_of_a_workers_raylet_ends_the_step_with_peer_failure() {
+    let bed = Bed::new();
+    kill_and_expect(&bed, 3, "raylet", 4, "ray-worker on node3 ended unexpectedly");
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn kill_9_of_a_workers_ray_start_ends_the_step_with_peer_failure() {
+    let bed = Bed::new();
+    kill_and_expect(&bed, 2, "ray", 4, "ray-worker on node2 ended unexpectedly (signal 9 (SIGKILL))");
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn kill_9_of_a_workers_launcher_ends_the_step_and_its_children() {
+    let bed = Bed::new();
+    kill_and_expect(&bed, 2, "ray-launch", 4, "lost the connection to node2's launcher");
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn kill_9_of_the_engine_ends_the_step_with_engine_failure() {
+    let bed = Bed::new();
+    kill_and_expect(&bed, 1, "python", 5, "engine on node1 ended unexpectedly");
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_worker_that_cannot_reach_the_master_says_so_before_the_deadline() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "timeouts: {rendezvous: 4s, shutdown_grace: 5s, kill_wait: 30s}");
+    // the master's task never starts ray-launch: nobody listens on the channel port
+    let script = bed.path("nomaster.sh");
+    std::fs::write(&script, format!("#!/bin/bash\nif [ \"$SLURM_NODEID\" = 0 ]; then sleep 8; exit 0; fi\nexec {} --config {} \"$@\"\n", bin().display(), cfg.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let t0 = Instant::now();
+    let out = run_limited(bed.srun(&[script.to_str().unwrap()]), Duration::from_secs(60));
+    let all = text(&out);
+    eprintln!("{all}");
+    let codes = exits(&all);
+    assert!(all.contains("cannot reach the master node1 at 10.77.0.11:"), "{all}");
+    assert!(all.contains("within 4s (timeouts.rendezvous"), "{all}");
+    assert_eq!(all.matches("cannot reach the master").count(), 2);
+    assert!(codes.is_empty() || codes.values().all(|c| *c == 3), "{codes:?}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn mp_mode_starts_vllm_on_every_node_with_the_right_rank() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: vllm\nmodel: tiny\nparallel: {tensor: 3}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_RECORD_DIR: @RECORD@}",
+        "",
+    );
+    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(60));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    for n in 1..=3 {
+        let rec = bed.record(&format!("node{n}"), "vllm");
+        let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let has = |a: &str, b: &str| argv.windows(2).any(|w| w == [a, b]);
+        assert!(has("--node-rank", &(n - 1).to_string()) && has("--nnodes", "3") && has("--master-addr", "10.77.0.11"), "{argv:?}");
+        assert_eq!(argv.contains(&"--headless"), n != 1, "{argv:?}");
+        assert_eq!(rec["env"]["VLLM_HOST_IP"], format!("10.77.0.1{n}"));
+        assert_eq!(rec["env"]["GLOO_SOCKET_IFNAME"], "eth0");
+    }
+    assert!(!all.contains("ray-head"), "no Ray in mp mode");
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn sglang_mode_starts_launch_server_on_every_node() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: sglang\nmodel: tiny\nparallel: {tensor: 3}\ngpus_per_node: 1\nsglang: {python: @STANDIN@/python}\nenv: {STANDIN_RECORD_DIR: @RECORD@}",
+        "",
+    );
+    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(60));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    for n in 1..=3 {
+        let rec = bed.record(&format!("node{n}"), "sglang");
+        let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let has = |a: &str, b: &str| argv.windows(2).any(|w| w == [a, b]);
+        assert!(has("-m", "sglang.launch_server") && has("--node-rank", &(n - 1).to_string()) && has("--tp-size", "3"), "{argv:?}");
+        let dist = argv[argv.iter().position(|a| *a == "--dist-init-addr").unwrap() + 1];
+        assert!(dist.starts_with("10.77.0.11:"), "{dist}");
+    }
+}
