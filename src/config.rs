@@ -330,6 +330,7 @@ pub struct Config {
     #[serde(default)]
     pub engine_args: Vec<String>,
     /// Set for every process on every node (Ray's workers inherit it from `ray start`).
+    /// Values may use {job}, {node}, {node_rank}, {replica}, {replica_rank}.
     #[serde(default)]
     pub env: BTreeMap<String, EnvValue>,
     #[serde(default)]
@@ -535,6 +536,9 @@ fn validate(l: &Loaded) -> Result<()> {
         if v.0.contains('\0') {
             return Err(l.key_error("env", format!("value of `{k}` contains a NUL byte"), "remove it"));
         }
+        if let Err(bad) = check_placeholders_in(&v.0, ENV_PLACEHOLDERS) {
+            return Err(l.key_error("env", format!("value of `{k}` has an unknown placeholder `{bad}`"), format!("placeholders in env values are {}", ENV_PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(", "))));
+        }
     }
     for (key, durv) in [
         ("timeouts.rendezvous", c.timeouts.rendezvous),
@@ -622,12 +626,19 @@ pub fn teardown_budget(c: &Config) -> Duration {
     c.timeouts.shutdown_grace.0 * 2 + Duration::from_secs(1)
 }
 
+/// Placeholders allowed in `env` values, filled per node by the plan.
+pub const ENV_PLACEHOLDERS: &[&str] = &["job", "node", "node_rank", "replica", "replica_rank"];
+
 pub fn check_placeholders(s: &str) -> std::result::Result<(), String> {
+    check_placeholders_in(s, &["job", "node", "node_rank"])
+}
+
+pub fn check_placeholders_in(s: &str, allowed: &[&str]) -> std::result::Result<(), String> {
     let mut rest = s;
     while let Some(i) = rest.find('{') {
         let end = rest[i..].find('}').ok_or_else(|| rest[i..].to_string())?;
         let name = &rest[i + 1..i + end];
-        if !["job", "node", "node_rank"].contains(&name) {
+        if !allowed.contains(&name) {
             return Err(format!("{{{name}}}"));
         }
         rest = &rest[i + end + 1..];

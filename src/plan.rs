@@ -345,7 +345,16 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
             base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
         }
-        let user: BTreeMap<String, String> = c.env.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        let user: BTreeMap<String, String> = c
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let v = fill(&v.0, &step.job_id, &n.name, rank)
+                    .replace("{replica_rank}", &rr.to_string())
+                    .replace("{replica}", &replica.to_string());
+                (k.clone(), v)
+            })
+            .collect();
         let with_user = |mut m: BTreeMap<String, String>| {
             m.extend(user.clone());
             m

@@ -85,14 +85,34 @@ pub fn kill_session(sid: i32, sig: Signal) -> usize {
 }
 
 /// Wait until none of `sids` has a live member, or `limit` passes. True when all are empty.
+/// When the process that leads a session (pid == sid) is gone but members remain for
+/// `orphan_linger`, those are orphans that will not stop by themselves (an engine's workers
+/// whose API server died): give up early so the caller can SIGKILL them.
 pub async fn wait_sessions_empty(sids: &[i32], limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
+    wait_sessions(sids, limit, Duration::from_secs(1)).await
+}
+
+pub async fn wait_sessions(sids: &[i32], limit: Duration, orphan_linger: Duration) -> bool {
+    let start = tokio::time::Instant::now();
+    let deadline = start + limit;
+    let mut orphaned_since: Option<tokio::time::Instant> = None;
     loop {
-        if sids.iter().all(|s| session_members(*s).is_empty()) {
+        let members: Vec<Vec<i32>> = sids.iter().map(|s| session_members(*s)).collect();
+        if members.iter().all(Vec::is_empty) {
             return true;
         }
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return false;
+        }
+        let leaders_gone = sids.iter().zip(&members).all(|(s, m)| m.is_empty() || !m.contains(s));
+        if leaders_gone {
+            let since = *orphaned_since.get_or_insert(now);
+            if now.duration_since(since) >= orphan_linger {
+                return false;
+            }
+        } else {
+            orphaned_since = None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

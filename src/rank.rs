@@ -549,7 +549,7 @@ async fn teardown(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bo
         if !graceful {
             let n: usize = sids.iter().map(|s| proc::kill_session(*s, Signal::SIGKILL)).sum();
             if n > 0 {
-                warn!("{} did not stop within {}: sent SIGKILL to {n} process(es)", names.join("/"), humantime::format_duration(grace));
+                warn!("{}: {n} process(es) still running after SIGTERM (the grace of {} passed, or what it started was left orphaned): sent SIGKILL", names.join("/"), humantime::format_duration(grace));
             }
             if !proc::wait_sessions_empty(&sids, Duration::from_secs(3)).await {
                 error!("processes of {} are still alive after SIGKILL", names.join("/"));
@@ -569,4 +569,105 @@ async fn teardown(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bo
         }
     }
     info!("teardown done in {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spawn(name: &str, script: &str, log: &Path) -> Running {
+        let argv = vec!["bash".to_string(), "-c".to_string(), script.to_string(), name.to_string(), log.display().to_string()];
+        let child = proc::spawn(&argv, &BTreeMap::new(), proc::Output::Log(&log.with_extension(format!("{name}.out")))).unwrap();
+        let pid = child.id().unwrap() as i32;
+        // reap it when it exits, as the rank's waiter task does
+        tokio::spawn(async move {
+            let mut c = child;
+            let _ = c.wait().await;
+        });
+        Running { name: name.to_string(), pid, log: None }
+    }
+
+    const POLITE: &str = r#"trap 'echo "$0 $(date +%s%N)" >> "$1"; exit 0' TERM; echo up > "$1.$0"; while :; do sleep 0.05; done"#;
+    const STUBBORN: &str = r#"trap '' TERM; echo up > "$1.$0"; while :; do sleep 0.05; done"#;
+    /// Leaves a TERM-ignoring child in its session and exits on SIGTERM itself.
+    const ORPHANING: &str = r#"(trap '' TERM; while :; do sleep 0.05; done) & trap 'echo "$0 $(date +%s%N)" >> "$1"; exit 0' TERM; echo up > "$1.$0"; while :; do sleep 0.05; done"#;
+
+    async fn ready(log: &Path, names: &[&str]) {
+        for n in names {
+            while !log.with_extension(n).exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn teardown_goes_client_engine_ray_and_empties_every_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let procs = vec![
+            spawn("ray-head", POLITE, &log),
+            spawn("engine", POLITE, &log),
+            spawn("client", POLITE, &log),
+        ];
+        ready(&log, &["ray-head", "engine", "client"]).await;
+        let sids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
+        let (_kill_tx, kill_rx) = watch::channel(false);
+        let temp = dir.path().join("temp");
+        std::fs::create_dir(&temp).unwrap();
+        teardown(procs, Duration::from_secs(5), kill_rx, temp.display().to_string(), BTreeSet::new()).await;
+        let order: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_string()).collect();
+        assert_eq!(order, ["client", "engine", "ray-head"]);
+        assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
+        assert!(!temp.exists(), "the temp dir is removed");
+    }
+
+    #[tokio::test]
+    async fn a_process_ignoring_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let procs = vec![spawn("engine", STUBBORN, &log)];
+        ready(&log, &["engine"]).await;
+        let sid = procs[0].pid;
+        let (_kill_tx, kill_rx) = watch::channel(false);
+        let t0 = Instant::now();
+        teardown(procs, Duration::from_millis(1500), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(6), "{took:?}");
+        assert!(proc::session_members(sid).is_empty());
+    }
+
+    #[tokio::test]
+    async fn orphans_are_killed_soon_after_their_parent_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let procs = vec![spawn("engine", ORPHANING, &log)];
+        ready(&log, &["engine"]).await;
+        let sid = procs[0].pid;
+        let (_kill_tx, kill_rx) = watch::channel(false);
+        let t0 = Instant::now();
+        teardown(procs, Duration::from_secs(20), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(5), "did not wait the whole grace: {took:?}");
+        assert!(proc::session_members(sid).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_signal_kills_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let procs = vec![spawn("engine", STUBBORN, &log), spawn("ray-head", STUBBORN, &log)];
+        ready(&log, &["engine", "ray-head"]).await;
+        let sids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
+        let (kill_tx, kill_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = kill_tx.send(true);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let t0 = Instant::now();
+        teardown(procs, Duration::from_secs(30), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
+    }
 }

@@ -114,3 +114,13 @@ fn a_thousand_nodes() {
     let json = serde_json::to_string(&p).unwrap();
     assert!(json.len() < 8 << 20);
 }
+
+#[test]
+fn env_values_are_filled_per_node() {
+    let y = "engine: vllm\nmodel: m\nparallel: {tensor: 2}\nvllm: {backend: mp}\nenv:\n  VLLM_CPU_OMP_THREADS_BIND: '{replica_rank}'\n  TAG: '{job}-{node}-{node_rank}-{replica}'\n";
+    let p = plan_for(y, 2, 1, &[]).unwrap();
+    let env = |r: usize| p.ranks[r].commands[0].env.clone();
+    assert_eq!(env(0)["VLLM_CPU_OMP_THREADS_BIND"], "0");
+    assert_eq!(env(1)["VLLM_CPU_OMP_THREADS_BIND"], "1");
+    assert_eq!(env(1)["TAG"], "4242-node2-1-0");
+}
