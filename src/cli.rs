@@ -364,6 +364,17 @@ fn cmd_wait(w: WaitArgs) -> Result<i32> {
     }
 }
 
+/// The master holds one connection per rank: a thousand ranks need more than the common
+/// soft limit of 1024 open files. Raise the soft limit to the hard one.
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn run(a: RunArgs) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -372,6 +383,7 @@ fn run(a: RunArgs) -> Result<i32> {
     rt.block_on(async move {
         // Signal handlers before anything else, so that an early scancel is seen.
         let sigs = crate::signals::listen().map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
+        raise_nofile();
         let ov = Overrides {
             gpus_per_node: None,
             endpoint_file: a.endpoint_file.clone(),

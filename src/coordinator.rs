@@ -152,7 +152,8 @@ impl Coord {
             }
         }
         acts.push(Action::Endpoint {
-            status: if code == exit::SUCCESS { "stopped" } else { "failed" },
+            // a signal (scancel, time limit) is how a serving job normally ends
+            status: if code == exit::SUCCESS || code >= 128 { "stopped" } else { "failed" },
             reason: Some(reason),
             code: Some(code),
         });
@@ -527,8 +528,18 @@ impl Shell {
     }
 }
 
+/// One serialized message, shared by every connection it goes to (a Welcome for a thousand
+/// nodes is serialized once, not a thousand times).
+type Line = std::sync::Arc<Vec<u8>>;
+
+fn to_line(m: &ToRank) -> Line {
+    let mut v = serde_json::to_vec(m).expect("serializes");
+    v.push(b'\n');
+    std::sync::Arc::new(v)
+}
+
 enum Inbound {
-    Hello { msg: ToMaster, settings: serde_json::Value, tx: mpsc::UnboundedSender<ToRank>, rank_tx: oneshot::Sender<Option<usize>> },
+    Hello { msg: ToMaster, settings: serde_json::Value, tx: mpsc::UnboundedSender<Line>, rank_tx: oneshot::Sender<Option<usize>> },
     Msg(usize, ToMaster),
     Closed(usize),
 }
@@ -557,7 +568,8 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
     shell.endpoint(None, "starting", None, None);
     let mut coord = Coord::new(settings.clone(), step, t0);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Inbound>();
-    let mut writers: BTreeMap<usize, mpsc::UnboundedSender<ToRank>> = BTreeMap::new();
+    let mut writers: BTreeMap<usize, mpsc::UnboundedSender<Line>> = BTreeMap::new();
+    let mut cached: Option<(ToRank, Line)> = None;
 
     // accept loop
     let accept_tx = in_tx.clone();
@@ -589,7 +601,7 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
                         }
                         Err(reason) => {
                             tracing::warn!("refused a connection: {reason}");
-                            let _ = tx.send(ToRank::Stop { code: exit::USAGE, reason, node: None });
+                            let _ = tx.send(to_line(&ToRank::Stop { code: exit::USAGE, reason, node: None }));
                             let _ = rank_tx.send(None);
                             Vec::new()
                         }
@@ -609,8 +621,9 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
                 coord.on_tick(Instant::now())
             }
             _ = hb.tick() => {
+                let hb = to_line(&ToRank::Heartbeat);
                 for w in writers.values() {
-                    let _ = w.send(ToRank::Heartbeat);
+                    let _ = w.send(hb.clone());
                 }
                 Vec::new()
             }
@@ -620,7 +633,15 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
             match a {
                 Action::Send(r, m) => {
                     if let Some(w) = writers.get(&r) {
-                        let _ = w.send(m);
+                        let line = match &cached {
+                            Some((c, l)) if *c == m => l.clone(),
+                            _ => {
+                                let l = to_line(&m);
+                                cached = Some((m, l.clone()));
+                                l
+                            }
+                        };
+                        let _ = w.send(line);
                     }
                 }
                 Action::Event { event, node, detail } => shell.event(event, node, detail),
@@ -648,6 +669,7 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
     if channel::send(&mut w, &ToRank::Challenge { protocol: channel::PROTOCOL, nonce }).await.is_err() {
         return;
     }
+    use tokio::io::AsyncWriteExt as _;
     // the hello must come soon; a port scanner or a stray client is dropped
     let hello = match tokio::time::timeout(Duration::from_secs(30), reader.recv::<serde_json::Value>()).await {
         Ok(Ok(v)) => v,
@@ -655,11 +677,11 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
     };
     let settings = hello.get("settings").cloned().unwrap_or(serde_json::Value::Null);
     let Ok(msg) = serde_json::from_value::<ToMaster>(strip_settings(hello)) else { return };
-    let (wtx, mut wrx) = mpsc::unbounded_channel::<ToRank>();
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<Line>();
     // writer: drains the queue until the coordinator drops the sender or the socket breaks
     let writer = tokio::spawn(async move {
-        while let Some(m) = wrx.recv().await {
-            if channel::send(&mut w, &m).await.is_err() {
+        while let Some(l) = wrx.recv().await {
+            if w.write_all(&l).await.is_err() || w.flush().await.is_err() {
                 break;
             }
         }

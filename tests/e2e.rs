@@ -225,3 +225,63 @@ fn sglang_mode_starts_launch_server_on_every_node() {
         assert!(dist.starts_with("10.77.0.11:"), "{dist}");
     }
 }
+
+/// No Slurm at all: the local default runs the same code on this machine (rank 0 of 1), and
+/// SIGUSR1 drains: a clean stop with exit 0.
+#[test]
+#[ignore = "needs .venv (scripts/setup.sh)"]
+fn local_default_runs_without_slurm_and_sigusr1_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let standin = root().join("tests/standin/vllm");
+    let cfg = dir.path().join("local.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "engine: vllm\nmodel: tiny\nparallel: {{tensor: 1}}\ngpus_per_node: 0\nvllm: {{executable: {}}}\nray: {{executable: {}, object_store_memory: 200MiB}}\ntimeouts: {{shutdown_grace: 5s}}\n",
+            standin.display(),
+            root().join(".venv/bin/ray").display()
+        ),
+    )
+    .unwrap();
+    let mut c = Command::new(bin());
+    c.args(["--config", cfg.to_str().unwrap()]).current_dir(dir.path());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_") {
+            c.env_remove(k);
+        }
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let t0 = Instant::now();
+    let ep = loop {
+        let found = std::fs::read_dir(dir.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("ray-launch-local-"));
+        if let Some(d) = found {
+            let p = d.path().join("endpoint.json");
+            if endpoint_status(&p).is_some_and(|v| v["status"] == "ready") {
+                break p;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "ended early");
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let out = wait_limited(&mut child, Duration::from_secs(30));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("SIGUSR1: draining"), "{all}");
+    let v = endpoint_status(&ep).unwrap();
+    assert_eq!(v["status"], "stopped");
+    // nothing of this job is left on this machine: no process runs our stand-in or Ray from
+    // this temp dir, and Ray's temp dir is gone
+    let temp = format!("/tmp/rl-{}-0", v["job_id"].as_str().unwrap());
+    assert!(!Path::new(&temp).exists(), "{temp} left behind");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .filter(|c| c.contains(&temp) || (c.contains("engine.py") && c.contains("tiny")))
+        .collect();
+    assert!(left.is_empty(), "{left:#?}");
+}

@@ -1,0 +1,79 @@
+//! The binary's small commands: `wait`, `plan --format json` schema, `hostlist` via stdin.
+use assert_cmd::Command;
+use std::time::{Duration, Instant};
+
+fn rl() -> Command {
+    let mut c = Command::cargo_bin("ray-launch").unwrap();
+    c.env_clear().env("PATH", "/usr/bin:/bin");
+    c
+}
+
+#[test]
+fn wait_prints_the_url_once_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("endpoint.json");
+    let f2 = f.clone();
+    let writer = std::thread::spawn(move || {
+        std::fs::write(&f2, r#"{"status":"starting"}"#).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        std::fs::write(&f2, r#"{"status":"ready","url":"http://10.0.0.1:20010/v1"}"#).unwrap();
+    });
+    let t0 = Instant::now();
+    let out = rl().args(["wait", f.to_str().unwrap(), "--timeout", "20s"]).output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "http://10.0.0.1:20010/v1");
+    assert!(t0.elapsed() >= Duration::from_millis(500), "it did wait");
+}
+
+#[test]
+fn wait_fails_fast_on_a_failed_job_and_times_out_on_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("endpoint.json");
+    std::fs::write(&f, r#"{"status":"failed","reason":"engine on node2 ended unexpectedly"}"#).unwrap();
+    let out = rl().args(["wait", f.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("engine on node2 ended unexpectedly"));
+    let t0 = Instant::now();
+    let out = rl().args(["wait", dir.path().join("none.json").to_str().unwrap(), "--timeout", "1s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not say ready within 1s"));
+}
+
+#[test]
+fn plan_json_has_the_documented_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "engine: vllm\nmodel: m\nparallel: {tensor: 8, pipeline: 2}\n").unwrap();
+    let out = rl()
+        .args(["plan", "--config", cfg.to_str().unwrap(), "--nodelist", "node[1-4]", "--gpus-per-node", "8", "--format", "json", "--job-id", "77"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["master"]["node"], "node1");
+    assert!(v["self"].is_null(), "a preview is no task of the step");
+    assert_eq!(v["replicas"], 2);
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(r["node_rank"], i);
+        for k in ["node", "role", "replica", "commands", "address", "temp_dir"] {
+            assert!(!r[k].is_null(), "rank {i} lacks {k}");
+        }
+        for c in r["commands"].as_array().unwrap() {
+            assert!(c["name"].is_string() && c["argv"].is_array() && c["env"].is_object());
+        }
+    }
+    assert_eq!(v["ports"]["channel"], 20000 + 77 % 49 * 256);
+}
+
+#[test]
+fn hostlist_compress_reads_stdin() {
+    let out = rl().args(["hostlist", "compress"]).write_stdin("node1\nnode2,node3\nnode10\n").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "node[1-3,10]");
+    let out = rl().args(["hostlist", "expand", "n[1-2]", "x"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n1\nn2\nx\n");
+}
