@@ -13,7 +13,7 @@ export SLURM_CONF=/etc/slurm/slurm.conf
 for v in $(compgen -e | grep -E '^SLURM_' | grep -v SLURM_CONF || true); do unset "$v"; done
 bash "$ROOT/slurm/testbed/up.sh" >/dev/null
 W=$(mktemp -d /tmp/rl-bench.XXXXXX); chmod 755 "$W"; cd "$W"
-trap 'rm -rf "$W"' EXIT
+trap 'scancel -n rlbench 2>/dev/null; rm -rf "$W"' EXIT
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 median() { sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 leftovers() { for i in 1 2 3; do for p in $(ip netns pids sl-n$i); do case $(cat /proc/$p/comm 2>/dev/null) in unshare|tini|slurmd|slurmstepd|"") ;; *) echo $p;; esac; done; done; }
@@ -29,6 +29,7 @@ if [ "\$SLURM_NODEID" = 0 ]; then
   until grep -q "Ray runtime started" \$d/head.log; do sleep 0.05; done; echo \$ip > \$d/head.ip
 else
   until [ -s \$d/head.ip ]; do sleep 0.05; done
+: > \$d/w\$SLURM_NODEID.log
   setsid $RAY start --address=\$(cat \$d/head.ip):29379 \$common </dev/null >\$d/w\$SLURM_NODEID.log 2>&1 & p=\$!
   until grep -q "Ray runtime started" \$d/w\$SLURM_NODEID.log; do sleep 0.05; done
   date +%s%N > \$d/joined.\$SLURM_NODEID
@@ -57,6 +58,7 @@ for r in $(seq "$ROUNDS"); do
   until [ -e $d/joined.1 ] && [ -e $d/joined.2 ]; do sleep 0.02; done
   e=$(( $(cat $d/joined.1 $d/joined.2 | sort -n | tail -1) / 1000000 ))
   A+=($(( e - s ))); touch $d/stop; wait $sp || true
+  until [ -z "$(leftovers)" ]; do sleep 0.05; done
 
   # B + C: ray-launch to ready, then kill -9 of node3's raylet
   d=$W/rl$r; mkdir -p $d; cd $d; s=$(ms)
@@ -65,10 +67,11 @@ for r in $(seq "$ROUNDS"); do
   j=$(grep '"worker_joined"' ev.jsonl | tail -1 | sed 's/.*"t":\([0-9.]*\).*/\1/')
   rd=$(grep '"event":"ready"' ev.jsonl | sed 's/.*"t":\([0-9.]*\).*/\1/')
   t0=$(head -1 ev.jsonl | sed 's/.*"ts":"\([^"]*\)".*/\1/'); t0=$(( $(date -d "$t0" +%s%N) / 1000000 ))
-  B+=($(( t0 - s + ${j/./} )))   # srun start -> last worker joined (t is s.mmm)
-  R+=($(( t0 - s + ${rd/./} )))
-  for i in $(seq 50); do p=$(for q in $(ip netns pids sl-n3); do [ "$(cat /proc/$q/comm)" = raylet ] && echo $q; done); [ -n "$p" ] && break; sleep 0.1; done
-  k=$(ms); kill -9 $p; wait $sp || true; C+=($(( $(ms) - k )))
+  tms() { awk -v t="$1" 'BEGIN{printf "%d", t * 1000}'; }   # event-log seconds -> ms
+  B+=($(( t0 - s + $(tms $j) )))   # srun start -> last worker joined
+  R+=($(( t0 - s + $(tms $rd) )))
+  for i in $(seq 50); do p=$(for q in $(ip netns pids sl-n3); do [ "$(cat /proc/$q/comm)" = raylet ] && echo $q; done; true); [ -n "$p" ] && break; sleep 0.1; done
+  k=$(ms); kill -9 $p || true; wait $sp || true; C+=($(( $(ms) - k )))
   cd $W
   until [ -z "$(leftovers)" ]; do sleep 0.05; done
 
