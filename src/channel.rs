@@ -28,13 +28,26 @@ pub enum ToMaster {
     },
     /// A command reached its ready point (`ray-head`/`ray-worker`: "Ray runtime started";
     /// `engine` on a leader: `/health` 200, on followers: started).
-    Up { name: String },
+    Up {
+        name: String,
+    },
     /// A command this rank runs ended (unexpectedly unless we are stopping).
-    Exited { name: String, status: String, code: i32, log: Option<String>, tail: Vec<String> },
+    Exited {
+        name: String,
+        status: String,
+        code: i32,
+        log: Option<String>,
+        tail: Vec<String>,
+    },
     /// Something else went wrong here: spawn failure, health failures.
-    Failed { code: i32, reason: String },
+    Failed {
+        code: i32,
+        reason: String,
+    },
     /// This rank got a signal and is stopping.
-    Stopping { signal: i32 },
+    Stopping {
+        signal: i32,
+    },
     /// Teardown on this rank is complete.
     Stopped,
     Heartbeat,
@@ -43,12 +56,23 @@ pub enum ToMaster {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToRank {
-    Challenge { protocol: u32, nonce: String },
+    Challenge {
+        protocol: u32,
+        nonce: String,
+    },
     /// Every rank's facts in node-rank order: with them each rank builds the same plan.
-    Welcome { nodes: Vec<NodeInfo> },
-    Start { name: String },
+    Welcome {
+        nodes: Vec<NodeInfo>,
+    },
+    Start {
+        name: String,
+    },
     /// Stop everything and exit with `code`; `node` caused it (if a node did).
-    Stop { code: i32, reason: String, node: Option<String> },
+    Stop {
+        code: i32,
+        reason: String,
+        node: Option<String>,
+    },
     Heartbeat,
 }
 
@@ -78,7 +102,10 @@ pub struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(r: R) -> Self {
-        Reader { inner: BufReader::new(r), buf: Vec::new() }
+        Reader {
+            inner: BufReader::new(r),
+            buf: Vec::new(),
+        }
     }
 
     pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, RecvError> {
@@ -92,7 +119,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             return Err(RecvError::Closed);
         }
         if self.buf.last() != Some(&b'\n') {
-            return Err(if n as u64 >= MAX_LINE { RecvError::TooLong } else { RecvError::Closed });
+            return Err(if n as u64 >= MAX_LINE {
+                RecvError::TooLong
+            } else {
+                RecvError::Closed
+            });
         }
         serde_json::from_slice(&self.buf).map_err(|e| RecvError::Bad(e.to_string()))
     }
@@ -110,7 +141,13 @@ mod tests {
     use super::*;
 
     fn info() -> NodeInfo {
-        NodeInfo { name: "n1".into(), address: "10.0.0.1".into(), interface: Some("eth0".into()), cpus: 4, object_store_bytes: 1 << 30 }
+        NodeInfo {
+            name: "n1".into(),
+            address: "10.0.0.1".into(),
+            interface: Some("eth0".into()),
+            cpus: 4,
+            object_store_bytes: 1 << 30,
+        }
     }
 
     #[tokio::test]
@@ -120,9 +157,25 @@ mod tests {
         let (br, _bw) = tokio::io::split(b);
         let mut r = Reader::new(br);
         let msgs = vec![
-            ToMaster::Hello { protocol: PROTOCOL, node: "n1".into(), node_rank: 0, version: "0.1.0".into(), digest: "ab".into(), info: info(), proof: None },
-            ToMaster::Up { name: "ray-head".into() },
-            ToMaster::Exited { name: "engine".into(), status: "signal 9 (SIGKILL)".into(), code: 137, log: None, tail: vec!["x".into()] },
+            ToMaster::Hello {
+                protocol: PROTOCOL,
+                node: "n1".into(),
+                node_rank: 0,
+                version: "0.1.0".into(),
+                digest: "ab".into(),
+                info: info(),
+                proof: None,
+            },
+            ToMaster::Up {
+                name: "ray-head".into(),
+            },
+            ToMaster::Exited {
+                name: "engine".into(),
+                status: "signal 9 (SIGKILL)".into(),
+                code: 137,
+                log: None,
+                tail: vec!["x".into()],
+            },
             ToMaster::Heartbeat,
         ];
         for m in &msgs {
@@ -148,7 +201,10 @@ mod tests {
 
     #[test]
     fn wire_format_is_tagged_json() {
-        let s = serde_json::to_string(&ToRank::Start { name: "engine".into() }).unwrap();
+        let s = serde_json::to_string(&ToRank::Start {
+            name: "engine".into(),
+        })
+        .unwrap();
         assert_eq!(s, r#"{"type":"start","name":"engine"}"#);
     }
 }

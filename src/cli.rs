@@ -146,7 +146,11 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { exit::USAGE } else { exit::SUCCESS };
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
         }
     };
     let result = match cli.command {
@@ -182,14 +186,22 @@ pub struct Gathered {
 
 pub fn load_config(common: &CommonArgs) -> Result<config::Loaded> {
     let path = common.config.as_ref().ok_or_else(|| {
-        Error::usage("no config given")
-            .hint(format!("pass --config FILE (or set {}); examples are in configs/", ev::RAY_LAUNCH_CONFIG))
+        Error::usage("no config given").hint(format!(
+            "pass --config FILE (or set {}); examples are in configs/",
+            ev::RAY_LAUNCH_CONFIG
+        ))
     })?;
     config::load(path)
 }
 
 /// This node's NodeInfo from its own facts (address chosen by the config's network rule).
-pub fn self_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts, resolved: Option<std::net::IpAddr>) -> Result<NodeInfo> {
+pub fn self_info(
+    s: &Settings,
+    step: &Step,
+    name: &str,
+    facts: &HostFacts,
+    resolved: Option<std::net::IpAddr>,
+) -> Result<NodeInfo> {
     let (ip, ifname) = host::choose_address(&s.config.network, facts, resolved)?;
     let object_store_bytes = match s.config.ray.object_store_memory {
         config::Size::Bytes(b) => b,
@@ -223,13 +235,22 @@ pub fn gather(
         }
         None => slurm::detect(&env_lookup, &facts.hostname)?,
     };
-    let ov = Overrides { gpus_per_node: common.gpus_per_node, ..ov_extra };
+    let ov = Overrides {
+        gpus_per_node: common.gpus_per_node,
+        ..ov_extra
+    };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let settings = settings::resolve(&loaded, &ov, &step, client, &cwd);
     let resolved = host::resolve_all(&step.nodes, Duration::from_secs(2));
     let mut nodes = Vec::with_capacity(step.nodes.len());
     let mine = match step.self_rank {
-        Some(r) => Some(self_info(&settings, &step, &step.nodes[r], &facts, resolved[r])?),
+        Some(r) => Some(self_info(
+            &settings,
+            &step,
+            &step.nodes[r],
+            &facts,
+            resolved[r],
+        )?),
         None => None,
     };
     for (i, name) in step.nodes.iter().enumerate() {
@@ -256,21 +277,39 @@ pub fn gather(
         });
     }
     let plan = plan::build(&settings, &step, &nodes)?;
-    Ok(Gathered { settings, step, facts, nodes, plan })
+    Ok(Gathered {
+        settings,
+        step,
+        facts,
+        nodes,
+        plan,
+    })
 }
 
 fn cmd_plan(a: PlanArgs) -> Result<i32> {
-    let g = gather(&a.common, Overrides::default(), a.nodelist.as_deref(), a.job_id.as_deref(), a.client)?;
+    let g = gather(
+        &a.common,
+        Overrides::default(),
+        a.nodelist.as_deref(),
+        a.job_id.as_deref(),
+        a.client,
+    )?;
     match a.format {
         Format::Json => {
-            println!("{}", serde_json::to_string_pretty(&g.plan).expect("plan serializes"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&g.plan).expect("plan serializes")
+            );
         }
         Format::Text => {
             let show: Vec<usize> = if !a.rank.is_empty() {
                 for r in &a.rank {
                     if *r >= g.plan.ranks.len() {
-                        return Err(Error::usage(format!("--rank {r}: the step has {} ranks", g.plan.ranks.len()))
-                            .hint(format!("use 0..{}", g.plan.ranks.len() - 1)));
+                        return Err(Error::usage(format!(
+                            "--rank {r}: the step has {} ranks",
+                            g.plan.ranks.len()
+                        ))
+                        .hint(format!("use 0..{}", g.plan.ranks.len() - 1)));
                     }
                 }
                 a.rank.clone()
@@ -294,7 +333,11 @@ fn cmd_plan(a: PlanArgs) -> Result<i32> {
 fn cmd_check(a: CommonArgs) -> Result<i32> {
     let g = gather(&a, Overrides::default(), None, None, Vec::new())?;
     let where_ = match g.step.kind {
-        StepKind::Srun => format!("srun step of job {}, this is node rank {}", g.step.job_id, g.step.self_rank.unwrap_or(0)),
+        StepKind::Srun => format!(
+            "srun step of job {}, this is node rank {}",
+            g.step.job_id,
+            g.step.self_rank.unwrap_or(0)
+        ),
         StepKind::Local => "no Slurm step: a single-node run on this machine".to_string(),
         StepKind::Preview => "preview".to_string(),
     };
@@ -348,17 +391,31 @@ fn cmd_wait(w: WaitArgs) -> Result<i32> {
                         return Ok(exit::SUCCESS);
                     }
                     Some(st @ ("stopped" | "failed")) => {
-                        let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("no reason given");
-                        return Err(Error::new(crate::error::Kind::PeerFailure, format!("the job behind {shown} has {st}: {reason}"))
-                            .hint("look at the job's output (and the logs next to the endpoint file)"));
+                        let reason = v
+                            .get("reason")
+                            .and_then(|r| r.as_str())
+                            .unwrap_or("no reason given");
+                        return Err(Error::new(
+                            crate::error::Kind::PeerFailure,
+                            format!("the job behind {shown} has {st}: {reason}"),
+                        )
+                        .hint(
+                            "look at the job's output (and the logs next to the endpoint file)",
+                        ));
                     }
                     _ => {}
                 }
             }
         }
         if std::time::Instant::now() >= deadline {
-            return Err(Error::new(crate::error::Kind::StartupTimeout, format!("{shown} did not say ready within {}", humantime::format_duration(w.timeout)))
-                .hint("is the job running (squeue)? raise --timeout for large models"));
+            return Err(Error::new(
+                crate::error::Kind::StartupTimeout,
+                format!(
+                    "{shown} did not say ready within {}",
+                    humantime::format_duration(w.timeout)
+                ),
+            )
+            .hint("is the job running (squeue)? raise --timeout for large models"));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -382,7 +439,8 @@ fn run(a: RunArgs) -> Result<i32> {
         .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         // Signal handlers before anything else, so that an early scancel is seen.
-        let sigs = crate::signals::listen().map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
+        let sigs = crate::signals::listen()
+            .map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
         raise_nofile();
         let ov = Overrides {
             gpus_per_node: None,

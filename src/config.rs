@@ -27,16 +27,13 @@ pub enum VllmBackend {
 
 /// `auto` or a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Default)]
 pub enum Auto<T> {
+    #[default]
     Auto,
     Value(T),
 }
 
-impl<T> Default for Auto<T> {
-    fn default() -> Self {
-        Auto::Auto
-    }
-}
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Auto<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -175,7 +172,10 @@ pub struct Vllm {
 
 impl Default for Vllm {
     fn default() -> Self {
-        Vllm { backend: VllmBackend::Ray, executable: "vllm".into() }
+        Vllm {
+            backend: VllmBackend::Ray,
+            executable: "vllm".into(),
+        }
     }
 }
 
@@ -187,7 +187,9 @@ pub struct Sglang {
 
 impl Default for Sglang {
     fn default() -> Self {
-        Sglang { python: "python3".into() }
+        Sglang {
+            python: "python3".into(),
+        }
     }
 }
 
@@ -201,7 +203,10 @@ pub struct Server {
 
 impl Default for Server {
     fn default() -> Self {
-        Server { host: "0.0.0.0".into(), port: Auto::Auto }
+        Server {
+            host: "0.0.0.0".into(),
+            port: Auto::Auto,
+        }
     }
 }
 
@@ -254,7 +259,9 @@ pub struct Ports {
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports { range: "20000-32767".into() }
+        Ports {
+            range: "20000-32767".into(),
+        }
     }
 }
 
@@ -385,11 +392,26 @@ const OWNED_ENGINE_FLAGS: &[(&str, &str)] = &[
 ];
 
 const OWNED_RAY_FLAGS: &[&str] = &[
-    "--head", "--address", "--port", "--node-ip-address", "--num-gpus", "--num-cpus",
-    "--temp-dir", "--object-store-memory", "--block", "--include-dashboard",
-    "--node-manager-port", "--object-manager-port", "--min-worker-port", "--max-worker-port",
-    "--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+    "--head",
+    "--address",
+    "--port",
+    "--node-ip-address",
+    "--num-gpus",
+    "--num-cpus",
+    "--temp-dir",
+    "--object-store-memory",
+    "--block",
+    "--include-dashboard",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--min-worker-port",
+    "--max-worker-port",
+    "--ray-client-server-port",
+    "--dashboard-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
 ];
 
 /// Where a key path (`["parallel", "tensor"]`) sits in the YAML text: 1-based line.
@@ -436,7 +458,12 @@ pub struct Loaded {
 
 impl Loaded {
     /// A validation error for `key` (dotted), with its line.
-    pub fn key_error(&self, key: &str, problem: impl std::fmt::Display, fix: impl Into<String>) -> Error {
+    pub fn key_error(
+        &self,
+        key: &str,
+        problem: impl std::fmt::Display,
+        fix: impl Into<String>,
+    ) -> Error {
         let parts: Vec<&str> = key.split('.').collect();
         let at = match locate(&self.source, &parts) {
             Some(line) => format!("{}:{line}", self.path),
@@ -457,7 +484,11 @@ pub fn load(path: &Path) -> Result<Loaded> {
 
 pub fn parse(path: &str, source: &str) -> Result<Loaded> {
     let config: Config = serde_yaml::from_str(source).map_err(|e| yaml_error(path, &e))?;
-    let loaded = Loaded { config, path: path.to_string(), source: source.to_string() };
+    let loaded = Loaded {
+        config,
+        path: path.to_string(),
+        source: source.to_string(),
+    };
     validate(&loaded)?;
     Ok(loaded)
 }
@@ -485,22 +516,49 @@ fn yaml_error(path: &str, e: &serde_yaml::Error) -> Error {
 fn validate(l: &Loaded) -> Result<()> {
     let c = &l.config;
     if c.model.trim().is_empty() {
-        return Err(l.key_error("model", "is empty", "set `model:` to a model path or hub id"));
+        return Err(l.key_error(
+            "model",
+            "is empty",
+            "set `model:` to a model path or hub id",
+        ));
     }
-    if c.served_model_name.as_deref().is_some_and(|s| s.trim().is_empty()) {
-        return Err(l.key_error("served_model_name", "is empty", "remove the key or give a name"));
+    if c.served_model_name
+        .as_deref()
+        .is_some_and(|s| s.trim().is_empty())
+    {
+        return Err(l.key_error(
+            "served_model_name",
+            "is empty",
+            "remove the key or give a name",
+        ));
     }
     if c.parallel.tensor == 0 {
-        return Err(l.key_error("parallel.tensor", "must be at least 1", "set the tensor-parallel size, e.g. `tensor: 8`"));
+        return Err(l.key_error(
+            "parallel.tensor",
+            "must be at least 1",
+            "set the tensor-parallel size, e.g. `tensor: 8`",
+        ));
     }
     if c.parallel.pipeline == 0 {
-        return Err(l.key_error("parallel.pipeline", "must be at least 1", "use `pipeline: 1` for no pipeline parallelism"));
+        return Err(l.key_error(
+            "parallel.pipeline",
+            "must be at least 1",
+            "use `pipeline: 1` for no pipeline parallelism",
+        ));
     }
     if c.parallel.nodes_per_replica == Auto::Value(0) {
-        return Err(l.key_error("parallel.nodes_per_replica", "must be at least 1", "use `auto` or a node count"));
+        return Err(l.key_error(
+            "parallel.nodes_per_replica",
+            "must be at least 1",
+            "use `auto` or a node count",
+        ));
     }
     if c.server.port == Auto::Value(0) {
-        return Err(l.key_error("server.port", "must be 1-65535", "use `auto` (a port from the job's block) or a port number"));
+        return Err(l.key_error(
+            "server.port",
+            "must be 1-65535",
+            "use `auto` (a port from the job's block) or a port number",
+        ));
     }
     if c.ray.port == Auto::Value(0) {
         return Err(l.key_error("ray.port", "must be 1-65535", "use `auto` or a port number"));
@@ -516,28 +574,63 @@ fn validate(l: &Loaded) -> Result<()> {
         l.key_error("ports.range", format!("`{}` {why}", c.ports.range), "write it as `LOW-HIGH` with 1024 <= LOW and HIGH <= 65535, at least 256 ports, e.g. `20000-32767`")
     })?;
     if c.network.interface.is_some() && c.network.cidr.is_some() {
-        return Err(l.key_error("network.cidr", "is set together with `network.interface`", "keep one of the two"));
+        return Err(l.key_error(
+            "network.cidr",
+            "is set together with `network.interface`",
+            "keep one of the two",
+        ));
     }
     if let Some(cidr) = &c.network.cidr {
         if cidr.parse::<ipnet::IpNet>().is_err() {
-            return Err(l.key_error("network.cidr", format!("`{cidr}` is not a network"), "write it like `10.10.0.0/16`"));
+            return Err(l.key_error(
+                "network.cidr",
+                format!("`{cidr}` is not a network"),
+                "write it like `10.10.0.0/16`",
+            ));
         }
     }
-    if c.network.interface.as_deref().is_some_and(|s| s.is_empty() || s.contains('/')) {
-        return Err(l.key_error("network.interface", "is not an interface name", "use a name from `ip -br addr`, e.g. `ib0`"));
+    if c.network
+        .interface
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || s.contains('/'))
+    {
+        return Err(l.key_error(
+            "network.interface",
+            "is not an interface name",
+            "use a name from `ip -br addr`, e.g. `ib0`",
+        ));
     }
     for (k, v) in &c.env {
         let valid = !k.is_empty()
             && !k.starts_with(|ch: char| ch.is_ascii_digit())
             && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
         if !valid {
-            return Err(l.key_error("env", format!("has an invalid variable name `{k}`"), "names are letters, digits and `_`, not starting with a digit"));
+            return Err(l.key_error(
+                "env",
+                format!("has an invalid variable name `{k}`"),
+                "names are letters, digits and `_`, not starting with a digit",
+            ));
         }
         if v.0.contains('\0') {
-            return Err(l.key_error("env", format!("value of `{k}` contains a NUL byte"), "remove it"));
+            return Err(l.key_error(
+                "env",
+                format!("value of `{k}` contains a NUL byte"),
+                "remove it",
+            ));
         }
         if let Err(bad) = check_placeholders_in(&v.0, ENV_PLACEHOLDERS) {
-            return Err(l.key_error("env", format!("value of `{k}` has an unknown placeholder `{bad}`"), format!("placeholders in env values are {}", ENV_PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(", "))));
+            return Err(l.key_error(
+                "env",
+                format!("value of `{k}` has an unknown placeholder `{bad}`"),
+                format!(
+                    "placeholders in env values are {}",
+                    ENV_PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         }
     }
     for (key, durv) in [
@@ -551,11 +644,19 @@ fn validate(l: &Loaded) -> Result<()> {
         ("health.heartbeat_timeout", c.health.heartbeat_timeout),
     ] {
         if durv.0.is_zero() {
-            return Err(l.key_error(key, "must be longer than zero", "write it like `30s` or `5m`"));
+            return Err(l.key_error(
+                key,
+                "must be longer than zero",
+                "write it like `30s` or `5m`",
+            ));
         }
     }
     if c.health.failures == 0 {
-        return Err(l.key_error("health.failures", "must be at least 1", "e.g. `failures: 3`"));
+        return Err(l.key_error(
+            "health.failures",
+            "must be at least 1",
+            "e.g. `failures: 3`",
+        ));
     }
     if c.health.heartbeat_timeout.0 < c.health.heartbeat_interval.0 * 2 {
         return Err(l.key_error(
@@ -597,7 +698,9 @@ fn validate(l: &Loaded) -> Result<()> {
             return Err(l.key_error(
                 "ray.extra_args",
                 format!("contains `{flag}`, which ray-launch sets from the plan"),
-                format!("remove `{flag}`; the README's config reference says which key controls it"),
+                format!(
+                    "remove `{flag}`; the README's config reference says which key controls it"
+                ),
             ));
         }
     }
@@ -611,11 +714,23 @@ fn validate(l: &Loaded) -> Result<()> {
         }
     }
     if !c.ray.temp_dir.starts_with('/') {
-        return Err(l.key_error("ray.temp_dir", "must be an absolute path", "use a node-local path such as `/tmp/rl-{job}-{node_rank}`"));
+        return Err(l.key_error(
+            "ray.temp_dir",
+            "must be an absolute path",
+            "use a node-local path such as `/tmp/rl-{job}-{node_rank}`",
+        ));
     }
-    for (key, v) in [("ray.temp_dir", &c.ray.temp_dir), ("log_dir", &c.log_dir), ("endpoint_file", &c.endpoint_file)] {
+    for (key, v) in [
+        ("ray.temp_dir", &c.ray.temp_dir),
+        ("log_dir", &c.log_dir),
+        ("endpoint_file", &c.endpoint_file),
+    ] {
         if let Err(bad) = check_placeholders(v) {
-            return Err(l.key_error(key, format!("has an unknown placeholder `{bad}`"), "placeholders are {job}, {node} and {node_rank}"));
+            return Err(l.key_error(
+                key,
+                format!("has an unknown placeholder `{bad}`"),
+                "placeholders are {job}, {node} and {node_rank}",
+            ));
         }
     }
     Ok(())
@@ -648,8 +763,14 @@ pub fn check_placeholders_in(s: &str, allowed: &[&str]) -> std::result::Result<(
 
 pub fn port_range(s: &str) -> std::result::Result<(u16, u16), &'static str> {
     let (a, b) = s.split_once('-').ok_or("is not of the form LOW-HIGH")?;
-    let lo: u16 = a.trim().parse().map_err(|_| "has a low end that is not a port")?;
-    let hi: u16 = b.trim().parse().map_err(|_| "has a high end that is not a port")?;
+    let lo: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| "has a low end that is not a port")?;
+    let hi: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| "has a high end that is not a port")?;
     if lo < 1024 {
         return Err("starts below 1024 (privileged ports)");
     }
@@ -665,7 +786,8 @@ mod tests {
 
     #[test]
     fn locate_finds_nested_keys() {
-        let src = "engine: vllm\nmodel: m\n# c\nparallel:\n  tensor: 8\n  pipeline: 2\nray:\n  port: 3\n";
+        let src =
+            "engine: vllm\nmodel: m\n# c\nparallel:\n  tensor: 8\n  pipeline: 2\nray:\n  port: 3\n";
         assert_eq!(locate(src, &["parallel", "tensor"]), Some(5));
         assert_eq!(locate(src, &["parallel", "pipeline"]), Some(6));
         assert_eq!(locate(src, &["ray", "port"]), Some(8));

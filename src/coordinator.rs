@@ -25,8 +25,16 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Send(usize, ToRank),
-    Event { event: &'static str, node: Option<String>, detail: serde_json::Value },
-    Endpoint { status: &'static str, reason: Option<String>, code: Option<i32> },
+    Event {
+        event: &'static str,
+        node: Option<String>,
+        detail: serde_json::Value,
+    },
+    Endpoint {
+        status: &'static str,
+        reason: Option<String>,
+        code: Option<i32>,
+    },
     Info(String),
     Warn(String),
     /// Every rank has finished its teardown (or is gone).
@@ -67,12 +75,21 @@ fn dur(d: Duration) -> String {
 }
 
 /// Dotted keys whose values differ between two JSON objects (for mismatch messages).
-pub fn diff_keys(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+pub fn diff_keys(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    prefix: &str,
+    out: &mut Vec<String>,
+) {
     match (a, b) {
         (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
             let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match (x.get(k), y.get(k)) {
                     (Some(va), Some(vb)) => diff_keys(va, vb, &p, out),
                     _ => out.push(p),
@@ -121,15 +138,26 @@ impl Coord {
     }
 
     fn node(&self, rank: usize) -> String {
-        self.step.nodes.get(rank).cloned().unwrap_or_else(|| format!("rank {rank}"))
+        self.step
+            .nodes
+            .get(rank)
+            .cloned()
+            .unwrap_or_else(|| format!("rank {rank}"))
     }
 
     fn event(&self, event: &'static str, node: Option<usize>, detail: serde_json::Value) -> Action {
-        Action::Event { event, node: node.map(|r| self.node(r)), detail }
+        Action::Event {
+            event,
+            node: node.map(|r| self.node(r)),
+            detail,
+        }
     }
 
     fn missing(&self) -> Vec<String> {
-        (0..self.n).filter(|r| self.hello[*r].is_none()).map(|r| self.node(r)).collect()
+        (0..self.n)
+            .filter(|r| self.hello[*r].is_none())
+            .map(|r| self.node(r))
+            .collect()
     }
 
     pub fn stopping(&self) -> bool {
@@ -144,16 +172,35 @@ impl Coord {
         self.phase = Phase::Stopping;
         let mut acts = Vec::new();
         let node_name = node.map(|r| self.node(r));
-        let ev = if code == exit::SUCCESS || code >= 128 { "stop_requested" } else { "failure" };
-        acts.push(self.event(ev, node, serde_json::json!({ "code": code, "reason": reason })));
+        let ev = if code == exit::SUCCESS || code >= 128 {
+            "stop_requested"
+        } else {
+            "failure"
+        };
+        acts.push(self.event(
+            ev,
+            node,
+            serde_json::json!({ "code": code, "reason": reason }),
+        ));
         for r in 0..self.n {
             if self.connected[r] {
-                acts.push(Action::Send(r, ToRank::Stop { code, reason: reason.clone(), node: node_name.clone() }));
+                acts.push(Action::Send(
+                    r,
+                    ToRank::Stop {
+                        code,
+                        reason: reason.clone(),
+                        node: node_name.clone(),
+                    },
+                ));
             }
         }
         acts.push(Action::Endpoint {
             // a signal (scancel, time limit) is how a serving job normally ends
-            status: if code == exit::SUCCESS || code >= 128 { "stopped" } else { "failed" },
+            status: if code == exit::SUCCESS || code >= 128 {
+                "stopped"
+            } else {
+                "failed"
+            },
             reason: Some(reason),
             code: Some(code),
         });
@@ -167,25 +214,49 @@ impl Coord {
         }
         if (0..self.n).all(|r| self.stopped[r] || !self.connected[r]) {
             self.all_stopped_sent = true;
-            return vec![self.event("all_stopped", None, serde_json::json!({})), Action::AllStopped];
+            return vec![
+                self.event("all_stopped", None, serde_json::json!({})),
+                Action::AllStopped,
+            ];
         }
         Vec::new()
     }
 
     /// A connection said Hello as `rank`. `Err` = refuse this connection with that reason.
-    pub fn on_hello(&mut self, msg: &ToMaster, settings: serde_json::Value, now: Instant) -> Result<(usize, Vec<Action>), String> {
-        let ToMaster::Hello { protocol, node, node_rank, version, digest, info, .. } = msg else {
+    pub fn on_hello(
+        &mut self,
+        msg: &ToMaster,
+        settings: serde_json::Value,
+        now: Instant,
+    ) -> Result<(usize, Vec<Action>), String> {
+        let ToMaster::Hello {
+            protocol,
+            node,
+            node_rank,
+            version,
+            digest,
+            info,
+            ..
+        } = msg
+        else {
             return Err("the first message must be hello".into());
         };
         let rank = *node_rank;
         if *protocol != channel::PROTOCOL {
-            return Err(format!("{node} speaks channel protocol {protocol}, the master {}", channel::PROTOCOL));
+            return Err(format!(
+                "{node} speaks channel protocol {protocol}, the master {}",
+                channel::PROTOCOL
+            ));
         }
         if rank >= self.n || self.step.nodes[rank] != *node {
-            return Err(format!("{node} claims node rank {rank}, which is not its place in the step's node list"));
+            return Err(format!(
+                "{node} claims node rank {rank}, which is not its place in the step's node list"
+            ));
         }
         if self.hello[rank].is_some() || self.connected[rank] {
-            return Err(format!("node rank {rank} ({node}) connected twice: more than one task on that node?"));
+            return Err(format!(
+                "node rank {rank} ({node}) connected twice: more than one task on that node?"
+            ));
         }
         let mut acts = Vec::new();
         if self.phase != Phase::Rendezvous {
@@ -204,7 +275,11 @@ impl Coord {
         if *digest != self.settings.digest {
             let mut keys = Vec::new();
             diff_keys(&self.master_settings, &settings, "", &mut keys);
-            let keys = if keys.is_empty() { "unknown".to_string() } else { keys.join(", ") };
+            let keys = if keys.is_empty() {
+                "unknown".to_string()
+            } else {
+                keys.join(", ")
+            };
             acts.extend(self.stop(
                 exit::USAGE,
                 format!("{node}'s settings differ from the master's ({}) in: {keys}; every rank must get the same config, flags and client command", self.node(0)),
@@ -220,17 +295,33 @@ impl Coord {
     }
 
     fn all_connected(&mut self, now: Instant) -> Vec<Action> {
-        let nodes: Vec<NodeInfo> = self.hello.iter().map(|h| h.as_ref().expect("all hello").0.clone()).collect();
+        let nodes: Vec<NodeInfo> = self
+            .hello
+            .iter()
+            .map(|h| h.as_ref().expect("all hello").0.clone())
+            .collect();
         let plan = match plan::build(&self.settings, &self.step, &nodes) {
             Ok(p) => p,
             Err(e) => return self.stop(exit::USAGE, e.report().replace('\n', " "), None),
         };
         let mut acts = vec![
-            self.event("rendezvous_complete", None, serde_json::json!({ "nodes": self.n })),
-            Action::Info(format!("rendezvous complete: all {} node(s) connected", self.n)),
+            self.event(
+                "rendezvous_complete",
+                None,
+                serde_json::json!({ "nodes": self.n }),
+            ),
+            Action::Info(format!(
+                "rendezvous complete: all {} node(s) connected",
+                self.n
+            )),
         ];
         for r in 0..self.n {
-            acts.push(Action::Send(r, ToRank::Welcome { nodes: nodes.clone() }));
+            acts.push(Action::Send(
+                r,
+                ToRank::Welcome {
+                    nodes: nodes.clone(),
+                },
+            ));
         }
         self.phase = Phase::Starting;
         self.joined = vec![0; plan.replicas];
@@ -240,17 +331,32 @@ impl Coord {
         if plan.uses_ray() {
             for rep in 0..plan.replicas {
                 let leader = rep * plan.nodes_per_replica;
-                acts.push(Action::Send(leader, ToRank::Start { name: "ray-head".into() }));
-                self.pending.push((leader, "ray-head".into(), now + join, join));
+                acts.push(Action::Send(
+                    leader,
+                    ToRank::Start {
+                        name: "ray-head".into(),
+                    },
+                ));
+                self.pending
+                    .push((leader, "ray-head".into(), now + join, join));
             }
         } else {
             for r in 0..self.n {
-                acts.push(Action::Send(r, ToRank::Start { name: "engine".into() }));
+                acts.push(Action::Send(
+                    r,
+                    ToRank::Start {
+                        name: "engine".into(),
+                    },
+                ));
                 let leader = r % plan.nodes_per_replica == 0;
                 let d = if leader { engine_ready } else { join };
                 self.pending.push((r, "engine".into(), now + d, d));
             }
-            acts.push(self.event("engine_started", None, serde_json::json!({ "ranks": self.n })));
+            acts.push(self.event(
+                "engine_started",
+                None,
+                serde_json::json!({ "ranks": self.n }),
+            ));
         }
         self.plan = Some(plan);
         acts
@@ -260,10 +366,18 @@ impl Coord {
         self.last_seen[rank] = now;
         let node = self.node(rank);
         match msg {
-            ToMaster::Hello { .. } => vec![Action::Warn(format!("{node} said hello twice; ignored"))],
+            ToMaster::Hello { .. } => {
+                vec![Action::Warn(format!("{node} said hello twice; ignored"))]
+            }
             ToMaster::Heartbeat => Vec::new(),
             ToMaster::Up { name } => self.on_up(rank, name, now),
-            ToMaster::Exited { name, status, code, log, tail } => {
+            ToMaster::Exited {
+                name,
+                status,
+                code,
+                log,
+                tail,
+            } => {
                 if self.phase == Phase::Stopping {
                     return Vec::new();
                 }
@@ -286,10 +400,16 @@ impl Coord {
                 }
                 self.stop(code, reason, Some(rank))
             }
-            ToMaster::Failed { code, reason } => self.stop(code, format!("{node}: {reason}"), Some(rank)),
+            ToMaster::Failed { code, reason } => {
+                self.stop(code, format!("{node}: {reason}"), Some(rank))
+            }
             ToMaster::Stopping { signal } => {
                 let code = signals::exit_code_for(signal);
-                let what = if signal == signals::libc_sig::USR1 { "drain requested (SIGUSR1)".to_string() } else { format!("received {}", signals::name(signal)) };
+                let what = if signal == signals::libc_sig::USR1 {
+                    "drain requested (SIGUSR1)".to_string()
+                } else {
+                    format!("received {}", signals::name(signal))
+                };
                 self.stop(code, format!("{node} {what}"), Some(rank))
             }
             ToMaster::Stopped => {
@@ -303,8 +423,11 @@ impl Coord {
 
     fn on_up(&mut self, rank: usize, name: String, now: Instant) -> Vec<Action> {
         self.up[rank].insert(name.clone());
-        self.pending.retain(|(r, n, _, _)| !(*r == rank && *n == name));
-        let Some(plan) = &self.plan else { return Vec::new() };
+        self.pending
+            .retain(|(r, n, _, _)| !(*r == rank && *n == name));
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
         if self.phase == Phase::Stopping {
             return Vec::new();
         }
@@ -317,13 +440,22 @@ impl Coord {
         match name.as_str() {
             "ray-head" => {
                 acts.push(self.event("head_up", Some(rank), serde_json::json!({ "replica": rep })));
-                acts.push(Action::Info(format!("replica {rep}: Ray head up on {}", self.node(rank))));
+                acts.push(Action::Info(format!(
+                    "replica {rep}: Ray head up on {}",
+                    self.node(rank)
+                )));
                 if npr == 1 {
                     acts.extend(self.start_engine(leader, now, engine_ready));
                 } else {
                     for r in leader + 1..leader + npr {
-                        acts.push(Action::Send(r, ToRank::Start { name: "ray-worker".into() }));
-                        self.pending.push((r, "ray-worker".into(), now + join, join));
+                        acts.push(Action::Send(
+                            r,
+                            ToRank::Start {
+                                name: "ray-worker".into(),
+                            },
+                        ));
+                        self.pending
+                            .push((r, "ray-worker".into(), now + join, join));
                     }
                 }
             }
@@ -335,31 +467,60 @@ impl Coord {
                     .filter(|r| !self.up[*r].contains("ray-worker"))
                     .map(|r| self.node(r))
                     .collect();
-                acts.push(self.event("worker_joined", Some(rank), serde_json::json!({ "replica": rep, "joined": joined, "of": total })));
+                acts.push(self.event(
+                    "worker_joined",
+                    Some(rank),
+                    serde_json::json!({ "replica": rep, "joined": joined, "of": total }),
+                ));
                 if waiting.is_empty() {
-                    acts.push(Action::Info(format!("replica {rep}: {joined}/{total} nodes joined")));
+                    acts.push(Action::Info(format!(
+                        "replica {rep}: {joined}/{total} nodes joined"
+                    )));
                     acts.extend(self.start_engine(leader, now, engine_ready));
                 } else {
-                    acts.push(Action::Info(format!("replica {rep}: {joined}/{total} nodes joined; waiting for {}", waiting.join(", "))));
+                    acts.push(Action::Info(format!(
+                        "replica {rep}: {joined}/{total} nodes joined; waiting for {}",
+                        waiting.join(", ")
+                    )));
                 }
             }
             "engine" if rank == leader => {
                 self.ready[rep] = true;
                 let url = plan.endpoints[rep].url.clone();
-                acts.push(self.event("replica_ready", Some(rank), serde_json::json!({ "replica": rep, "url": url })));
+                acts.push(self.event(
+                    "replica_ready",
+                    Some(rank),
+                    serde_json::json!({ "replica": rep, "url": url }),
+                ));
                 if self.ready.iter().all(|r| *r) {
                     self.phase = Phase::Ready;
                     let urls: Vec<String> = plan.endpoints.iter().map(|e| e.url.clone()).collect();
                     acts.push(self.event("ready", None, serde_json::json!({ "urls": urls })));
-                    acts.push(Action::Endpoint { status: "ready", reason: None, code: None });
-                    acts.push(Action::Info(format!("ready: {} (endpoint file {})", urls.join(" "), self.settings.endpoint_file)));
+                    acts.push(Action::Endpoint {
+                        status: "ready",
+                        reason: None,
+                        code: None,
+                    });
+                    acts.push(Action::Info(format!(
+                        "ready: {} (endpoint file {})",
+                        urls.join(" "),
+                        self.settings.endpoint_file
+                    )));
                     if !self.settings.client.is_empty() {
-                        acts.push(Action::Send(0, ToRank::Start { name: "client".into() }));
+                        acts.push(Action::Send(
+                            0,
+                            ToRank::Start {
+                                name: "client".into(),
+                            },
+                        ));
                         acts.push(self.event("client_started", Some(0), serde_json::json!({})));
                     }
                 } else {
                     let n_ready = self.ready.iter().filter(|r| **r).count();
-                    acts.push(Action::Info(format!("replica {rep} ready ({n_ready}/{} replicas)", self.ready.len())));
+                    acts.push(Action::Info(format!(
+                        "replica {rep} ready ({n_ready}/{} replicas)",
+                        self.ready.len()
+                    )));
                 }
             }
             _ => {}
@@ -370,7 +531,12 @@ impl Coord {
     fn start_engine(&mut self, leader: usize, now: Instant, d: Duration) -> Vec<Action> {
         self.pending.push((leader, "engine".into(), now + d, d));
         vec![
-            Action::Send(leader, ToRank::Start { name: "engine".into() }),
+            Action::Send(
+                leader,
+                ToRank::Start {
+                    name: "engine".into(),
+                },
+            ),
             self.event("engine_started", Some(leader), serde_json::json!({})),
         ]
     }
@@ -398,14 +564,22 @@ impl Coord {
                     let d = self.settings.config.timeouts.rendezvous.0;
                     return self.stop(
                         exit::STARTUP_TIMEOUT,
-                        format!("{} did not connect within {} (timeouts.rendezvous)", missing.join(", "), dur(d)),
+                        format!(
+                            "{} did not connect within {} (timeouts.rendezvous)",
+                            missing.join(", "),
+                            dur(d)
+                        ),
                         None,
                     );
                 }
                 if now >= self.next_progress {
                     self.next_progress = now + Duration::from_secs(5);
                     let shown: Vec<String> = missing.iter().take(10).cloned().collect();
-                    let more = if missing.len() > 10 { format!(" and {} more", missing.len() - 10) } else { String::new() };
+                    let more = if missing.len() > 10 {
+                        format!(" and {} more", missing.len() - 10)
+                    } else {
+                        String::new()
+                    };
                     acts.push(Action::Info(format!(
                         "rendezvous: {}/{} node(s) connected; waiting for {}{more}",
                         self.n - missing.len(),
@@ -415,23 +589,41 @@ impl Coord {
                 }
             }
             Phase::Starting | Phase::Ready => {
-                if let Some((r, name, _, d)) = self.pending.iter().find(|(_, _, dl, _)| now >= *dl).cloned() {
+                if let Some((r, name, _, d)) = self
+                    .pending
+                    .iter()
+                    .find(|(_, _, dl, _)| now >= *dl)
+                    .cloned()
+                {
                     let key = match name.as_str() {
-                        "engine" if r % self.plan.as_ref().map_or(1, |p| p.nodes_per_replica) == 0 => "timeouts.engine_ready",
+                        "engine"
+                            if r % self.plan.as_ref().map_or(1, |p| p.nodes_per_replica) == 0 =>
+                        {
+                            "timeouts.engine_ready"
+                        }
                         _ => "timeouts.worker_join",
                     };
                     return self.stop(
                         exit::STARTUP_TIMEOUT,
-                        format!("{name} on {} did not come up within {} ({key})", self.node(r), dur(d)),
+                        format!(
+                            "{name} on {} did not come up within {} ({key})",
+                            self.node(r),
+                            dur(d)
+                        ),
                         Some(r),
                     );
                 }
                 let limit = self.settings.config.health.heartbeat_timeout.0;
-                if let Some(r) = (0..self.n).find(|r| self.connected[*r] && now.duration_since(self.last_seen[*r]) > limit) {
+                if let Some(r) = (0..self.n)
+                    .find(|r| self.connected[*r] && now.duration_since(self.last_seen[*r]) > limit)
+                {
                     let node = self.node(r);
                     return self.stop(
                         exit::PEER_FAILURE,
-                        format!("{node} went silent: no heartbeat for {} (health.heartbeat_timeout)", dur(limit)),
+                        format!(
+                            "{node} went silent: no heartbeat for {} (health.heartbeat_timeout)",
+                            dur(limit)
+                        ),
                         Some(r),
                     );
                 }
@@ -487,7 +679,9 @@ struct Shell {
 
 impl Shell {
     fn event(&mut self, event: &str, node: Option<String>, detail: serde_json::Value) {
-        let Some(f) = self.event_log.as_mut() else { return };
+        let Some(f) = self.event_log.as_mut() else {
+            return;
+        };
         let mut obj = serde_json::json!({
             "ts": now_rfc3339(),
             "t": (self.t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
@@ -501,12 +695,25 @@ impl Shell {
         let _ = writeln!(f, "{obj}");
     }
 
-    fn endpoint(&mut self, plan: Option<&Plan>, status: &str, reason: Option<&str>, code: Option<i32>) {
+    fn endpoint(
+        &mut self,
+        plan: Option<&Plan>,
+        status: &str,
+        reason: Option<&str>,
+        code: Option<i32>,
+    ) {
         if status == "ready" {
             self.ready_at = Some(now_rfc3339());
         }
-        let urls: Vec<&str> = plan.map(|p| p.endpoints.iter().map(|e| e.url.as_str()).collect()).unwrap_or_default();
-        let served = self.settings.config.served_model_name.as_deref().unwrap_or(&self.settings.config.model);
+        let urls: Vec<&str> = plan
+            .map(|p| p.endpoints.iter().map(|e| e.url.as_str()).collect())
+            .unwrap_or_default();
+        let served = self
+            .settings
+            .config
+            .served_model_name
+            .as_deref()
+            .unwrap_or(&self.settings.config.model);
         let f = EndpointFile {
             status,
             url: urls.first().copied(),
@@ -523,7 +730,10 @@ impl Shell {
         };
         let data = serde_json::to_vec_pretty(&f).expect("serializes");
         if let Err(e) = write_atomic(std::path::Path::new(&self.settings.endpoint_file), &data) {
-            tracing::warn!("cannot write endpoint file {}: {e}", self.settings.endpoint_file);
+            tracing::warn!(
+                "cannot write endpoint file {}: {e}",
+                self.settings.endpoint_file
+            );
         }
     }
 }
@@ -539,7 +749,12 @@ fn to_line(m: &ToRank) -> Line {
 }
 
 enum Inbound {
-    Hello { msg: ToMaster, settings: serde_json::Value, tx: mpsc::UnboundedSender<Line>, rank_tx: oneshot::Sender<Option<usize>> },
+    Hello {
+        msg: ToMaster,
+        settings: serde_json::Value,
+        tx: mpsc::UnboundedSender<Line>,
+        rank_tx: oneshot::Sender<Option<usize>>,
+    },
     Msg(usize, ToMaster),
     Closed(usize),
 }
@@ -554,17 +769,37 @@ pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
 
 /// Run the coordinator until every rank has stopped (or `done_wait` after the stop, when
 /// some never report). Sends on `finished` when it is over.
-pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finished: oneshot::Sender<()>) {
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    step: Step,
+    finished: oneshot::Sender<()>,
+) {
     let event_log = settings.event_log.as_ref().and_then(|p| {
         let p = PathBuf::from(p);
         if let Some(d) = p.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| tracing::warn!("cannot open event log {}: {e}", p.display())).ok()
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| tracing::warn!("cannot open event log {}: {e}", p.display()))
+            .ok()
     });
     let t0 = Instant::now();
-    let mut shell = Shell { settings: settings.clone(), step: step.clone(), event_log, t0, ready_at: None };
-    shell.event("launcher_started", Some(step.master().to_string()), serde_json::json!({ "nodes": step.nodes.len(), "job_id": step.job_id }));
+    let mut shell = Shell {
+        settings: settings.clone(),
+        step: step.clone(),
+        event_log,
+        t0,
+        ready_at: None,
+    };
+    shell.event(
+        "launcher_started",
+        Some(step.master().to_string()),
+        serde_json::json!({ "nodes": step.nodes.len(), "job_id": step.job_id }),
+    );
     shell.endpoint(None, "starting", None, None);
     let mut coord = Coord::new(settings.clone(), step, t0);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Inbound>();
@@ -576,7 +811,9 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
     tokio::spawn(async move {
         let mut conn_id = 0u64;
         loop {
-            let Ok((sock, _peer)) = listener.accept().await else { continue };
+            let Ok((sock, _peer)) = listener.accept().await else {
+                continue;
+            };
             let _ = sock.set_nodelay(true);
             conn_id += 1;
             let tx = accept_tx.clone();
@@ -644,8 +881,16 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
                         let _ = w.send(line);
                     }
                 }
-                Action::Event { event, node, detail } => shell.event(event, node, detail),
-                Action::Endpoint { status, reason, code } => shell.endpoint(coord.plan(), status, reason.as_deref(), code),
+                Action::Event {
+                    event,
+                    node,
+                    detail,
+                } => shell.event(event, node, detail),
+                Action::Endpoint {
+                    status,
+                    reason,
+                    code,
+                } => shell.endpoint(coord.plan(), status, reason.as_deref(), code),
                 Action::Info(s) => tracing::info!("{s}"),
                 Action::Warn(s) => tracing::warn!("{s}"),
                 Action::AllStopped => done = true,
@@ -665,18 +910,41 @@ pub async fn serve(listener: TcpListener, settings: Settings, step: Step, finish
 async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::UnboundedSender<Inbound>) {
     let (r, mut w) = sock.into_split();
     let mut reader = channel::Reader::new(r);
-    let nonce = format!("{:016x}{:08x}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64), conn);
-    if channel::send(&mut w, &ToRank::Challenge { protocol: channel::PROTOCOL, nonce }).await.is_err() {
+    let nonce = format!(
+        "{:016x}{:08x}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        conn
+    );
+    if channel::send(
+        &mut w,
+        &ToRank::Challenge {
+            protocol: channel::PROTOCOL,
+            nonce,
+        },
+    )
+    .await
+    .is_err()
+    {
         return;
     }
     use tokio::io::AsyncWriteExt as _;
     // the hello must come soon; a port scanner or a stray client is dropped
-    let hello = match tokio::time::timeout(Duration::from_secs(30), reader.recv::<serde_json::Value>()).await {
-        Ok(Ok(v)) => v,
-        _ => return,
+    let hello =
+        match tokio::time::timeout(Duration::from_secs(30), reader.recv::<serde_json::Value>())
+            .await
+        {
+            Ok(Ok(v)) => v,
+            _ => return,
+        };
+    let settings = hello
+        .get("settings")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let Ok(msg) = serde_json::from_value::<ToMaster>(strip_settings(hello)) else {
+        return;
     };
-    let settings = hello.get("settings").cloned().unwrap_or(serde_json::Value::Null);
-    let Ok(msg) = serde_json::from_value::<ToMaster>(strip_settings(hello)) else { return };
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Line>();
     // writer: drains the queue until the coordinator drops the sender or the socket breaks
     let writer = tokio::spawn(async move {
@@ -687,7 +955,15 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
         }
     });
     let (rank_tx, rank_rx) = oneshot::channel();
-    if tx.send(Inbound::Hello { msg, settings, tx: wtx, rank_tx }).is_err() {
+    if tx
+        .send(Inbound::Hello {
+            msg,
+            settings,
+            tx: wtx,
+            rank_tx,
+        })
+        .is_err()
+    {
         return;
     }
     let Ok(Some(rank)) = rank_rx.await else {
@@ -729,11 +1005,26 @@ mod tests {
         let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
         let mut step = Step::preview(names.clone(), "7".into());
         step.self_rank = Some(0);
-        let s = settings::resolve(&loaded, &Overrides { gpus_per_node: Some(1), ..Default::default() }, &step, client.iter().map(|c| c.to_string()).collect(), std::path::Path::new("/w"));
+        let s = settings::resolve(
+            &loaded,
+            &Overrides {
+                gpus_per_node: Some(1),
+                ..Default::default()
+            },
+            &step,
+            client.iter().map(|c| c.to_string()).collect(),
+            std::path::Path::new("/w"),
+        );
         let infos = names
             .iter()
             .enumerate()
-            .map(|(i, nm)| NodeInfo { name: nm.clone(), address: format!("10.0.0.{}", i + 1), interface: Some("eth0".into()), cpus: 2, object_store_bytes: 1 << 30 })
+            .map(|(i, nm)| NodeInfo {
+                name: nm.clone(),
+                address: format!("10.0.0.{}", i + 1),
+                interface: Some("eth0".into()),
+                cpus: 2,
+                object_store_bytes: 1 << 30,
+            })
             .collect();
         let now = Instant::now();
         (Coord::new(s, step, now), infos, now)
@@ -774,20 +1065,76 @@ mod tests {
             let (_, acts) = c.on_hello(&h, s, now).unwrap();
             all = acts;
         }
-        assert_eq!(sends(&all), [(0, "ray-head".to_string())], "only the head starts first");
-        let acts = c.on_message(0, ToMaster::Up { name: "ray-head".into() }, now);
-        assert_eq!(sends(&acts), [(1, "ray-worker".to_string()), (2, "ray-worker".to_string())]);
-        let acts = c.on_message(2, ToMaster::Up { name: "ray-worker".into() }, now);
+        assert_eq!(
+            sends(&all),
+            [(0, "ray-head".to_string())],
+            "only the head starts first"
+        );
+        let acts = c.on_message(
+            0,
+            ToMaster::Up {
+                name: "ray-head".into(),
+            },
+            now,
+        );
+        assert_eq!(
+            sends(&acts),
+            [(1, "ray-worker".to_string()), (2, "ray-worker".to_string())]
+        );
+        let acts = c.on_message(
+            2,
+            ToMaster::Up {
+                name: "ray-worker".into(),
+            },
+            now,
+        );
         assert!(sends(&acts).is_empty());
-        assert!(acts.iter().any(|a| matches!(a, Action::Info(s) if s.contains("2/3 nodes joined; waiting for node2"))));
-        let acts = c.on_message(1, ToMaster::Up { name: "ray-worker".into() }, now);
+        assert!(acts.iter().any(
+            |a| matches!(a, Action::Info(s) if s.contains("2/3 nodes joined; waiting for node2"))
+        ));
+        let acts = c.on_message(
+            1,
+            ToMaster::Up {
+                name: "ray-worker".into(),
+            },
+            now,
+        );
         assert_eq!(sends(&acts), [(0, "engine".to_string())]);
-        let acts = c.on_message(0, ToMaster::Up { name: "engine".into() }, now);
+        let acts = c.on_message(
+            0,
+            ToMaster::Up {
+                name: "engine".into(),
+            },
+            now,
+        );
         assert_eq!(sends(&acts), [(0, "client".to_string())]);
-        assert!(acts.iter().any(|a| matches!(a, Action::Endpoint { status: "ready", .. })));
+        assert!(acts.iter().any(|a| matches!(
+            a,
+            Action::Endpoint {
+                status: "ready",
+                ..
+            }
+        )));
         // the client's exit code becomes everyone's
-        let acts = c.on_message(0, ToMaster::Exited { name: "client".into(), status: "exit code 3".into(), code: 3, log: None, tail: vec![] }, now);
-        assert_eq!(sends(&acts), [(0, "stop 3".to_string()), (1, "stop 3".to_string()), (2, "stop 3".to_string())]);
+        let acts = c.on_message(
+            0,
+            ToMaster::Exited {
+                name: "client".into(),
+                status: "exit code 3".into(),
+                code: 3,
+                log: None,
+                tail: vec![],
+            },
+            now,
+        );
+        assert_eq!(
+            sends(&acts),
+            [
+                (0, "stop 3".to_string()),
+                (1, "stop 3".to_string()),
+                (2, "stop 3".to_string())
+            ]
+        );
     }
 
     #[test]
@@ -798,7 +1145,10 @@ mod tests {
             let h = hello(&c, info, i);
             acts = c.on_hello(&h, settings_json(&c.settings), now).unwrap().1;
         }
-        assert_eq!(sends(&acts), [(0, "engine".to_string()), (1, "engine".to_string())]);
+        assert_eq!(
+            sends(&acts),
+            [(0, "engine".to_string()), (1, "engine".to_string())]
+        );
     }
 
     #[test]
@@ -808,19 +1158,49 @@ mod tests {
             let h = hello(&c, info, i);
             c.on_hello(&h, settings_json(&c.settings), now).unwrap();
         }
-        c.on_message(0, ToMaster::Up { name: "ray-head".into() }, now);
-        c.on_message(1, ToMaster::Up { name: "ray-worker".into() }, now);
-        let acts = c.on_message(1, ToMaster::Exited { name: "ray-worker".into(), status: "exit code 1".into(), code: 1, log: Some("/l/node2.ray-worker.log".into()), tail: vec![] }, now);
+        c.on_message(
+            0,
+            ToMaster::Up {
+                name: "ray-head".into(),
+            },
+            now,
+        );
+        c.on_message(
+            1,
+            ToMaster::Up {
+                name: "ray-worker".into(),
+            },
+            now,
+        );
+        let acts = c.on_message(
+            1,
+            ToMaster::Exited {
+                name: "ray-worker".into(),
+                status: "exit code 1".into(),
+                code: 1,
+                log: Some("/l/node2.ray-worker.log".into()),
+                tail: vec![],
+            },
+            now,
+        );
         let stop = acts.iter().find_map(|a| match a {
-            Action::Send(2, ToRank::Stop { code, reason, node }) => Some((*code, reason.clone(), node.clone())),
+            Action::Send(2, ToRank::Stop { code, reason, node }) => {
+                Some((*code, reason.clone(), node.clone()))
+            }
             _ => None,
         });
         let (code, reason, node) = stop.unwrap();
         assert_eq!(code, exit::PEER_FAILURE);
         assert_eq!(node.as_deref(), Some("node2"));
-        assert!(reason.contains("ray-worker on node2 ended unexpectedly (exit code 1)"), "{reason}");
+        assert!(
+            reason.contains("ray-worker on node2 ended unexpectedly (exit code 1)"),
+            "{reason}"
+        );
         // a second failure does not change the cause
-        assert!(c.on_closed(2).iter().all(|a| !matches!(a, Action::Send(..))));
+        assert!(c
+            .on_closed(2)
+            .iter()
+            .all(|a| !matches!(a, Action::Send(..))));
     }
 
     #[test]
@@ -839,7 +1219,13 @@ mod tests {
             let h = hello(&c, info, i);
             c.on_hello(&h, settings_json(&c.settings), now).unwrap();
         }
-        c.on_message(0, ToMaster::Up { name: "ray-head".into() }, now + Duration::from_secs(15));
+        c.on_message(
+            0,
+            ToMaster::Up {
+                name: "ray-head".into(),
+            },
+            now + Duration::from_secs(15),
+        );
         let acts = c.on_tick(now + Duration::from_secs(21));
         assert!(acts.iter().any(|a| matches!(a, Action::Send(_, ToRank::Stop { code, reason, .. }) if *code == exit::PEER_FAILURE && reason.contains("node2 went silent"))), "{acts:?}");
     }
@@ -855,10 +1241,17 @@ mod tests {
         theirs["config"]["parallel"]["tensor"] = serde_json::json!(4);
         let (_, acts) = c.on_hello(&h, theirs, now).unwrap();
         let reason = acts.iter().find_map(|a| match a {
-            Action::Send(1, ToRank::Stop { code: 2, reason, .. }) => Some(reason.clone()),
+            Action::Send(
+                1,
+                ToRank::Stop {
+                    code: 2, reason, ..
+                },
+            ) => Some(reason.clone()),
             _ => None,
         });
-        assert!(reason.unwrap().contains("node2's settings differ from the master's (node1) in: config.parallel.tensor"));
+        assert!(reason.unwrap().contains(
+            "node2's settings differ from the master's (node1) in: config.parallel.tensor"
+        ));
     }
 
     #[test]
@@ -880,7 +1273,9 @@ mod tests {
             c.on_hello(&h, settings_json(&c.settings), now).unwrap();
         }
         c.on_message(1, ToMaster::Stopping { signal: 15 }, now);
-        assert!(!c.on_message(0, ToMaster::Stopped, now).contains(&Action::AllStopped));
+        assert!(!c
+            .on_message(0, ToMaster::Stopped, now)
+            .contains(&Action::AllStopped));
         assert!(c.on_closed(1).contains(&Action::AllStopped));
     }
 }

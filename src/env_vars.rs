@@ -54,9 +54,21 @@ pub const RAY_USAGE_STATS_ENABLED: &str = "RAY_USAGE_STATS_ENABLED";
 /// (name, meaning) for `--help` and the README.
 pub const READ: &[(&str, &str)] = &[
     (RAY_LAUNCH_CONFIG, "config file, instead of --config"),
-    (RAY_LAUNCH_GPUS_PER_NODE, "GPUs per node, instead of --gpus-per-node"),
-    (RAY_LAUNCH_ENDPOINT_FILE, "endpoint file path, instead of --endpoint-file"),
-    (RAY_LAUNCH_EVENT_LOG, "event log path, instead of --event-log"),
-    (RAY_LAUNCH_LOG_DIR, "per-node process log directory, instead of --log-dir"),
+    (
+        RAY_LAUNCH_GPUS_PER_NODE,
+        "GPUs per node, instead of --gpus-per-node",
+    ),
+    (
+        RAY_LAUNCH_ENDPOINT_FILE,
+        "endpoint file path, instead of --endpoint-file",
+    ),
+    (
+        RAY_LAUNCH_EVENT_LOG,
+        "event log path, instead of --event-log",
+    ),
+    (
+        RAY_LAUNCH_LOG_DIR,
+        "per-node process log directory, instead of --log-dir",
+    ),
     (RAY_LAUNCH_LOG, "ray-launch's own log filter (default info)"),
 ];

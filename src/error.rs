@@ -28,7 +28,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
-        Error { kind, msg: msg.into(), causes: Vec::new(), hint: None }
+        Error {
+            kind,
+            msg: msg.into(),
+            causes: Vec::new(),
+            hint: None,
+        }
     }
     pub fn usage(msg: impl Into<String>) -> Self {
         Self::new(Kind::Usage, msg)

@@ -24,10 +24,25 @@ pub const fn signal(n: i32) -> i32 {
 pub const TABLE: &[(i32, &str)] = &[
     (SUCCESS, "clean stop (client exited 0, or SIGUSR1 drain)"),
     (INTERNAL, "internal error of the launcher"),
-    (USAGE, "bad flags, config, environment or hostlist; nothing was started"),
-    (STARTUP_TIMEOUT, "rendezvous, worker join or engine readiness deadline passed"),
-    (PEER_FAILURE, "another node's launcher, Ray or engine died, or it went silent"),
-    (ENGINE_FAILURE, "the engine died or failed its health checks"),
+    (
+        USAGE,
+        "bad flags, config, environment or hostlist; nothing was started",
+    ),
+    (
+        STARTUP_TIMEOUT,
+        "rendezvous, worker join or engine readiness deadline passed",
+    ),
+    (
+        PEER_FAILURE,
+        "another node's launcher, Ray or engine died, or it went silent",
+    ),
+    (
+        ENGINE_FAILURE,
+        "the engine died or failed its health checks",
+    ),
     (LAUNCH_FAILURE, "a process could not be started"),
-    (143, "stopped by SIGTERM (scancel, time limit); 128+n for signal n"),
+    (
+        143,
+        "stopped by SIGTERM (scancel, time limit); 128+n for signal n",
+    ),
 ];

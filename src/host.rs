@@ -19,7 +19,9 @@ pub struct HostFacts {
 
 impl HostFacts {
     pub fn read() -> HostFacts {
-        let hostname = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let hostname = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut interfaces = Vec::new();
         if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
             for a in addrs {
@@ -38,14 +40,24 @@ impl HostFacts {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                 .map(|kb| kb * 1024)
         });
-        let cgroup_limit = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-            .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
-            .filter(|v| *v < (1u64 << 60));
+        let cgroup_limit = [
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+        .filter(|v| *v < (1u64 << 60));
         let shm_size = nix::sys::statvfs::statvfs("/dev/shm")
             .ok()
-            .map(|s| s.blocks() as u64 * s.fragment_size() as u64);
-        HostFacts { hostname, interfaces, cpus, mem_available, cgroup_limit, shm_size }
+            .map(|s| s.blocks() * s.fragment_size());
+        HostFacts {
+            hostname,
+            interfaces,
+            cpus,
+            mem_available,
+            cgroup_limit,
+            shm_size,
+        }
     }
 }
 
@@ -56,10 +68,14 @@ const CAP_OBJECT_STORE: u64 = 200 << 30;
 /// min(30 % of the memory the job may use, /dev/shm, 200 GiB), never below Ray's floor.
 /// "Memory the job may use" = the smallest of the cgroup limit, `--mem`, and MemAvailable.
 pub fn auto_object_store(f: &HostFacts, slurm_mem_mb: Option<u64>) -> u64 {
-    let job_mem = [f.cgroup_limit, slurm_mem_mb.map(|m| m << 20), f.mem_available]
-        .into_iter()
-        .flatten()
-        .min();
+    let job_mem = [
+        f.cgroup_limit,
+        slurm_mem_mb.map(|m| m << 20),
+        f.mem_available,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     let mut v = CAP_OBJECT_STORE;
     if let Some(m) = job_mem {
         v = v.min(m / 10 * 3);
@@ -76,9 +92,17 @@ pub fn auto_object_store(f: &HostFacts, slurm_mem_mb: Option<u64>) -> u64 {
 /// - neither: the address the node's name resolves to when it is a non-loopback address of
 ///   this host (what Slurm and DNS agree on), else the first non-loopback IPv4 address,
 ///   else 127.0.0.1 (a single-node run).
-pub fn choose_address(net: &Network, f: &HostFacts, resolved_self: Option<IpAddr>) -> Result<(IpAddr, String)> {
+pub fn choose_address(
+    net: &Network,
+    f: &HostFacts,
+    resolved_self: Option<IpAddr>,
+) -> Result<(IpAddr, String)> {
     let listing = || {
-        f.interfaces.iter().map(|(n, a)| format!("{n} {a}")).collect::<Vec<_>>().join(", ")
+        f.interfaces
+            .iter()
+            .map(|(n, a)| format!("{n} {a}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     if let Some(want) = &net.interface {
         return f
@@ -87,20 +111,30 @@ pub fn choose_address(net: &Network, f: &HostFacts, resolved_self: Option<IpAddr
             .find(|(n, _)| n == want)
             .map(|(n, a)| (*a, n.clone()))
             .ok_or_else(|| {
-                Error::usage(format!("network.interface `{want}` has no IPv4 address on {} (up interfaces: {})", f.hostname, listing()))
-                    .hint("set network.interface to one of those, or use network.cidr")
+                Error::usage(format!(
+                    "network.interface `{want}` has no IPv4 address on {} (up interfaces: {})",
+                    f.hostname,
+                    listing()
+                ))
+                .hint("set network.interface to one of those, or use network.cidr")
             });
     }
     if let Some(cidr) = &net.cidr {
-        let netw: ipnet::IpNet = cidr.parse().map_err(|_| Error::usage(format!("bad network.cidr `{cidr}`")))?;
+        let netw: ipnet::IpNet = cidr
+            .parse()
+            .map_err(|_| Error::usage(format!("bad network.cidr `{cidr}`")))?;
         return f
             .interfaces
             .iter()
             .find(|(_, a)| netw.contains(a))
             .map(|(n, a)| (*a, n.clone()))
             .ok_or_else(|| {
-                Error::usage(format!("no address of {} is inside network.cidr {cidr} (up interfaces: {})", f.hostname, listing()))
-                    .hint("set network.cidr to the network of the interface the nodes talk over")
+                Error::usage(format!(
+                    "no address of {} is inside network.cidr {cidr} (up interfaces: {})",
+                    f.hostname,
+                    listing()
+                ))
+                .hint("set network.cidr to the network of the interface the nodes talk over")
             });
     }
     if let Some(r) = resolved_self.filter(|r| !r.is_loopback()) {
@@ -171,13 +205,30 @@ mod tests {
         let mut n = Network::default();
         assert_eq!(choose_address(&n, &f, None).unwrap().1, "eth0");
         // name resolves to 127.0.1.1: ignored
-        assert_eq!(choose_address(&n, &f, Some("127.0.1.1".parse().unwrap())).unwrap().1, "eth0");
-        assert_eq!(choose_address(&n, &f, Some("10.10.0.5".parse().unwrap())).unwrap().1, "ib0");
+        assert_eq!(
+            choose_address(&n, &f, Some("127.0.1.1".parse().unwrap()))
+                .unwrap()
+                .1,
+            "eth0"
+        );
+        assert_eq!(
+            choose_address(&n, &f, Some("10.10.0.5".parse().unwrap()))
+                .unwrap()
+                .1,
+            "ib0"
+        );
         n.interface = Some("ib0".into());
-        assert_eq!(choose_address(&n, &f, None).unwrap().0.to_string(), "10.10.0.5");
+        assert_eq!(
+            choose_address(&n, &f, None).unwrap().0.to_string(),
+            "10.10.0.5"
+        );
         n.interface = Some("ib9".into());
         let e = choose_address(&n, &f, None).unwrap_err();
-        assert!(e.msg.contains("ib9") && e.msg.contains("eth0 192.168.1.5"), "{}", e.msg);
+        assert!(
+            e.msg.contains("ib9") && e.msg.contains("eth0 192.168.1.5"),
+            "{}",
+            e.msg
+        );
         n.interface = None;
         n.cidr = Some("10.10.0.0/16".into());
         assert_eq!(choose_address(&n, &f, None).unwrap().1, "ib0");
@@ -189,9 +240,15 @@ mod tests {
         // 30 % of 100 GiB = 30 GiB, capped by /dev/shm 20 GiB
         assert_eq!(auto_object_store(&f, None), 20 << 30);
         // --mem=10G → 3 GiB
-        assert_eq!(auto_object_store(&f, Some(10 * 1024)), (10u64 << 30) / 10 * 3);
+        assert_eq!(
+            auto_object_store(&f, Some(10 * 1024)),
+            (10u64 << 30) / 10 * 3
+        );
         f.cgroup_limit = Some(1 << 30);
-        assert_eq!(auto_object_store(&f, Some(10 * 1024)), (1u64 << 30) / 10 * 3);
+        assert_eq!(
+            auto_object_store(&f, Some(10 * 1024)),
+            (1u64 << 30) / 10 * 3
+        );
         f.shm_size = Some(1 << 20);
         assert_eq!(auto_object_store(&f, None), MIN_OBJECT_STORE);
     }

@@ -28,7 +28,10 @@ pub struct HostlistError {
 }
 
 fn err(expr: &str, reason: impl Into<String>) -> HostlistError {
-    HostlistError { expr: expr.to_string(), reason: reason.into() }
+    HostlistError {
+        expr: expr.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// One numeric range inside brackets, e.g. `01-03` → lo 1, hi 3, width 2.
@@ -105,7 +108,10 @@ fn expand_item(expr: &str, item: &str, out: &mut Vec<String>) -> Result<(), Host
         if open > 0 {
             pieces.push(Piece::Text(rest[..open].to_string()));
         }
-        let close = open + rest[open..].find(']').expect("brackets are balanced by split_items");
+        let close = open
+            + rest[open..]
+                .find(']')
+                .expect("brackets are balanced by split_items");
         pieces.push(Piece::Group(parse_group(expr, &rest[open + 1..close])?));
         rest = &rest[close + 1..];
     }
@@ -149,7 +155,9 @@ fn parse_group(expr: &str, body: &str) -> Result<Vec<Range>, HostlistError> {
     if body.is_empty() {
         return Err(err(expr, "empty brackets `[]`"));
     }
-    body.split(',').map(|part| parse_range(expr, part)).collect()
+    body.split(',')
+        .map(|part| parse_range(expr, part))
+        .collect()
 }
 
 fn parse_range(expr: &str, part: &str) -> Result<Range, HostlistError> {
@@ -159,7 +167,10 @@ fn parse_range(expr: &str, part: &str) -> Result<Range, HostlistError> {
     };
     let num = |s: &str| -> Result<u64, HostlistError> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err(expr, format!("`{part}` is not a number or a range of numbers")));
+            return Err(err(
+                expr,
+                format!("`{part}` is not a number or a range of numbers"),
+            ));
         }
         if s.len() > 18 {
             return Err(err(expr, format!("number `{s}` is too long")));
@@ -172,9 +183,16 @@ fn parse_range(expr: &str, part: &str) -> Result<Range, HostlistError> {
         return Err(err(expr, format!("range `{part}` runs backwards")));
     }
     if hi - lo >= MAX_HOSTS as u64 {
-        return Err(err(expr, format!("range `{part}` has more than {MAX_HOSTS} hosts")));
+        return Err(err(
+            expr,
+            format!("range `{part}` has more than {MAX_HOSTS} hosts"),
+        ));
     }
-    Ok(Range { lo, hi, width: lo_s.len() })
+    Ok(Range {
+        lo,
+        hi,
+        width: lo_s.len(),
+    })
 }
 
 /// A run of hosts with one prefix (Slurm's `hostrange`). `num: None` = a host without a
@@ -217,11 +235,21 @@ fn split_host(host: &str) -> HostRange {
     let digits = host.bytes().rev().take_while(u8::is_ascii_digit).count();
     // Slurm parses the suffix with strtoul; more than 18 digits would not round-trip here.
     if digits == 0 || digits > 18 {
-        return HostRange { prefix: host.to_string(), num: None };
+        return HostRange {
+            prefix: host.to_string(),
+            num: None,
+        };
     }
     let (prefix, suffix) = host.split_at(host.len() - digits);
     let n: u64 = suffix.parse().expect("digits");
-    HostRange { prefix: prefix.to_string(), num: Some(Range { lo: n, hi: n, width: digits }) }
+    HostRange {
+        prefix: prefix.to_string(),
+        num: Some(Range {
+            lo: n,
+            hi: n,
+            width: digits,
+        }),
+    }
 }
 
 /// Compress host names (or expressions, which are expanded first) into one expression,
@@ -256,7 +284,9 @@ pub fn compress<S: AsRef<str>>(hosts: &[S]) -> Result<String, HostlistError> {
         };
         let first = &ranges[i];
         let bracket = first.num.is_some_and(|r| r.count() > 1)
-            || ranges.get(i + 1).is_some_and(|next| same_bracket(first, next));
+            || ranges
+                .get(i + 1)
+                .is_some_and(|next| same_bracket(first, next));
         out.push_str(&first.prefix);
         if bracket {
             out.push('[');
@@ -298,7 +328,12 @@ mod tests {
         assert_eq!(ex("node[1-03]"), ["node1", "node2", "node3"]);
         assert_eq!(
             ex("rack[1-2]-node[01-02]"),
-            ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]
+            [
+                "rack1-node01",
+                "rack1-node02",
+                "rack2-node01",
+                "rack2-node02"
+            ]
         );
         assert_eq!(ex("oss[1,2].local"), ["oss1.local", "oss2.local"]);
         assert_eq!(ex("node[1,1]"), ["node1", "node1"]);
@@ -310,12 +345,28 @@ mod tests {
 
     #[test]
     fn rejects_bad_expressions() {
-        for bad in ["node[3-1]", "gpu-[a1-2]", "node[1-3", "node1-3]", "node[]", "n[1[2]]", "n[1,,2]", "n[-2]", "n[1-]"] {
+        for bad in [
+            "node[3-1]",
+            "gpu-[a1-2]",
+            "node[1-3",
+            "node1-3]",
+            "node[]",
+            "n[1[2]]",
+            "n[1,,2]",
+            "n[-2]",
+            "n[1-]",
+        ] {
             let e = expand(bad).unwrap_err();
             assert_eq!(e.expr, bad);
         }
-        assert!(expand("n[0-99999999]").unwrap_err().reason.contains("more than"));
-        assert!(expand("a[0-999]b[0-999]c[0-9]").unwrap_err().reason.contains("more than"));
+        assert!(expand("n[0-99999999]")
+            .unwrap_err()
+            .reason
+            .contains("more than"));
+        assert!(expand("a[0-999]b[0-999]c[0-9]")
+            .unwrap_err()
+            .reason
+            .contains("more than"));
     }
 
     #[test]

@@ -23,8 +23,8 @@
 
 pub mod channel;
 pub mod cli;
-pub mod coordinator;
 pub mod config;
+pub mod coordinator;
 pub mod env_vars;
 pub mod error;
 pub mod exit;

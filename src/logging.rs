@@ -17,7 +17,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let level = event.metadata().level();
         write!(w, "{} {:<5} [{}] ", &now[11..23], level, self.prefix)?;
@@ -27,10 +32,13 @@ where
 }
 
 pub fn init(rank: usize, node: &str) {
-    let filter = EnvFilter::try_from_env(crate::env_vars::RAY_LAUNCH_LOG).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env(crate::env_vars::RAY_LAUNCH_LOG)
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .event_format(Prefixed { prefix: format!("{rank} {node}") })
+        .event_format(Prefixed {
+            prefix: format!("{rank} {node}"),
+        })
         .try_init();
 }

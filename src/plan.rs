@@ -83,7 +83,8 @@ impl Command {
 /// Shell-quote only words that need it (`--port=20001` stays as it is).
 pub fn quote(w: &str) -> String {
     let safe = !w.is_empty()
-        && w.chars().all(|c| c.is_ascii_alphanumeric() || "_-./=:,@%+".contains(c));
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./=:,@%+".contains(c));
     if safe {
         w.to_string()
     } else {
@@ -141,7 +142,9 @@ pub fn block_base(job_id: &str, range: (u16, u16)) -> u16 {
     let nblocks = ((range.1 - range.0 + 1) / PORT_BLOCK) as u64;
     let n = job_id.parse::<u64>().unwrap_or_else(|_| {
         // FNV-1a: stable across runs and platforms
-        job_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+        job_id.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        })
     });
     range.0 + ((n % nblocks) as u16) * PORT_BLOCK
 }
@@ -218,6 +221,21 @@ impl Plan {
     }
 }
 
+/// `vllm serve MODEL -tp T -pp P --distributed-executor-backend B`, common to both backends.
+fn vllm_serve(c: &crate::config::Config, backend: &str) -> Vec<String> {
+    vec![
+        c.vllm.executable.clone(),
+        "serve".into(),
+        c.model.clone(),
+        "--tensor-parallel-size".into(),
+        c.parallel.tensor.to_string(),
+        "--pipeline-parallel-size".into(),
+        c.parallel.pipeline.to_string(),
+        "--distributed-executor-backend".into(),
+        backend.into(),
+    ]
+}
+
 fn fill(template: &str, job: &str, node: &str, rank: usize) -> String {
     template
         .replace("{job}", job)
@@ -252,17 +270,22 @@ fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
         return Err(Error::usage(format!(
             "one replica needs {npr} nodes ({why}) but the step has {nnodes}"
         ))
-        .hint(format!("run on {npr} nodes (`srun -N{npr}`), or lower parallel.tensor/pipeline")));
+        .hint(format!(
+            "run on {npr} nodes (`srun -N{npr}`), or lower parallel.tensor/pipeline"
+        )));
     }
-    if nnodes % npr != 0 {
+    if !nnodes.is_multiple_of(npr) {
         let ok: Vec<String> = (1..=4).map(|k| (k * npr).to_string()).collect();
         return Err(Error::usage(format!(
             "the step has {nnodes} nodes, which do not split into replicas of {npr} nodes ({why})"
         ))
-        .hint(format!("use a node count that is a multiple of {npr}: {}, ...", ok.join(", "))));
+        .hint(format!(
+            "use a node count that is a multiple of {npr}: {}, ...",
+            ok.join(", ")
+        )));
     }
     let backend_needs_even = c.engine == Engine::Sglang || c.vllm.backend == VllmBackend::Mp;
-    if backend_needs_even && world % npr != 0 {
+    if backend_needs_even && !world.is_multiple_of(npr) {
         return Err(Error::usage(format!(
             "tensor {} x pipeline {} = {world} ranks do not split evenly over {npr} nodes per replica",
             c.parallel.tensor, c.parallel.pipeline
@@ -284,7 +307,9 @@ fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
                 c.parallel.pipeline,
                 npr * gpus
             ))
-            .hint("use more nodes per replica (parallel.nodes_per_replica) or check gpus_per_node"));
+            .hint(
+                "use more nodes per replica (parallel.nodes_per_replica) or check gpus_per_node",
+            ));
         }
     }
     Ok((npr, nnodes / npr))
@@ -303,15 +328,26 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
     if let Auto::Value(p) = c.server.port {
         ports.engine_http = p;
     }
-    let served = c.served_model_name.clone().unwrap_or_else(|| c.model.clone());
+    let served = c
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| c.model.clone());
     let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
     let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
 
     let endpoints: Vec<EndpointUrl> = (0..replicas)
         .map(|r| {
             let leader = &nodes[r * npr];
-            let host = if wildcard { leader.address.clone() } else { c.server.host.clone() };
-            let probe = if wildcard { "127.0.0.1".to_string() } else { c.server.host.clone() };
+            let host = if wildcard {
+                leader.address.clone()
+            } else {
+                c.server.host.clone()
+            };
+            let probe = if wildcard {
+                "127.0.0.1".to_string()
+            } else {
+                c.server.host.clone()
+            };
             EndpointUrl {
                 replica: r,
                 node: leader.name.clone(),
@@ -384,7 +420,10 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 "--disable-usage-stats".into(),
                 format!("--node-manager-port={}", ports.node_manager),
                 format!("--object-manager-port={}", ports.object_manager),
-                format!("--dashboard-agent-listen-port={}", ports.dashboard_agent_listen),
+                format!(
+                    "--dashboard-agent-listen-port={}",
+                    ports.dashboard_agent_listen
+                ),
                 format!("--dashboard-agent-grpc-port={}", ports.dashboard_agent_grpc),
                 format!("--metrics-export-port={}", ports.metrics_export),
                 format!("--runtime-env-agent-port={}", ports.runtime_env_agent),
@@ -393,7 +432,10 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             ]);
             if rr == 0 {
                 if c.ray.client_server {
-                    argv.push(format!("--ray-client-server-port={}", ports.ray_client_server));
+                    argv.push(format!(
+                        "--ray-client-server-port={}",
+                        ports.ray_client_server
+                    ));
                 }
                 argv.push(format!("--include-dashboard={}", c.ray.dashboard));
                 if c.ray.dashboard {
@@ -407,51 +449,46 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 env: with_user(env.clone()),
             });
             if rr == 0 {
-                let mut argv = vec![
-                    c.vllm.executable.clone(),
-                    "serve".into(),
-                    c.model.clone(),
-                    "--tensor-parallel-size".into(),
-                    c.parallel.tensor.to_string(),
-                    "--pipeline-parallel-size".into(),
-                    c.parallel.pipeline.to_string(),
-                    "--distributed-executor-backend".into(),
-                    "ray".into(),
+                let mut argv = vllm_serve(c, "ray");
+                argv.extend([
                     "--host".into(),
                     c.server.host.clone(),
                     "--port".into(),
                     ports.engine_http.to_string(),
-                ];
+                ]);
                 if let Some(name) = &c.served_model_name {
                     argv.extend(["--served-model-name".into(), name.clone()]);
                 }
                 argv.extend(c.engine_args.iter().cloned());
                 let mut env = env;
                 env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
-                commands.push(Command { name: "engine".into(), argv, env: with_user(env) });
+                commands.push(Command {
+                    name: "engine".into(),
+                    argv,
+                    env: with_user(env),
+                });
             }
         } else {
-            role = if rr == 0 { Role::EngineLeader } else { Role::EngineFollower };
+            role = if rr == 0 {
+                Role::EngineLeader
+            } else {
+                Role::EngineFollower
+            };
             let mut argv: Vec<String> = match c.engine {
-                Engine::Vllm => vec![
-                    c.vllm.executable.clone(),
-                    "serve".into(),
-                    c.model.clone(),
-                    "--tensor-parallel-size".into(),
-                    c.parallel.tensor.to_string(),
-                    "--pipeline-parallel-size".into(),
-                    c.parallel.pipeline.to_string(),
-                    "--distributed-executor-backend".into(),
-                    "mp".into(),
-                    "--nnodes".into(),
-                    npr.to_string(),
-                    "--node-rank".into(),
-                    rr.to_string(),
-                    "--master-addr".into(),
-                    leader.address.clone(),
-                    "--master-port".into(),
-                    ports.engine_rendezvous.to_string(),
-                ],
+                Engine::Vllm => {
+                    let mut v = vllm_serve(c, "mp");
+                    v.extend([
+                        "--nnodes".into(),
+                        npr.to_string(),
+                        "--node-rank".into(),
+                        rr.to_string(),
+                        "--master-addr".into(),
+                        leader.address.clone(),
+                        "--master-port".into(),
+                        ports.engine_rendezvous.to_string(),
+                    ]);
+                    v
+                }
                 Engine::Sglang => vec![
                     c.sglang.python.clone(),
                     "-m".into(),
@@ -485,7 +522,11 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 }
             }
             argv.extend(c.engine_args.iter().cloned());
-            commands.push(Command { name: "engine".into(), argv, env: with_user(base.clone()) });
+            commands.push(Command {
+                name: "engine".into(),
+                argv,
+                env: with_user(base.clone()),
+            });
         }
         if rank == 0 && !s.client.is_empty() {
             let mut env = BTreeMap::new();
@@ -493,13 +534,21 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
             env.insert(
                 ev::RAY_LAUNCH_ENDPOINTS.to_string(),
-                endpoints.iter().map(|e| e.url.as_str()).collect::<Vec<_>>().join(" "),
+                endpoints
+                    .iter()
+                    .map(|e| e.url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
             );
             if uses_ray {
                 env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
                 env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
             }
-            commands.push(Command { name: "client".into(), argv: s.client.clone(), env: with_user(env) });
+            commands.push(Command {
+                name: "client".into(),
+                argv: s.client.clone(),
+                env: with_user(env),
+            });
         }
         ranks.push(RankPlan {
             node: n.name.clone(),
@@ -525,9 +574,18 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
         nodes_per_replica: npr,
         replicas,
         gpus_per_node: s.gpus_per_node,
-        master: NodeRef { node: nodes[0].name.clone(), address: nodes[0].address.clone() },
-        channel: Channel { address: nodes[0].address.clone(), port: ports.channel },
-        self_rank: step.self_rank.map(|r| SelfRef { node: nodes[r].name.clone(), node_rank: r }),
+        master: NodeRef {
+            node: nodes[0].name.clone(),
+            address: nodes[0].address.clone(),
+        },
+        channel: Channel {
+            address: nodes[0].address.clone(),
+            port: ports.channel,
+        },
+        self_rank: step.self_rank.map(|r| SelfRef {
+            node: nodes[r].name.clone(),
+            node_rank: r,
+        }),
         ports,
         endpoints,
         ranks,
@@ -538,10 +596,18 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
 pub fn render_text(p: &Plan, show: &[usize]) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let backend = p.backend.map(|b| format!(" ({} backend)", match b {
-        VllmBackend::Ray => "ray",
-        VllmBackend::Mp => "mp",
-    })).unwrap_or_default();
+    let backend = p
+        .backend
+        .map(|b| {
+            format!(
+                " ({} backend)",
+                match b {
+                    VllmBackend::Ray => "ray",
+                    VllmBackend::Mp => "mp",
+                }
+            )
+        })
+        .unwrap_or_default();
     let engine = match p.engine {
         Engine::Vllm => "vllm",
         Engine::Sglang => "sglang",
@@ -552,7 +618,11 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
         "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
         p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
     );
-    let _ = writeln!(o, "master: {} ({}), launcher channel port {}", p.master.node, p.master.address, p.channel.port);
+    let _ = writeln!(
+        o,
+        "master: {} ({}), launcher channel port {}",
+        p.master.node, p.master.address, p.channel.port
+    );
     match &p.self_rank {
         Some(s) => {
             let _ = writeln!(o, "this task: {} (node rank {})", s.node, s.node_rank);
@@ -564,13 +634,32 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
     for e in &p.endpoints {
         let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
     }
-    let _ = writeln!(o, "\n{:<5} {:<20} {:<16} {:<16} {:<7}", "rank", "node", "address", "role", "replica");
+    let _ = writeln!(
+        o,
+        "\n{:<5} {:<20} {:<16} {:<16} {:<7}",
+        "rank", "node", "address", "role", "replica"
+    );
     for r in &p.ranks {
-        let _ = writeln!(o, "{:<5} {:<20} {:<16} {:<16} {:<7}", r.node_rank, r.node, r.address, r.role.as_str(), r.replica);
+        let _ = writeln!(
+            o,
+            "{:<5} {:<20} {:<16} {:<16} {:<7}",
+            r.node_rank,
+            r.node,
+            r.address,
+            r.role.as_str(),
+            r.replica
+        );
     }
     for &i in show {
         let Some(r) = p.ranks.get(i) else { continue };
-        let _ = writeln!(o, "\n# rank {} on {} ({}), temp dir {}", r.node_rank, r.node, r.role.as_str(), r.temp_dir);
+        let _ = writeln!(
+            o,
+            "\n# rank {} on {} ({}), temp dir {}",
+            r.node_rank,
+            r.node,
+            r.role.as_str(),
+            r.temp_dir
+        );
         for c in &r.commands {
             let _ = writeln!(o, "[{}] {}", c.name, c.shell());
         }

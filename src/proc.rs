@@ -24,12 +24,19 @@ pub enum Output<'a> {
 /// Spawn `argv` with `env` added, in a new session. Must be called from a thread that lives
 /// as long as the child should (PDEATHSIG fires when the *thread* that forked exits): the
 /// launcher runs a current-thread runtime on the main thread.
-pub fn spawn(argv: &[String], env: &BTreeMap<String, String>, out: Output<'_>) -> std::io::Result<tokio::process::Child> {
+pub fn spawn(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    out: Output<'_>,
+) -> std::io::Result<tokio::process::Child> {
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).envs(env).stdin(Stdio::null());
     match out {
         Output::Log(path) => {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             let f2 = f.try_clone()?;
             cmd.stdout(f).stderr(f2);
         }
@@ -56,13 +63,21 @@ pub fn spawn(argv: &[String], env: &BTreeMap<String, String>, out: Output<'_>) -
 /// (pid, state) of every live (non-zombie) process whose session id is `sid`.
 pub fn session_members(sid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // fields after the command name, which is in parentheses and may contain spaces
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         // f[0] state, f[1] ppid, f[2] pgrp, f[3] session
         if f.len() > 3 && f[3] == sid.to_string() && f[0] != "Z" && f[0] != "X" {
@@ -105,7 +120,10 @@ pub async fn wait_sessions(sids: &[i32], limit: Duration, orphan_linger: Duratio
         if now >= deadline {
             return false;
         }
-        let leaders_gone = sids.iter().zip(&members).all(|(s, m)| m.is_empty() || !m.contains(s));
+        let leaders_gone = sids
+            .iter()
+            .zip(&members)
+            .all(|(s, m)| m.is_empty() || !m.contains(s));
         if leaders_gone {
             let since = *orphaned_since.get_or_insert(now);
             if now.duration_since(since) >= orphan_linger {
@@ -133,7 +151,9 @@ pub fn describe(status: &ExitStatus) -> (String, i32) {
 
 /// The last `n` non-empty lines of a log file (for error messages).
 pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
-    let Ok(data) = std::fs::read(path) else { return Vec::new() };
+    let Ok(data) = std::fs::read(path) else {
+        return Vec::new();
+    };
     let start = data.len().saturating_sub(16 * 1024);
     let text = String::from_utf8_lossy(&data[start..]);
     let lines: Vec<String> = text

@@ -25,9 +25,17 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 enum Local {
-    Exit { name: String, status: std::process::ExitStatus },
-    Up { name: String },
-    Failed { code: i32, reason: String },
+    Exit {
+        name: String,
+        status: std::process::ExitStatus,
+    },
+    Up {
+        name: String,
+    },
+    Failed {
+        code: i32,
+        reason: String,
+    },
 }
 
 struct Running {
@@ -83,14 +91,21 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
     }
 
     // ---- connect, retrying until the rendezvous deadline
-    let target = if me == 0 { format!("127.0.0.1:{port}") } else { format!("{}:{port}", g.plan.master.address) };
+    let target = if me == 0 {
+        format!("127.0.0.1:{port}")
+    } else {
+        format!("{}:{port}", g.plan.master.address)
+    };
     let rendezvous = cfg.timeouts.rendezvous.0;
     let deadline = Instant::now() + rendezvous;
     let mut backoff = Duration::from_millis(100);
     let mut tries = 0u32;
     let stream = loop {
         tries += 1;
-        let attempt = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&target));
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(&target),
+        );
         let err = tokio::select! {
             r = attempt => match r {
                 Ok(Ok(st)) => break st,
@@ -110,8 +125,11 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
             );
             return exit::STARTUP_TIMEOUT;
         }
-        if tries == 1 || tries % 20 == 0 {
-            info!("waiting for the master {} at {target} ({err})", g.plan.master.node);
+        if tries == 1 || tries.is_multiple_of(20) {
+            info!(
+                "waiting for the master {} at {target} ({err})",
+                g.plan.master.node
+            );
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -197,7 +215,10 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
     if let Err(e) = std::fs::create_dir_all(&log_dir) {
         warn!("cannot create log dir {}: {e}", log_dir.display());
     }
-    let mut reaper = Reaper::start(&log_dir.join(format!("{node}.reaper.log")), cfg.timeouts.shutdown_grace.0);
+    let mut reaper = Reaper::start(
+        &log_dir.join(format!("{node}.reaper.log")),
+        cfg.timeouts.shutdown_grace.0,
+    );
     reaper.tell(&format!("dir {}", mine.temp_dir));
 
     // ---- main loop
@@ -220,7 +241,13 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
                 w.abort();
             }
             let taken = std::mem::take(&mut procs);
-            teardown_fut = Some(Box::pin(teardown(taken, grace, kill_rx.clone(), mine.temp_dir.clone(), leftovers_before.clone())));
+            teardown_fut = Some(Box::pin(teardown(
+                taken,
+                grace,
+                kill_rx.clone(),
+                mine.temp_dir.clone(),
+                leftovers_before.clone(),
+            )));
         }
         tokio::select! {
             Some(sig) = sigs.recv() => match esc.on_signal(sig, Instant::now()) {
@@ -334,15 +361,26 @@ impl Reaper {
         let spawn = || -> std::io::Result<std::process::ChildStdin> {
             use std::os::unix::process::CommandExt as _;
             let exe = std::env::current_exe()?;
-            let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
             let mut cmd = std::process::Command::new(exe);
-            cmd.args(["reap", "--grace", &humantime::format_duration(grace).to_string()])
-                .stdin(std::process::Stdio::piped())
-                .stdout(out.try_clone()?)
-                .stderr(out);
+            cmd.args([
+                "reap",
+                "--grace",
+                &humantime::format_duration(grace).to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(out.try_clone()?)
+            .stderr(out);
             // SAFETY: setsid is async-signal-safe.
             unsafe {
-                cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+                cmd.pre_exec(|| {
+                    nix::unistd::setsid()
+                        .map(|_| ())
+                        .map_err(std::io::Error::from)
+                });
             }
             let mut child = cmd.spawn()?;
             let stdin = child.stdin.take().expect("piped");
@@ -353,7 +391,9 @@ impl Reaper {
         match spawn() {
             Ok(s) => Reaper { stdin: Some(s) },
             Err(e) => {
-                warn!("cannot start the reaper ({e}); a SIGKILLed launcher would leave its temp dir");
+                warn!(
+                    "cannot start the reaper ({e}); a SIGKILLed launcher would leave its temp dir"
+                );
                 Reaper { stdin: None }
             }
         }
@@ -369,7 +409,9 @@ impl Reaper {
 }
 
 fn report_stop(code: i32, reason: &str, culprit: Option<&str>) {
-    let by = culprit.map(|n| format!(" [caused by {n}]")).unwrap_or_default();
+    let by = culprit
+        .map(|n| format!(" [caused by {n}]"))
+        .unwrap_or_default();
     if code == exit::SUCCESS || code >= 128 {
         info!("stopping: {reason}{by}");
     } else {
@@ -400,13 +442,25 @@ fn start(
         let _ = to_master.send(line(&ToMaster::Failed { code, reason }));
     };
     let Some(cmd) = rank.commands.iter().find(|c| c.name == name) else {
-        fail(exit::INTERNAL, format!("the master asked for `{name}`, which this rank's plan does not have"));
+        fail(
+            exit::INTERNAL,
+            format!("the master asked for `{name}`, which this rank's plan does not have"),
+        );
         return;
     };
     let log = (name != "client").then(|| log_dir.join(format!("{}.{name}.log", rank.node)));
     if let Some(l) = &log {
-        let header = format!("=== ray-launch: starting {name} on {} at {}\n=== {}\n", rank.node, humantime::format_rfc3339_seconds(std::time::SystemTime::now()), cmd.shell());
-        let _ = std::fs::OpenOptions::new().create(true).append(true).open(l).and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
+        let header = format!(
+            "=== ray-launch: starting {name} on {} at {}\n=== {}\n",
+            rank.node,
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            cmd.shell()
+        );
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(l)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
     }
     let out = match &log {
         Some(l) => proc::Output::Log(l),
@@ -415,12 +469,20 @@ fn start(
     let mut child = match proc::spawn(&cmd.argv, &cmd.env, out) {
         Ok(c) => c,
         Err(e) => {
-            fail(exit::LAUNCH_FAILURE, format!("cannot start {name} (`{}`): {e}", cmd.argv[0]));
+            fail(
+                exit::LAUNCH_FAILURE,
+                format!("cannot start {name} (`{}`): {e}", cmd.argv[0]),
+            );
             return;
         }
     };
     let pid = child.id().map_or(0, |p| p as i32);
-    info!("started {name} (pid {pid}){}", log.as_ref().map(|l| format!(", log {}", l.display())).unwrap_or_default());
+    info!(
+        "started {name} (pid {pid}){}",
+        log.as_ref()
+            .map(|l| format!(", log {}", l.display()))
+            .unwrap_or_default()
+    );
     let tx = local.clone();
     let n = name.to_string();
     tokio::spawn(async move {
@@ -428,7 +490,11 @@ fn start(
             let _ = tx.send(Local::Exit { name: n, status });
         }
     });
-    procs.push(Running { name: name.to_string(), pid, log: log.clone() });
+    procs.push(Running {
+        name: name.to_string(),
+        pid,
+        log: log.clone(),
+    });
     if name.starts_with("ray-") {
         let tx = local.clone();
         let n = name.to_string();
@@ -441,9 +507,16 @@ fn start(
     } else if name == "engine" {
         if rank.replica_rank == 0 {
             let ep = &plan.endpoints[rank.replica];
-            watchers.push(tokio::spawn(health(ep.health_url.clone(), s.config.health.interval.0, s.config.health.failures, local.clone())));
+            watchers.push(tokio::spawn(health(
+                ep.health_url.clone(),
+                s.config.health.interval.0,
+                s.config.health.failures,
+                local.clone(),
+            )));
         } else {
-            let _ = local.send(Local::Up { name: "engine".into() });
+            let _ = local.send(Local::Up {
+                name: "engine".into(),
+            });
         }
     }
 }
@@ -461,7 +534,10 @@ async fn watch_log(path: &Path, needle: &str) -> bool {
                     return true;
                 }
                 let keep = carry.len().saturating_sub(needle.len());
-                let cut = (0..=keep).rev().find(|i| carry.is_char_boundary(*i)).unwrap_or(0);
+                let cut = (0..=keep)
+                    .rev()
+                    .find(|i| carry.is_char_boundary(*i))
+                    .unwrap_or(0);
                 carry.drain(..cut);
             }
         }
@@ -472,10 +548,17 @@ async fn watch_log(path: &Path, needle: &str) -> bool {
 /// Readiness, then liveness, of the engine's HTTP server. Proxies are ignored: cluster shells
 /// often export http_proxy, and this is a local address.
 async fn health(url: String, every: Duration, failures: u32, tx: mpsc::UnboundedSender<Local>) {
-    let client = match reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build() {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
-            let _ = tx.send(Local::Failed { code: exit::INTERNAL, reason: format!("HTTP client: {e}") });
+            let _ = tx.send(Local::Failed {
+                code: exit::INTERNAL,
+                reason: format!("HTTP client: {e}"),
+            });
             return;
         }
     };
@@ -485,14 +568,20 @@ async fn health(url: String, every: Duration, failures: u32, tx: mpsc::Unbounded
             match req.await {
                 Ok(r) if r.status().is_success() => Ok(()),
                 Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-                Err(e) => Err(if e.is_connect() { "connection refused".to_string() } else { e.to_string() }),
+                Err(e) => Err(if e.is_connect() {
+                    "connection refused".to_string()
+                } else {
+                    e.to_string()
+                }),
             }
         }
     };
     while probe(&client).await.is_err() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let _ = tx.send(Local::Up { name: "engine".into() });
+    let _ = tx.send(Local::Up {
+        name: "engine".into(),
+    });
     let mut bad = 0;
     loop {
         tokio::time::sleep(every).await;
@@ -503,7 +592,9 @@ async fn health(url: String, every: Duration, failures: u32, tx: mpsc::Unbounded
                 if bad >= failures {
                     let _ = tx.send(Local::Failed {
                         code: exit::ENGINE_FAILURE,
-                        reason: format!("engine health check {url} failed {bad} times in a row (last: {e})"),
+                        reason: format!(
+                            "engine health check {url} failed {bad} times in a row (last: {e})"
+                        ),
                     });
                     return;
                 }
@@ -524,11 +615,20 @@ async fn killed(mut kill: watch::Receiver<bool>) {
 }
 
 /// Stop everything this rank started, in order, within the budget; then clean up.
-async fn teardown(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bool>, temp_dir: String, leftovers_before: BTreeSet<PathBuf>) {
+async fn teardown(
+    procs: Vec<Running>,
+    grace: Duration,
+    kill: watch::Receiver<bool>,
+    temp_dir: String,
+    leftovers_before: BTreeSet<PathBuf>,
+) {
     let t0 = Instant::now();
     let stages: [&[&str]; 3] = [&["client"], &["engine"], &["ray-worker", "ray-head"]];
     for names in stages {
-        let group: Vec<&Running> = procs.iter().filter(|p| names.contains(&p.name.as_str()) && p.pid > 0).collect();
+        let group: Vec<&Running> = procs
+            .iter()
+            .filter(|p| names.contains(&p.name.as_str()) && p.pid > 0)
+            .collect();
         if group.is_empty() {
             continue;
         }
@@ -547,12 +647,18 @@ async fn teardown(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bo
             }
         };
         if !graceful {
-            let n: usize = sids.iter().map(|s| proc::kill_session(*s, Signal::SIGKILL)).sum();
+            let n: usize = sids
+                .iter()
+                .map(|s| proc::kill_session(*s, Signal::SIGKILL))
+                .sum();
             if n > 0 {
                 warn!("{}: {n} process(es) still running after SIGTERM (the grace of {} passed, or what it started was left orphaned): sent SIGKILL", names.join("/"), humantime::format_duration(grace));
             }
             if !proc::wait_sessions_empty(&sids, Duration::from_secs(3)).await {
-                error!("processes of {} are still alive after SIGKILL", names.join("/"));
+                error!(
+                    "processes of {} are still alive after SIGKILL",
+                    names.join("/")
+                );
             }
         }
     }
@@ -565,7 +671,11 @@ async fn teardown(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bo
     for p in leftover_candidates().difference(&leftovers_before) {
         use std::os::unix::fs::MetadataExt as _;
         if std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid) {
-            let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
         }
     }
     info!("teardown done in {:.1}s", t0.elapsed().as_secs_f64());
@@ -577,15 +687,30 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn spawn(name: &str, script: &str, log: &Path) -> Running {
-        let argv = vec!["bash".to_string(), "-c".to_string(), script.to_string(), name.to_string(), log.display().to_string()];
-        let child = proc::spawn(&argv, &BTreeMap::new(), proc::Output::Log(&log.with_extension(format!("{name}.out")))).unwrap();
+        let argv = vec![
+            "bash".to_string(),
+            "-c".to_string(),
+            script.to_string(),
+            name.to_string(),
+            log.display().to_string(),
+        ];
+        let child = proc::spawn(
+            &argv,
+            &BTreeMap::new(),
+            proc::Output::Log(&log.with_extension(format!("{name}.out"))),
+        )
+        .unwrap();
         let pid = child.id().unwrap() as i32;
         // reap it when it exits, as the rank's waiter task does
         tokio::spawn(async move {
             let mut c = child;
             let _ = c.wait().await;
         });
-        Running { name: name.to_string(), pid, log: None }
+        Running {
+            name: name.to_string(),
+            pid,
+            log: None,
+        }
     }
 
     const POLITE: &str = r#"trap 'echo "$0 $(date +%s%N)" >> "$1"; exit 0' TERM; echo up > "$1.$0"; while :; do sleep 0.05; done"#;
@@ -615,8 +740,19 @@ mod tests {
         let (_kill_tx, kill_rx) = watch::channel(false);
         let temp = dir.path().join("temp");
         std::fs::create_dir(&temp).unwrap();
-        teardown(procs, Duration::from_secs(5), kill_rx, temp.display().to_string(), BTreeSet::new()).await;
-        let order: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_string()).collect();
+        teardown(
+            procs,
+            Duration::from_secs(5),
+            kill_rx,
+            temp.display().to_string(),
+            BTreeSet::new(),
+        )
+        .await;
+        let order: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect();
         assert_eq!(order, ["client", "engine", "ray-head"]);
         assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
         assert!(!temp.exists(), "the temp dir is removed");
@@ -631,9 +767,19 @@ mod tests {
         let sid = procs[0].pid;
         let (_kill_tx, kill_rx) = watch::channel(false);
         let t0 = Instant::now();
-        teardown(procs, Duration::from_millis(1500), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        teardown(
+            procs,
+            Duration::from_millis(1500),
+            kill_rx,
+            "/nonexistent-rl".into(),
+            BTreeSet::new(),
+        )
+        .await;
         let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(6), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
         assert!(proc::session_members(sid).is_empty());
     }
 
@@ -646,9 +792,19 @@ mod tests {
         let sid = procs[0].pid;
         let (_kill_tx, kill_rx) = watch::channel(false);
         let t0 = Instant::now();
-        teardown(procs, Duration::from_secs(20), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        teardown(
+            procs,
+            Duration::from_secs(20),
+            kill_rx,
+            "/nonexistent-rl".into(),
+            BTreeSet::new(),
+        )
+        .await;
         let took = t0.elapsed();
-        assert!(took < Duration::from_secs(5), "did not wait the whole grace: {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "did not wait the whole grace: {took:?}"
+        );
         assert!(proc::session_members(sid).is_empty());
     }
 
@@ -656,7 +812,10 @@ mod tests {
     async fn a_second_signal_kills_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("order");
-        let procs = vec![spawn("engine", STUBBORN, &log), spawn("ray-head", STUBBORN, &log)];
+        let procs = vec![
+            spawn("engine", STUBBORN, &log),
+            spawn("ray-head", STUBBORN, &log),
+        ];
         ready(&log, &["engine", "ray-head"]).await;
         let sids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
         let (kill_tx, kill_rx) = watch::channel(false);
@@ -666,7 +825,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
         });
         let t0 = Instant::now();
-        teardown(procs, Duration::from_secs(30), kill_rx, "/nonexistent-rl".into(), BTreeSet::new()).await;
+        teardown(
+            procs,
+            Duration::from_secs(30),
+            kill_rx,
+            "/nonexistent-rl".into(),
+            BTreeSet::new(),
+        )
+        .await;
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
     }

@@ -38,7 +38,11 @@ pub fn main(grace: Duration) -> i32 {
         proc::signal_pid(*s, Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && sessions.iter().any(|s| !proc::session_members(*s).is_empty()) {
+    while Instant::now() < deadline
+        && sessions
+            .iter()
+            .any(|s| !proc::session_members(*s).is_empty())
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     for s in &sessions {

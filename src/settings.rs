@@ -39,7 +39,13 @@ fn absolute(p: &str, cwd: &Path) -> String {
     }
 }
 
-pub fn resolve(loaded: &Loaded, ov: &Overrides, step: &Step, client: Vec<String>, cwd: &Path) -> Settings {
+pub fn resolve(
+    loaded: &Loaded,
+    ov: &Overrides,
+    step: &Step,
+    client: Vec<String>,
+    cwd: &Path,
+) -> Settings {
     let c = &loaded.config;
     let gpus_per_node = ov.gpus_per_node.unwrap_or(match c.gpus_per_node {
         Auto::Value(n) => n,
@@ -47,7 +53,10 @@ pub fn resolve(loaded: &Loaded, ov: &Overrides, step: &Step, client: Vec<String>
     });
     let job = &step.job_id;
     let fill = |s: &str| s.replace("{job}", job);
-    let endpoint_file = absolute(&fill(ov.endpoint_file.as_deref().unwrap_or(&c.endpoint_file)), cwd);
+    let endpoint_file = absolute(
+        &fill(ov.endpoint_file.as_deref().unwrap_or(&c.endpoint_file)),
+        cwd,
+    );
     let log_dir = absolute(&fill(ov.log_dir.as_deref().unwrap_or(&c.log_dir)), cwd);
     let event_log = ov
         .event_log
@@ -63,7 +72,12 @@ pub fn resolve(loaded: &Loaded, ov: &Overrides, step: &Step, client: Vec<String>
         h.update([0]);
     }
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    let digest: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let digest: String = h
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Settings {
         config: c.clone(),
         config_path: loaded.path.clone(),

@@ -78,7 +78,9 @@ pub fn exit_code_for(signal: i32) -> i32 {
 }
 
 pub fn name(signal: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(signal).map(|s| s.as_str()).unwrap_or("signal")
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str())
+        .unwrap_or("signal")
 }
 
 #[cfg(test)]
@@ -90,8 +92,14 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Escalation::default();
         assert_eq!(e.on_signal(15, t0), Shutdown::Graceful { signal: 15 });
-        assert_eq!(e.on_signal(15, t0 + Duration::from_millis(10)), Shutdown::Duplicate);
-        assert_eq!(e.on_signal(2, t0 + Duration::from_millis(900)), Shutdown::Duplicate);
+        assert_eq!(
+            e.on_signal(15, t0 + Duration::from_millis(10)),
+            Shutdown::Duplicate
+        );
+        assert_eq!(
+            e.on_signal(2, t0 + Duration::from_millis(900)),
+            Shutdown::Duplicate
+        );
         assert_eq!(e.on_signal(15, t0 + Duration::from_secs(2)), Shutdown::Kill);
         assert_eq!(e.on_signal(15, t0 + Duration::from_secs(3)), Shutdown::Kill);
     }

@@ -105,7 +105,11 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             mem_per_node_mb,
         });
     };
-    if job_id.trim().is_empty() || !job_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if job_id.trim().is_empty()
+        || !job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(env_error(
             format!("SLURM_JOB_ID=`{job_id}` is not a job id"),
             "run under Slurm, or unset SLURM_JOB_ID for a local run",
@@ -124,13 +128,19 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         )
     })?;
     if nodes.is_empty() {
-        return Err(env_error("SLURM_STEP_NODELIST is empty", "run inside an srun step"));
+        return Err(env_error(
+            "SLURM_STEP_NODELIST is empty",
+            "run inside an srun step",
+        ));
     }
     let nnodes = num(ev::SLURM_NNODES)?;
     if let Some(n) = nnodes {
         if n as usize != nodes.len() {
             return Err(env_error(
-                format!("SLURM_NNODES={n} but SLURM_STEP_NODELIST=`{step_nodes}` has {} nodes", nodes.len()),
+                format!(
+                    "SLURM_NNODES={n} but SLURM_STEP_NODELIST=`{step_nodes}` has {} nodes",
+                    nodes.len()
+                ),
                 "do not override Slurm's step variables",
             ));
         }
@@ -142,13 +152,23 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
     let mut many: Option<(usize, u32)> = None;
     if let Some(t) = &tasks {
         let counts = parse_counts(t).ok_or_else(|| {
-            env_error(format!("SLURM_STEP_TASKS_PER_NODE=`{t}` cannot be read"), "expected Slurm's `N(xR),M` form")
+            env_error(
+                format!("SLURM_STEP_TASKS_PER_NODE=`{t}` cannot be read"),
+                "expected Slurm's `N(xR),M` form",
+            )
         })?;
-        many = counts.iter().enumerate().find(|(_, c)| **c != 1).map(|(i, c)| (i, *c));
+        many = counts
+            .iter()
+            .enumerate()
+            .find(|(_, c)| **c != 1)
+            .map(|(i, c)| (i, *c));
     }
     if many.is_some() || ntasks.is_some_and(|n| n as usize != nodes.len()) {
         let detail = match many {
-            Some((i, c)) => format!("{c} tasks on node {}", nodes.get(i).map_or("?", |s| s.as_str())),
+            Some((i, c)) => format!(
+                "{c} tasks on node {}",
+                nodes.get(i).map_or("?", |s| s.as_str())
+            ),
             None => format!("{} tasks on {} nodes", ntasks.unwrap_or(0), nodes.len()),
         };
         return Err(env_error(
@@ -157,11 +177,17 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         ));
     }
     let node_id = num(ev::SLURM_NODEID)?.ok_or_else(|| {
-        env_error("SLURM_NODEID is not set inside an srun step", "run ray-launch as an srun task, not through a wrapper that clears the environment")
+        env_error(
+            "SLURM_NODEID is not set inside an srun step",
+            "run ray-launch as an srun task, not through a wrapper that clears the environment",
+        )
     })? as usize;
     if node_id >= nodes.len() {
         return Err(env_error(
-            format!("SLURM_NODEID={node_id} is outside the step's {} nodes", nodes.len()),
+            format!(
+                "SLURM_NODEID={node_id} is outside the step's {} nodes",
+                nodes.len()
+            ),
             "do not override Slurm's step variables",
         ));
     }
@@ -205,8 +231,11 @@ impl Step {
 
     /// GPUs this node has, from Slurm's view: `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES`.
     pub fn detected_gpus(&self) -> Option<u32> {
-        self.gpus_on_node
-            .or_else(|| self.cuda_visible_devices.as_deref().map(count_visible_devices))
+        self.gpus_on_node.or_else(|| {
+            self.cuda_visible_devices
+                .as_deref()
+                .map(count_visible_devices)
+        })
     }
 
     pub fn master(&self) -> &str {

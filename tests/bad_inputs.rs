@@ -24,7 +24,13 @@ const STEP: &[(&str, &str)] = &[
 ];
 
 fn cases() -> Vec<Case> {
-    let c = |name, yaml, want| Case { name, yaml: Some(yaml), env: &[], args: &["check"], want };
+    let c = |name, yaml, want| Case {
+        name,
+        yaml: Some(yaml),
+        env: &[],
+        args: &["check"],
+        want,
+    };
     vec![
         // ---- config: syntax, types, unknown keys
         c("yaml syntax", "engine: vllm\nmodel: [unclosed\n", "test.yaml:"),
@@ -103,7 +109,9 @@ fn every_bad_input_exits_2_with_a_clear_message() {
     let mut failures = Vec::new();
     for case in &cases {
         let mut cmd = Command::cargo_bin("ray-launch").unwrap();
-        cmd.env_clear().env("PATH", "/usr/bin:/bin").current_dir(dir.path());
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .current_dir(dir.path());
         cmd.args(case.args);
         if let Some(y) = case.yaml {
             let p = dir.path().join("test.yaml");
@@ -121,11 +129,22 @@ fn every_bad_input_exits_2_with_a_clear_message() {
         let ok = code == Some(2)
             && first.starts_with("error")
             && stderr.contains(case.want)
-            && (stderr.contains("hint:") || stderr.contains("Usage:") || stderr.contains("try '--help'"))
+            && (stderr.contains("hint:")
+                || stderr.contains("Usage:")
+                || stderr.contains("try '--help'"))
             && out.stdout.is_empty();
         if !ok {
-            failures.push(format!("[{}] code {code:?}, want `{}`:\n{stderr}", case.name, case.want));
+            failures.push(format!(
+                "[{}] code {code:?}, want `{}`:\n{stderr}",
+                case.name, case.want
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }

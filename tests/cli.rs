@@ -16,13 +16,23 @@ fn wait_prints_the_url_once_ready() {
     let writer = std::thread::spawn(move || {
         std::fs::write(&f2, r#"{"status":"starting"}"#).unwrap();
         std::thread::sleep(Duration::from_millis(600));
-        std::fs::write(&f2, r#"{"status":"ready","url":"http://10.0.0.1:20010/v1"}"#).unwrap();
+        std::fs::write(
+            &f2,
+            r#"{"status":"ready","url":"http://10.0.0.1:20010/v1"}"#,
+        )
+        .unwrap();
     });
     let t0 = Instant::now();
-    let out = rl().args(["wait", f.to_str().unwrap(), "--timeout", "20s"]).output().unwrap();
+    let out = rl()
+        .args(["wait", f.to_str().unwrap(), "--timeout", "20s"])
+        .output()
+        .unwrap();
     writer.join().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "http://10.0.0.1:20010/v1");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "http://10.0.0.1:20010/v1"
+    );
     assert!(t0.elapsed() >= Duration::from_millis(500), "it did wait");
 }
 
@@ -30,12 +40,24 @@ fn wait_prints_the_url_once_ready() {
 fn wait_fails_fast_on_a_failed_job_and_times_out_on_none() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("endpoint.json");
-    std::fs::write(&f, r#"{"status":"failed","reason":"engine on node2 ended unexpectedly"}"#).unwrap();
+    std::fs::write(
+        &f,
+        r#"{"status":"failed","reason":"engine on node2 ended unexpectedly"}"#,
+    )
+    .unwrap();
     let out = rl().args(["wait", f.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("engine on node2 ended unexpectedly"));
     let t0 = Instant::now();
-    let out = rl().args(["wait", dir.path().join("none.json").to_str().unwrap(), "--timeout", "1s"]).output().unwrap();
+    let out = rl()
+        .args([
+            "wait",
+            dir.path().join("none.json").to_str().unwrap(),
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(t0.elapsed() >= Duration::from_millis(900));
     assert!(String::from_utf8_lossy(&out.stderr).contains("did not say ready within 1s"));
@@ -45,12 +67,33 @@ fn wait_fails_fast_on_a_failed_job_and_times_out_on_none() {
 fn plan_json_has_the_documented_schema() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
-    std::fs::write(&cfg, "engine: vllm\nmodel: m\nparallel: {tensor: 8, pipeline: 2}\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "engine: vllm\nmodel: m\nparallel: {tensor: 8, pipeline: 2}\n",
+    )
+    .unwrap();
     let out = rl()
-        .args(["plan", "--config", cfg.to_str().unwrap(), "--nodelist", "node[1-4]", "--gpus-per-node", "8", "--format", "json", "--job-id", "77"])
+        .args([
+            "plan",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--nodelist",
+            "node[1-4]",
+            "--gpus-per-node",
+            "8",
+            "--format",
+            "json",
+            "--job-id",
+            "77",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["schema"], 1);
     assert_eq!(v["master"]["node"], "node1");
@@ -72,8 +115,15 @@ fn plan_json_has_the_documented_schema() {
 
 #[test]
 fn hostlist_compress_reads_stdin() {
-    let out = rl().args(["hostlist", "compress"]).write_stdin("node1\nnode2,node3\nnode10\n").output().unwrap();
+    let out = rl()
+        .args(["hostlist", "compress"])
+        .write_stdin("node1\nnode2,node3\nnode10\n")
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "node[1-3,10]");
-    let out = rl().args(["hostlist", "expand", "n[1-2]", "x"]).output().unwrap();
+    let out = rl()
+        .args(["hostlist", "expand", "n[1-2]", "x"])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "n1\nn2\nx\n");
 }

@@ -21,49 +21,115 @@ fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
     let bed = Bed::new();
     let cfg = bed.config(RAY3, "");
     let client = "cat \"$RAY_LAUNCH_ENDPOINT\" > client-saw.json; curl -sf --noproxy '*' \"$OPENAI_BASE_URL/models\" > models.json || exit 9; exit 3";
-    let mut c = bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--event-log", "events.jsonl", "--", "bash", "-c", client]);
+    let mut c = bed.srun(&[
+        bin().to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--event-log",
+        "events.jsonl",
+        "--",
+        "bash",
+        "-c",
+        client,
+    ]);
     c.env("http_proxy", "http://proxy.invalid:3128");
     let t0 = Instant::now();
     let out = run_limited(c, Duration::from_secs(120));
     let all = text(&out);
     eprintln!("{all}");
     assert_eq!(out.status.code(), Some(3), "the client's exit code");
-    assert_eq!(exits(&all).values().copied().collect::<Vec<_>>(), [3, 3, 3], "{:?}", exits(&all));
+    assert_eq!(
+        exits(&all).values().copied().collect::<Vec<_>>(),
+        [3, 3, 3],
+        "{:?}",
+        exits(&all)
+    );
     // the endpoint the client saw, and what it got from the stand-in engine
-    let saw: serde_json::Value = serde_json::from_slice(&std::fs::read(bed.path("client-saw.json")).unwrap()).unwrap();
+    let saw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bed.path("client-saw.json")).unwrap()).unwrap();
     assert_eq!(saw["status"], "ready");
-    assert!(saw["url"].as_str().unwrap().starts_with("http://10.77.0.11:"), "{saw}");
+    assert!(
+        saw["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://10.77.0.11:"),
+        "{saw}"
+    );
     assert_eq!(saw["served_model_name"], "tiny-chat");
     let models = std::fs::read_to_string(bed.path("models.json")).unwrap();
     assert!(models.contains("tiny-chat"), "{models}");
     // the engine ran on the master only, as a driver of the 3-node Ray cluster
     let rec = bed.record("node1", "vllm");
-    let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(argv.windows(2).any(|w| w == ["--distributed-executor-backend", "ray"]), "{argv:?}");
-    assert!(argv.windows(2).any(|w| w == ["--tensor-parallel-size", "3"]), "{argv:?}");
-    assert!(rec["env"]["RAY_ADDRESS"].as_str().unwrap().starts_with("10.77.0.11:"));
+    let argv: Vec<&str> = rec["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        argv.windows(2)
+            .any(|w| w == ["--distributed-executor-backend", "ray"]),
+        "{argv:?}"
+    );
+    assert!(
+        argv.windows(2)
+            .any(|w| w == ["--tensor-parallel-size", "3"]),
+        "{argv:?}"
+    );
+    assert!(rec["env"]["RAY_ADDRESS"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.77.0.11:"));
     assert_eq!(rec["env"]["VLLM_HOST_IP"], "10.77.0.11");
     assert!(!bed.path("node2.vllm.json").exists());
     // the progress and event log
     assert!(all.contains("replica 0: 3/3 nodes joined"), "{all}");
     let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
-    for e in ["rendezvous_complete", "head_up", "worker_joined", "engine_started", "ready", "client_started", "all_stopped"] {
-        assert!(events.contains(&format!("\"event\":\"{e}\"")), "missing {e} in {events}");
+    for e in [
+        "rendezvous_complete",
+        "head_up",
+        "worker_joined",
+        "engine_started",
+        "ready",
+        "client_started",
+        "all_stopped",
+    ] {
+        assert!(
+            events.contains(&format!("\"event\":\"{e}\"")),
+            "missing {e} in {events}"
+        );
     }
     let ep = endpoint_status(&endpoint_file(bed.dir.path())).unwrap();
     assert_eq!(ep["status"], "failed");
     assert_eq!(ep["exit_code"], 3);
-    eprintln!("client mode: {:.1}s from srun to the end", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "client mode: {:.1}s from srun to the end",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// Start a serving step in the background, wait until its endpoint says ready.
 fn serve(bed: &Bed, cfg: &Path) -> (Child, PathBuf) {
-    let mut c = bed.srun(&["-J", "rl-e2e", bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--event-log", "events.jsonl"]);
+    let mut c = bed.srun(&[
+        "-J",
+        "rl-e2e",
+        bin().to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--event-log",
+        "events.jsonl",
+    ]);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let t0 = Instant::now();
     let ep = loop {
-        if let Some(Ok(Some(d))) = std::fs::read_dir(bed.dir.path()).ok().map(|mut r| r.find(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ray-launch-"))).transpose()) {
+        if let Some(Ok(Some(d))) = std::fs::read_dir(bed.dir.path()).ok().map(|mut r| {
+            r.find(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ray-launch-"))
+            })
+            .transpose()
+        }) {
             let p = d.path().join("endpoint.json");
             if endpoint_status(&p).is_some_and(|v| v["status"] == "ready") {
                 break p;
@@ -80,12 +146,18 @@ fn serve(bed: &Bed, cfg: &Path) -> (Child, PathBuf) {
 }
 
 fn job_id(name: &str) -> String {
-    let o = slurm("squeue").args(["-h", "-n", name, "-o", "%i"]).output().unwrap();
+    let o = slurm("squeue")
+        .args(["-h", "-n", name, "-o", "%i"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 fn pid_on(node: usize, comm: &str) -> Option<i32> {
-    node_procs().into_iter().find(|(n, _, c)| *n == format!("node{node}") && c.starts_with(&format!("{comm}:"))).map(|(_, p, _)| p)
+    node_procs()
+        .into_iter()
+        .find(|(n, _, c)| *n == format!("node{node}") && c.starts_with(&format!("{comm}:")))
+        .map(|(_, p, _)| p)
 }
 
 #[test]
@@ -94,8 +166,23 @@ fn scancel_stops_every_rank_with_the_signal_code_and_leaves_nothing() {
     let bed = Bed::new();
     let cfg = bed.config(RAY3, "");
     let (mut child, ep) = serve(&bed, &cfg);
-    let url = endpoint_status(&ep).unwrap()["url"].as_str().unwrap().replace("/v1", "/health");
-    let h = Command::new("curl").args(["-sf", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().unwrap();
+    let url = endpoint_status(&ep).unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .replace("/v1", "/health");
+    let h = Command::new("curl")
+        .args([
+            "-sf",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&h.stdout), "200");
     let jid = job_id("rl-e2e");
     let t0 = Instant::now();
@@ -107,16 +194,27 @@ fn scancel_stops_every_rank_with_the_signal_code_and_leaves_nothing() {
     assert_eq!(codes.len(), 3, "{codes:?}");
     assert!(codes.values().all(|c| *c == 143), "{codes:?}");
     assert_no_leftovers("after scancel");
-    eprintln!("scancel -> nothing left: {:.2}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "scancel -> nothing left: {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
     assert_eq!(endpoint_status(&ep).unwrap()["exit_code"], 143);
 }
 
 fn kill_and_expect(bed: &Bed, node: usize, comm: &str, want_code: i32, want_msg: &str) {
-    let cfg = bed.config(RAY3, "health: {heartbeat_interval: 1s, heartbeat_timeout: 5s}");
+    let cfg = bed.config(
+        RAY3,
+        "health: {heartbeat_interval: 1s, heartbeat_timeout: 5s}",
+    );
     let (mut child, _ep) = serve(bed, &cfg);
-    let pid = pid_on(node, comm).unwrap_or_else(|| panic!("no {comm} on node{node}: {:#?}", node_procs()));
+    let pid = pid_on(node, comm)
+        .unwrap_or_else(|| panic!("no {comm} on node{node}: {:#?}", node_procs()));
     let t0 = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let out = wait_limited(&mut child, Duration::from_secs(60));
     let took = t0.elapsed();
     let all = text(&out);
@@ -130,28 +228,49 @@ fn kill_and_expect(bed: &Bed, node: usize, comm: &str, want_code: i32, want_msg:
         assert_eq!(codes.get(&name), Some(&want_code), "{name}: {codes:?}");
     }
     assert!(all.contains(want_msg), "want `{want_msg}`");
-    eprintln!("kill -9 {comm} on node{node} -> step ended in {:.2}s", took.as_secs_f64());
+    eprintln!(
+        "kill -9 {comm} on node{node} -> step ended in {:.2}s",
+        took.as_secs_f64()
+    );
 }
 
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn kill_9_of_a_workers_raylet_ends_the_step_with_peer_failure() {
     let bed = Bed::new();
-    kill_and_expect(&bed, 3, "raylet", 4, "ray-worker on node3 ended unexpectedly");
+    kill_and_expect(
+        &bed,
+        3,
+        "raylet",
+        4,
+        "ray-worker on node3 ended unexpectedly",
+    );
 }
 
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn kill_9_of_a_workers_ray_start_ends_the_step_with_peer_failure() {
     let bed = Bed::new();
-    kill_and_expect(&bed, 2, "ray", 4, "ray-worker on node2 ended unexpectedly (signal 9 (SIGKILL))");
+    kill_and_expect(
+        &bed,
+        2,
+        "ray",
+        4,
+        "ray-worker on node2 ended unexpectedly (signal 9 (SIGKILL))",
+    );
 }
 
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn kill_9_of_a_workers_launcher_ends_the_step_and_its_children() {
     let bed = Bed::new();
-    kill_and_expect(&bed, 2, "ray-launch", 4, "lost the connection to node2's launcher");
+    kill_and_expect(
+        &bed,
+        2,
+        "ray-launch",
+        4,
+        "lost the connection to node2's launcher",
+    );
 }
 
 #[test]
@@ -165,20 +284,32 @@ fn kill_9_of_the_engine_ends_the_step_with_engine_failure() {
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn a_worker_that_cannot_reach_the_master_says_so_before_the_deadline() {
     let bed = Bed::new();
-    let cfg = bed.config(RAY3, "timeouts: {rendezvous: 4s, shutdown_grace: 5s, kill_wait: 30s}");
+    let cfg = bed.config(
+        RAY3,
+        "timeouts: {rendezvous: 4s, shutdown_grace: 5s, kill_wait: 30s}",
+    );
     // the master's task never starts ray-launch: nobody listens on the channel port
     let script = bed.path("nomaster.sh");
     std::fs::write(&script, format!("#!/bin/bash\nif [ \"$SLURM_NODEID\" = 0 ]; then sleep 8; exit 0; fi\nexec {} --config {} \"$@\"\n", bin().display(), cfg.display())).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let t0 = Instant::now();
-    let out = run_limited(bed.srun(&[script.to_str().unwrap()]), Duration::from_secs(60));
+    let out = run_limited(
+        bed.srun(&[script.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
     let all = text(&out);
     eprintln!("{all}");
     let codes = exits(&all);
-    assert!(all.contains("cannot reach the master node1 at 10.77.0.11:"), "{all}");
+    assert!(
+        all.contains("cannot reach the master node1 at 10.77.0.11:"),
+        "{all}"
+    );
     assert!(all.contains("within 4s (timeouts.rendezvous"), "{all}");
     assert_eq!(all.matches("cannot reach the master").count(), 2);
-    assert!(codes.is_empty() || codes.values().all(|c| *c == 3), "{codes:?}");
+    assert!(
+        codes.is_empty() || codes.values().all(|c| *c == 3),
+        "{codes:?}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
@@ -190,14 +321,33 @@ fn mp_mode_starts_vllm_on_every_node_with_the_right_rank() {
         "engine: vllm\nmodel: tiny\nparallel: {tensor: 3}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_RECORD_DIR: @RECORD@}",
         "",
     );
-    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(60));
+    let out = run_limited(
+        bed.srun(&[
+            bin().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "true",
+        ]),
+        Duration::from_secs(60),
+    );
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     for n in 1..=3 {
         let rec = bed.record(&format!("node{n}"), "vllm");
-        let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let argv: Vec<&str> = rec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         let has = |a: &str, b: &str| argv.windows(2).any(|w| w == [a, b]);
-        assert!(has("--node-rank", &(n - 1).to_string()) && has("--nnodes", "3") && has("--master-addr", "10.77.0.11"), "{argv:?}");
+        assert!(
+            has("--node-rank", &(n - 1).to_string())
+                && has("--nnodes", "3")
+                && has("--master-addr", "10.77.0.11"),
+            "{argv:?}"
+        );
         assert_eq!(argv.contains(&"--headless"), n != 1, "{argv:?}");
         assert_eq!(rec["env"]["VLLM_HOST_IP"], format!("10.77.0.1{n}"));
         assert_eq!(rec["env"]["GLOO_SOCKET_IFNAME"], "eth0");
@@ -213,14 +363,33 @@ fn sglang_mode_starts_launch_server_on_every_node() {
         "engine: sglang\nmodel: tiny\nparallel: {tensor: 3}\ngpus_per_node: 1\nsglang: {python: @STANDIN@/python}\nenv: {STANDIN_RECORD_DIR: @RECORD@}",
         "",
     );
-    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(60));
+    let out = run_limited(
+        bed.srun(&[
+            bin().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "true",
+        ]),
+        Duration::from_secs(60),
+    );
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     for n in 1..=3 {
         let rec = bed.record(&format!("node{n}"), "sglang");
-        let argv: Vec<&str> = rec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let argv: Vec<&str> = rec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         let has = |a: &str, b: &str| argv.windows(2).any(|w| w == [a, b]);
-        assert!(has("-m", "sglang.launch_server") && has("--node-rank", &(n - 1).to_string()) && has("--tp-size", "3"), "{argv:?}");
+        assert!(
+            has("-m", "sglang.launch_server")
+                && has("--node-rank", &(n - 1).to_string())
+                && has("--tp-size", "3"),
+            "{argv:?}"
+        );
         let dist = argv[argv.iter().position(|a| *a == "--dist-init-addr").unwrap() + 1];
         assert!(dist.starts_with("10.77.0.11:"), "{dist}");
     }
@@ -244,7 +413,8 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
     )
     .unwrap();
     let mut c = Command::new(bin());
-    c.args(["--config", cfg.to_str().unwrap()]).current_dir(dir.path());
+    c.args(["--config", cfg.to_str().unwrap()])
+        .current_dir(dir.path());
     for (k, _) in std::env::vars() {
         if k.starts_with("SLURM_") {
             c.env_remove(k);
@@ -254,7 +424,11 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
     let mut child = c.spawn().unwrap();
     let t0 = Instant::now();
     let ep = loop {
-        let found = std::fs::read_dir(dir.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("ray-launch-local-"));
+        let found = std::fs::read_dir(dir.path()).unwrap().flatten().find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ray-launch-local-")
+        });
         if let Some(d) = found {
             let p = d.path().join("endpoint.json");
             if endpoint_status(&p).is_some_and(|v| v["status"] == "ready") {
@@ -265,7 +439,11 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
         assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
         std::thread::sleep(Duration::from_millis(100));
     };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGUSR1).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
     let out = wait_limited(&mut child, Duration::from_secs(30));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");

@@ -3,12 +3,21 @@ use ray_launch::slurm::{detect, StepKind};
 use std::collections::HashMap;
 
 fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let m: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     move |k: &str| m.get(k).cloned()
 }
 
 /// A task of an srun step: nodes, this task's NODEID, tasks per node.
-fn task(step_nodes: &str, nnodes: usize, node_id: usize, name: &str, tpn: &str) -> Vec<(String, String)> {
+fn task(
+    step_nodes: &str,
+    nnodes: usize,
+    node_id: usize,
+    name: &str,
+    tpn: &str,
+) -> Vec<(String, String)> {
     vec![
         ("SLURM_JOB_ID".into(), "4242".into()),
         ("SLURM_STEP_ID".into(), "0".into()),
@@ -77,7 +86,11 @@ fn uneven_tasks_per_node_is_an_error_naming_the_fix() {
     v.push(("SLURM_NTASKS".into(), "7".into()));
     let e = detect_vec(&v).unwrap_err();
     assert!(e.msg.contains("2 tasks on node node1"), "{}", e.msg);
-    assert!(e.hint.as_deref().unwrap().contains("srun --ntasks-per-node=1"));
+    assert!(e
+        .hint
+        .as_deref()
+        .unwrap()
+        .contains("srun --ntasks-per-node=1"));
     assert_eq!(e.exit_code(), 2);
 }
 
@@ -107,7 +120,12 @@ fn ntasks_mismatch_without_tasks_per_node() {
 #[test]
 fn batch_script_without_srun_is_an_error() {
     let e = detect(
-        &env(&[("SLURM_JOB_ID", "77"), ("SLURM_PROCID", "0"), ("SLURM_JOB_NODELIST", "node[1-3]"), ("SLURM_NODELIST", "node[1-3]")]),
+        &env(&[
+            ("SLURM_JOB_ID", "77"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_JOB_NODELIST", "node[1-3]"),
+            ("SLURM_NODELIST", "node[1-3]"),
+        ]),
         "node1",
     )
     .unwrap_err();

@@ -8,7 +8,10 @@ use std::process::Command;
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -26,7 +29,10 @@ fn scontrol(args: &[&str]) -> (String, String) {
         .env("SLURM_CONF", conf)
         .output()
         .expect("scontrol runs: install Debian's slurm-client (scripts/setup.sh does)");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn number(r: &mut Lcg) -> String {
@@ -58,7 +64,11 @@ fn gen_expr(r: &mut Lcg) -> String {
                         parts.push(lo);
                     } else {
                         let hi = lon + r.below(12);
-                        let his = if r.below(3) == 0 { format!("{hi:02}") } else { hi.to_string() };
+                        let his = if r.below(3) == 0 {
+                            format!("{hi:02}")
+                        } else {
+                            hi.to_string()
+                        };
                         parts.push(format!("{lo}-{his}"));
                     }
                 }
@@ -87,7 +97,15 @@ fn expand_matches_scontrol() {
 
 #[test]
 fn both_reject_invalid_expressions() {
-    for e in ["node[3-1]", "gpu-[a1-2]", "n[]", "n[1,,2]", "n[1-2-3]", "n[x]", "n[-1]"] {
+    for e in [
+        "node[3-1]",
+        "gpu-[a1-2]",
+        "n[]",
+        "n[1,,2]",
+        "n[1-2-3]",
+        "n[x]",
+        "n[-1]",
+    ] {
         let (_, err) = scontrol(&["show", "hostnames", e]);
         assert!(err.contains("Invalid"), "scontrol accepted `{e}`");
         assert!(expand(e).is_err(), "we accepted `{e}`");

@@ -14,8 +14,13 @@ const N: usize = 1000;
 #[tokio::test(flavor = "current_thread")]
 async fn a_thousand_ranks_rendezvous_start_and_stop() {
     cli::raise_nofile();
-    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    assert!(soft >= 2 * N as u64 + 64, "need {} open files, have {soft}", 2 * N + 64);
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        soft >= 2 * N as u64 + 64,
+        "need {} open files, have {soft}",
+        2 * N + 64
+    );
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!("engine: vllm\nmodel: m\nparallel: {{tensor: {N}}}\ngpus_per_node: 0\nvllm: {{backend: mp}}\n");
     let loaded = config::parse("many.yaml", &yaml).unwrap();
@@ -26,12 +31,23 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
     let listener = coordinator::bind(0).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(coordinator::serve(listener, s.clone(), step.clone(), done_tx));
+    tokio::spawn(coordinator::serve(
+        listener,
+        s.clone(),
+        step.clone(),
+        done_tx,
+    ));
     let settings_json = coordinator::settings_json(&s);
     let t0 = Instant::now();
-    let (res_tx, mut res_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, &'static str, Duration)>();
+    let (res_tx, mut res_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(usize, &'static str, Duration)>();
     for (rank, name) in names.iter().enumerate() {
-        let (name, digest, sj, tx) = (name.clone(), s.digest.clone(), settings_json.clone(), res_tx.clone());
+        let (name, digest, sj, tx) = (
+            name.clone(),
+            s.digest.clone(),
+            settings_json.clone(),
+            res_tx.clone(),
+        );
         tokio::spawn(async move {
             let sock = loop {
                 match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -41,9 +57,27 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
             };
             let (r, mut w) = sock.into_split();
             let mut r = channel::Reader::new(r);
-            assert!(matches!(r.recv::<ToRank>().await.unwrap(), ToRank::Challenge { .. }));
-            let info = NodeInfo { name: name.clone(), address: format!("10.{}.{}.{}", rank / 65536, rank / 256 % 256, rank % 256), interface: Some("ib0".into()), cpus: 64, object_store_bytes: 1 << 30 };
-            let mut hello = serde_json::to_value(ToMaster::Hello { protocol: channel::PROTOCOL, node: name, node_rank: rank, version: env!("CARGO_PKG_VERSION").into(), digest, info, proof: None }).unwrap();
+            assert!(matches!(
+                r.recv::<ToRank>().await.unwrap(),
+                ToRank::Challenge { .. }
+            ));
+            let info = NodeInfo {
+                name: name.clone(),
+                address: format!("10.{}.{}.{}", rank / 65536, rank / 256 % 256, rank % 256),
+                interface: Some("ib0".into()),
+                cpus: 64,
+                object_store_bytes: 1 << 30,
+            };
+            let mut hello = serde_json::to_value(ToMaster::Hello {
+                protocol: channel::PROTOCOL,
+                node: name,
+                node_rank: rank,
+                version: env!("CARGO_PKG_VERSION").into(),
+                digest,
+                info,
+                proof: None,
+            })
+            .unwrap();
             hello["settings"] = sj;
             channel::send(&mut w, &hello).await.unwrap();
             loop {
@@ -59,7 +93,9 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                         if rank == 7 {
                             // give the others time to report up, then "receive SIGTERM"
                             tokio::time::sleep(Duration::from_millis(500)).await;
-                            channel::send(&mut w, &ToMaster::Stopping { signal: 15 }).await.unwrap();
+                            channel::send(&mut w, &ToMaster::Stopping { signal: 15 })
+                                .await
+                                .unwrap();
                         }
                     }
                     Ok(ToRank::Stop { code, node, .. }) => {
@@ -77,18 +113,25 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
     }
     drop(res_tx);
     let mut count = std::collections::BTreeMap::<&str, (usize, Duration)>::new();
-    while let Some((_, what, at)) = tokio::time::timeout(Duration::from_secs(60), res_rx.recv()).await.expect("no progress for 60 s") {
+    while let Some((_, what, at)) = tokio::time::timeout(Duration::from_secs(60), res_rx.recv())
+        .await
+        .expect("no progress for 60 s")
+    {
         let e = count.entry(what).or_default();
         e.0 += 1;
         e.1 = e.1.max(at);
     }
-    tokio::time::timeout(Duration::from_secs(30), done_rx).await.expect("coordinator finished").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), done_rx)
+        .await
+        .expect("coordinator finished")
+        .unwrap();
     for what in ["welcome", "start", "stop"] {
         let (n, last) = count[what];
         assert_eq!(n, N, "{what}");
         eprintln!("{N} ranks: last {what} after {:.3}s", last.as_secs_f64());
     }
-    let ep: serde_json::Value = serde_json::from_slice(&std::fs::read(&s.endpoint_file).unwrap()).unwrap();
+    let ep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&s.endpoint_file).unwrap()).unwrap();
     assert_eq!(ep["status"], "stopped");
     assert_eq!(ep["exit_code"], 143);
 }

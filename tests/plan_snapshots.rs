@@ -11,8 +11,17 @@ fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::err
     let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
     let mut step = Step::preview(names.clone(), "4242".into());
     step.self_rank = Some(0);
-    let ov = Overrides { gpus_per_node: Some(gpus), ..Default::default() };
-    let s = settings::resolve(&loaded, &ov, &step, client.iter().map(|s| s.to_string()).collect(), Path::new("/home/u"));
+    let ov = Overrides {
+        gpus_per_node: Some(gpus),
+        ..Default::default()
+    };
+    let s = settings::resolve(
+        &loaded,
+        &ov,
+        &step,
+        client.iter().map(|s| s.to_string()).collect(),
+        Path::new("/home/u"),
+    );
     let nodes: Vec<NodeInfo> = names
         .iter()
         .enumerate()
@@ -53,15 +62,31 @@ fn vllm_ray_replicas() {
 
 #[test]
 fn vllm_mp_three_nodes() {
-    let p = plan_for("engine: vllm\nmodel: m\nparallel:\n  tensor: 3\nvllm:\n  backend: mp\n", 3, 1, &[]).unwrap();
-    let headless: Vec<bool> = p.ranks.iter().map(|r| r.commands[0].argv.contains(&"--headless".to_string())).collect();
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 3\nvllm:\n  backend: mp\n",
+        3,
+        1,
+        &[],
+    )
+    .unwrap();
+    let headless: Vec<bool> = p
+        .ranks
+        .iter()
+        .map(|r| r.commands[0].argv.contains(&"--headless".to_string()))
+        .collect();
     assert_eq!(headless, [false, true, true]);
     insta::assert_snapshot!(text(&p));
 }
 
 #[test]
 fn sglang_two_nodes() {
-    let p = plan_for("engine: sglang\nmodel: /models/qwen\nparallel:\n  tensor: 16\n", 2, 8, &[]).unwrap();
+    let p = plan_for(
+        "engine: sglang\nmodel: /models/qwen\nparallel:\n  tensor: 16\n",
+        2,
+        8,
+        &[],
+    )
+    .unwrap();
     assert!(p.backend.is_none());
     insta::assert_snapshot!(text(&p));
 }
@@ -69,7 +94,16 @@ fn sglang_two_nodes() {
 #[test]
 fn client_mode_runs_on_master_only() {
     let p = plan_for(RAY, 2, 8, &["python", "gen.py", "--n", "10"]).unwrap();
-    let client: Vec<_> = p.ranks.iter().flat_map(|r| r.commands.iter().filter(|c| c.name == "client").map(move |c| (r.node_rank, c))).collect();
+    let client: Vec<_> = p
+        .ranks
+        .iter()
+        .flat_map(|r| {
+            r.commands
+                .iter()
+                .filter(|c| c.name == "client")
+                .map(move |c| (r.node_rank, c))
+        })
+        .collect();
     assert_eq!(client.len(), 1);
     assert_eq!(client[0].0, 0);
     insta::assert_snapshot!(client[0].1.shell());
@@ -77,7 +111,13 @@ fn client_mode_runs_on_master_only() {
 
 #[test]
 fn cpu_run_without_gpus_puts_every_node_in_one_replica() {
-    let p = plan_for("engine: vllm\nmodel: m\nparallel:\n  tensor: 2\nvllm:\n  backend: mp\n", 2, 0, &[]).unwrap();
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 2\nvllm:\n  backend: mp\n",
+        2,
+        0,
+        &[],
+    )
+    .unwrap();
     assert_eq!((p.replicas, p.nodes_per_replica), (1, 2));
 }
 
@@ -86,13 +126,34 @@ fn two_jobs_get_different_ports() {
     let a = plan_for(RAY, 2, 8, &[]).unwrap().ports;
     let loaded = config::parse("t", RAY).unwrap();
     let step = Step::preview(vec!["n1".into()], "4243".into());
-    let s = settings::resolve(&loaded, &Overrides { gpus_per_node: Some(16), ..Default::default() }, &step, vec![], Path::new("/"));
-    let n = NodeInfo { name: "n1".into(), address: "10.0.0.1".into(), interface: None, cpus: 1, object_store_bytes: 1 << 30 };
+    let s = settings::resolve(
+        &loaded,
+        &Overrides {
+            gpus_per_node: Some(16),
+            ..Default::default()
+        },
+        &step,
+        vec![],
+        Path::new("/"),
+    );
+    let n = NodeInfo {
+        name: "n1".into(),
+        address: "10.0.0.1".into(),
+        interface: None,
+        cpus: 1,
+        object_store_bytes: 1 << 30,
+    };
     let b = plan::build(&s, &step, &[n]).unwrap().ports;
     assert_ne!(a.channel, b.channel);
     assert_eq!(b.channel - a.channel, plan::PORT_BLOCK);
     // every port of a block lies inside the block
-    for p in [a.ray_gcs, a.engine_http, a.engine_rendezvous, a.min_worker, a.max_worker] {
+    for p in [
+        a.ray_gcs,
+        a.engine_http,
+        a.engine_rendezvous,
+        a.min_worker,
+        a.max_worker,
+    ] {
         assert!(p >= a.channel && p < a.channel + plan::PORT_BLOCK);
     }
 }
@@ -108,7 +169,13 @@ fn layout_errors_say_which_counts_work() {
 
 #[test]
 fn a_thousand_nodes() {
-    let p = plan_for("engine: vllm\nmodel: m\nparallel:\n  tensor: 8\n  pipeline: 4\n", 1000, 8, &[]).unwrap();
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 8\n  pipeline: 4\n",
+        1000,
+        8,
+        &[],
+    )
+    .unwrap();
     assert_eq!(p.replicas, 250);
     assert_eq!(p.ranks[999].leader, "node997");
     let json = serde_json::to_string(&p).unwrap();

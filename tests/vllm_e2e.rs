@@ -19,7 +19,9 @@ fn vllm_python() -> PathBuf {
 /// relative to it), logs and endpoint in the test's dir.
 fn srun_cpu(bed: &Bed, name: &str, client: &[&str]) -> Command {
     let mut c = slurm("srun");
-    c.args(["-N2", "--ntasks-per-node=1", "-J", name]).arg(bin()).args(["--config", "configs/vllm-cpu-tiny.yaml"]);
+    c.args(["-N2", "--ntasks-per-node=1", "-J", name])
+        .arg(bin())
+        .args(["--config", "configs/vllm-cpu-tiny.yaml"]);
     c.arg("--log-dir").arg(bed.path("logs"));
     c.arg("--endpoint-file").arg(bed.path("endpoint.json"));
     c.arg("--event-log").arg(bed.path("events.jsonl"));
@@ -31,7 +33,11 @@ fn srun_cpu(bed: &Bed, name: &str, client: &[&str]) -> Command {
 }
 
 fn serve_cpu(bed: &Bed, name: &str) -> Child {
-    let mut child = srun_cpu(bed, name, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = srun_cpu(bed, name, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     loop {
         if endpoint_status(&bed.path("endpoint.json")).is_some_and(|v| v["status"] == "ready") {
@@ -42,7 +48,10 @@ fn serve_cpu(bed: &Bed, name: &str) -> Child {
             let out = wait_limited(&mut child, Duration::from_secs(5));
             panic!("ended before ready:\n{}", text(&out));
         }
-        assert!(t0.elapsed() < Duration::from_secs(400), "not ready in 400 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(400),
+            "not ready in 400 s"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -51,10 +60,25 @@ fn complete(bed: &Bed) -> serde_json::Value {
     let ep = endpoint_status(&bed.path("endpoint.json")).unwrap();
     let url = format!("{}/completions", ep["url"].as_str().unwrap());
     let o = Command::new("curl")
-        .args(["-sf", "--noproxy", "*", "-m", "120", "-H", "Content-Type: application/json", "-d", r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#, &url])
+        .args([
+            "-sf",
+            "--noproxy",
+            "*",
+            "-m",
+            "120",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#,
+            &url,
+        ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "completion failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "completion failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
@@ -77,13 +101,30 @@ fn real_vllm_serves_across_two_nodes_and_scancel_leaves_nothing() {
     assert_eq!(reply["usage"]["completion_tokens"], 16, "{reply}");
     assert!(!reply["choices"][0]["text"].as_str().unwrap().is_empty());
     // both ranks run the right vllm serve: rank 1 headless
-    let logs = |n: &str| std::fs::read_to_string(bed.path(&format!("logs/{n}.engine.log"))).unwrap();
+    let logs =
+        |n: &str| std::fs::read_to_string(bed.path(&format!("logs/{n}.engine.log"))).unwrap();
     let head = |s: String| s.lines().nth(1).unwrap_or("").to_string();
     let (c1, c2) = (head(logs("node1")), head(logs("node2")));
-    assert!(c1.contains("--node-rank 0") && !c1.contains("--headless") && c1.contains("VLLM_CPU_OMP_THREADS_BIND=0"), "{c1}");
-    assert!(c2.contains("--node-rank 1") && c2.contains("--headless") && c2.contains("VLLM_CPU_OMP_THREADS_BIND=1"), "{c2}");
-    assert!(c2.contains("--master-addr 10.77.0.11") && c2.contains("VLLM_HOST_IP=10.77.0.12"), "{c2}");
-    let o = slurm("squeue").args(["-h", "-n", "rl-vllm", "-o", "%i"]).output().unwrap();
+    assert!(
+        c1.contains("--node-rank 0")
+            && !c1.contains("--headless")
+            && c1.contains("VLLM_CPU_OMP_THREADS_BIND=0"),
+        "{c1}"
+    );
+    assert!(
+        c2.contains("--node-rank 1")
+            && c2.contains("--headless")
+            && c2.contains("VLLM_CPU_OMP_THREADS_BIND=1"),
+        "{c2}"
+    );
+    assert!(
+        c2.contains("--master-addr 10.77.0.11") && c2.contains("VLLM_HOST_IP=10.77.0.12"),
+        "{c2}"
+    );
+    let o = slurm("squeue")
+        .args(["-h", "-n", "rl-vllm", "-o", "%i"])
+        .output()
+        .unwrap();
     let jid = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let t0 = Instant::now();
     assert!(slurm("scancel").arg(&jid).status().unwrap().success());
@@ -94,7 +135,11 @@ fn real_vllm_serves_across_two_nodes_and_scancel_leaves_nothing() {
     assert_eq!(codes.len(), 2, "{codes:?}");
     assert!(codes.values().all(|c| *c == 143), "{codes:?}");
     assert_no_leftovers("after scancel of the real engine");
-    eprintln!("phases: {}; scancel -> nothing left {:.1}s", phases(&bed), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "phases: {}; scancel -> nothing left {:.1}s",
+        phases(&bed),
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -111,7 +156,11 @@ fn kill_9_of_the_headless_engine_ends_the_step_naming_node2() {
         .map(|(_, p, _)| p)
         .unwrap_or_else(|| panic!("no vllm on node2: {:#?}", node_procs()));
     let t0 = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let out = wait_limited(&mut child, Duration::from_secs(60));
     let took = t0.elapsed();
     let all = text(&out);
@@ -119,9 +168,15 @@ fn kill_9_of_the_headless_engine_ends_the_step_naming_node2() {
     let codes = exits(&all);
     assert_eq!(codes.get("node1"), Some(&5), "{codes:?}");
     assert_eq!(codes.get("node2"), Some(&5), "{codes:?}");
-    assert!(all.contains("engine on node2 ended unexpectedly (signal 9 (SIGKILL))"), "{all}");
+    assert!(
+        all.contains("engine on node2 ended unexpectedly (signal 9 (SIGKILL))"),
+        "{all}"
+    );
     assert!(took < Duration::from_secs(30), "{took:?}");
-    eprintln!("kill -9 of node2's vllm -> step ended in {:.2}s", took.as_secs_f64());
+    eprintln!(
+        "kill -9 of node2's vllm -> step ended in {:.2}s",
+        took.as_secs_f64()
+    );
 }
 
 #[test]
@@ -130,7 +185,18 @@ fn client_mode_with_the_real_engine_returns_the_clients_code() {
     let py = vllm_python();
     let bed = Bed::new();
     let client = root().join("tests/clients/complete.py");
-    let out = run_limited(srun_cpu(&bed, "rl-vllm-client", &[py.to_str().unwrap(), client.to_str().unwrap(), "the cat sat"]), Duration::from_secs(400));
+    let out = run_limited(
+        srun_cpu(
+            &bed,
+            "rl-vllm-client",
+            &[
+                py.to_str().unwrap(),
+                client.to_str().unwrap(),
+                "the cat sat",
+            ],
+        ),
+        Duration::from_secs(400),
+    );
     let all = text(&out);
     eprintln!("{all}");
     assert_eq!(out.status.code(), Some(0), "{all}");
@@ -141,13 +207,26 @@ fn client_mode_with_the_real_engine_returns_the_clients_code() {
 
 fn plan_json(dir: &Path, config: &str, extra: &[&str]) -> PathBuf {
     let o = Command::new(bin())
-        .args(["plan", "--format", "json", "--nodelist", "n[1-4]", "--gpus-per-node", "8", "--config", config])
+        .args([
+            "plan",
+            "--format",
+            "json",
+            "--nodelist",
+            "n[1-4]",
+            "--gpus-per-node",
+            "8",
+            "--config",
+            config,
+        ])
         .args(extra)
         .current_dir(root())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let p = dir.join(format!("{}.json", Path::new(config).file_stem().unwrap().to_string_lossy()));
+    let p = dir.join(format!(
+        "{}.json",
+        Path::new(config).file_stem().unwrap().to_string_lossy()
+    ));
     std::fs::write(&p, &o.stdout).unwrap();
     p
 }
@@ -166,7 +245,13 @@ fn check_argv(plan: &Path) -> (bool, String) {
 #[ignore = "needs .venv-vllm: scripts/test.sh"]
 fn every_example_configs_engine_argv_passes_the_engines_own_parser() {
     let dir = tempfile::tempdir().unwrap();
-    for cfg in ["configs/vllm-ray.yaml", "configs/vllm-mp.yaml", "configs/vllm-replicas.yaml", "configs/vllm-cpu-tiny.yaml", "configs/sglang.yaml"] {
+    for cfg in [
+        "configs/vllm-ray.yaml",
+        "configs/vllm-mp.yaml",
+        "configs/vllm-replicas.yaml",
+        "configs/vllm-cpu-tiny.yaml",
+        "configs/sglang.yaml",
+    ] {
         let (ok, out) = check_argv(&plan_json(dir.path(), cfg, &[]));
         assert!(ok, "{cfg}: {out}");
         assert!(out.contains("accepted"), "{out}");
@@ -177,7 +262,10 @@ fn every_example_configs_engine_argv_passes_the_engines_own_parser() {
 #[ignore = "needs .venv-vllm: scripts/test.sh"]
 fn a_flag_typo_is_caught_by_the_parser_check() {
     let dir = tempfile::tempdir().unwrap();
-    for (engine, typo) in [("vllm", "--max-modle-len"), ("sglang", "--mem-fraction-statc")] {
+    for (engine, typo) in [
+        ("vllm", "--max-modle-len"),
+        ("sglang", "--mem-fraction-statc"),
+    ] {
         let cfg = dir.path().join(format!("{engine}.yaml"));
         std::fs::write(&cfg, format!("engine: {engine}\nmodel: m\nparallel: {{tensor: 8}}\nengine_args: ['{typo}', '256']\n")).unwrap();
         let (ok, out) = check_argv(&plan_json(dir.path(), cfg.to_str().unwrap(), &[]));

@@ -35,12 +35,31 @@ pub struct Bed {
 impl Bed {
     /// Check the bed is up and idle, and give the test a work dir on the shared filesystem.
     pub fn new() -> Bed {
-        let out = slurm("sinfo").args(["-h", "-N", "-t", "idle", "-o", "%N"]).output().expect("sinfo runs (bash scripts/test.sh sets up the bed)");
-        let idle = String::from_utf8_lossy(&out.stdout).lines().collect::<std::collections::BTreeSet<_>>().len();
-        assert_eq!(idle, NODES, "the test bed is not up with {NODES} idle nodes: run `bash slurm/testbed/up.sh`");
-        assert!(root().join(".venv/bin/ray").exists(), "no .venv: run scripts/setup.sh");
-        let dir = tempfile::Builder::new().prefix("rl-e2e-").tempdir_in("/tmp").unwrap();
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let out = slurm("sinfo")
+            .args(["-h", "-N", "-t", "idle", "-o", "%N"])
+            .output()
+            .expect("sinfo runs (bash scripts/test.sh sets up the bed)");
+        let idle = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        assert_eq!(
+            idle, NODES,
+            "the test bed is not up with {NODES} idle nodes: run `bash slurm/testbed/up.sh`"
+        );
+        assert!(
+            root().join(".venv/bin/ray").exists(),
+            "no .venv: run scripts/setup.sh"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("rl-e2e-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         assert_no_leftovers("before the test");
         Bed { dir }
     }
@@ -53,7 +72,11 @@ impl Bed {
     /// `extra` sets them. @STANDIN@ and @RECORD@ are replaced by the stand-in dir and the work dir.
     pub fn config(&self, base: &str, extra: &str) -> PathBuf {
         let standin = root().join("tests/standin");
-        let timeouts = if extra.contains("timeouts:") { "" } else { "timeouts: {shutdown_grace: 5s, kill_wait: 30s}\n" };
+        let timeouts = if extra.contains("timeouts:") {
+            ""
+        } else {
+            "timeouts: {shutdown_grace: 5s, kill_wait: 30s}\n"
+        };
         let yaml = format!(
             "{base}\nray: {{executable: {ray}, object_store_memory: 200MiB}}\n{timeouts}{extra}\n",
             ray = root().join(".venv/bin/ray").display()
@@ -67,7 +90,9 @@ impl Bed {
 
     pub fn srun(&self, args: &[&str]) -> Command {
         let mut c = slurm("srun");
-        c.args(["-N3", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]).args(args).current_dir(self.dir.path());
+        c.args(["-N3", "--ntasks-per-node=1", "--kill-on-bad-exit=0"])
+            .args(args)
+            .current_dir(self.dir.path());
         c
     }
 
@@ -85,7 +110,10 @@ impl Drop for Bed {
         } else {
             // best effort so the next test starts clean
             for (_, pid, _) in node_procs() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -95,15 +123,28 @@ impl Drop for Bed {
 pub fn node_procs() -> Vec<(String, i32, String)> {
     let mut out = Vec::new();
     for i in 1..=NODES {
-        let o = Command::new("ip").args(["netns", "pids", &format!("sl-n{i}")]).output().unwrap();
-        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+        let o = Command::new("ip")
+            .args(["netns", "pids", &format!("sl-n{i}")])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rfind(')').is_some_and(|i| stat[i + 2..].starts_with('Z'));
+            let zombie = stat
+                .rfind(')')
+                .is_some_and(|i| stat[i + 2..].starts_with('Z'));
             if comm.is_empty() || zombie || BED_PROCS.contains(&comm.as_str()) {
                 continue;
             }
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
             out.push((format!("node{i}"), pid, format!("{comm}: {cmd}")));
         }
     }
@@ -140,7 +181,11 @@ pub fn assert_no_leftovers(when: &str) {
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Run with a hard limit; kill srun (and with it the step) if it hangs.
@@ -171,21 +216,32 @@ pub fn wait_limited(child: &mut Child, limit: Duration) -> Output {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let st = child.wait().unwrap();
-            let out = Output { status: st, stdout: a.join().unwrap(), stderr: b.join().unwrap() };
+            let out = Output {
+                status: st,
+                stdout: a.join().unwrap(),
+                stderr: b.join().unwrap(),
+            };
             panic!("timed out after {limit:?}:\n{}", text(&out));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Output { status, stdout: a.join().unwrap(), stderr: b.join().unwrap() }
+    Output {
+        status,
+        stdout: a.join().unwrap(),
+        stderr: b.join().unwrap(),
+    }
 }
-
 
 pub fn endpoint_status(p: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
 pub fn endpoint_file(dir: &Path) -> PathBuf {
-    let d = std::fs::read_dir(dir).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("ray-launch-")).expect("a log dir");
+    let d = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("ray-launch-"))
+        .expect("a log dir");
     d.path().join("endpoint.json")
 }
 
@@ -195,7 +251,11 @@ pub fn exits(out: &str) -> std::collections::BTreeMap<String, i32> {
     for l in out.lines() {
         if let (Some(i), Some(j)) = (l.find(" ["), l.rfind("; exit ")) {
             if let Some(k) = l[i + 2..].find(']') {
-                let node = l[i + 2..i + 2 + k].split(' ').nth(1).unwrap_or("").to_string();
+                let node = l[i + 2..i + 2 + k]
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
                 if let Ok(c) = l[j + 7..].trim().parse() {
                     m.insert(node, c);
                 }
@@ -204,4 +264,3 @@ pub fn exits(out: &str) -> std::collections::BTreeMap<String, i32> {
     }
     m
 }
-
