@@ -203,17 +203,25 @@ pub fn self_info(
     resolved: Option<std::net::IpAddr>,
 ) -> Result<NodeInfo> {
     let (ip, ifname) = host::choose_address(&s.config.network, facts, resolved)?;
-    let object_store_bytes = match s.config.ray.object_store_memory {
-        config::Size::Bytes(b) => b,
-        config::Size::Auto => host::auto_object_store(facts, step.mem_per_node_mb),
-    };
     Ok(NodeInfo {
-        name: name.to_string(),
         address: ip.to_string(),
         interface: Some(ifname),
-        cpus: step.cpus_on_node.unwrap_or(facts.cpus),
-        object_store_bytes,
+        ..local_info(s, step, name, facts)
     })
+}
+
+/// What this machine's facts say about a node, before its address is known.
+fn local_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts) -> NodeInfo {
+    NodeInfo {
+        name: name.to_string(),
+        address: String::new(),
+        interface: s.config.network.interface.clone(),
+        cpus: step.cpus_on_node.unwrap_or(facts.cpus),
+        object_store_bytes: match s.config.ray.object_store_memory {
+            config::Size::Bytes(b) => b,
+            config::Size::Auto => host::auto_object_store(facts, step.mem_per_node_mb),
+        },
+    }
 }
 
 pub fn gather(
@@ -260,16 +268,9 @@ pub fn gather(
         }
         // Other nodes: assumed alike (same CPUs, memory, interface name); at run time each
         // rank reports its own facts during the rendezvous.
-        let template = mine.clone().unwrap_or_else(|| NodeInfo {
-            name: String::new(),
-            address: String::new(),
-            interface: settings.config.network.interface.clone(),
-            cpus: step.cpus_on_node.unwrap_or(facts.cpus),
-            object_store_bytes: match settings.config.ray.object_store_memory {
-                config::Size::Bytes(b) => b,
-                config::Size::Auto => host::auto_object_store(&facts, step.mem_per_node_mb),
-            },
-        });
+        let template = mine
+            .clone()
+            .unwrap_or_else(|| local_info(&settings, &step, name, &facts));
         nodes.push(NodeInfo {
             name: name.clone(),
             address: resolved[i].map_or_else(|| name.clone(), |ip| ip.to_string()),

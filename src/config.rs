@@ -26,14 +26,12 @@ pub enum VllmBackend {
 }
 
 /// `auto` or a number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[derive(Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub enum Auto<T> {
     #[default]
     Auto,
     Value(T),
 }
-
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Auto<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {

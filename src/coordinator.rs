@@ -101,20 +101,11 @@ pub fn diff_keys(
     }
 }
 
-/// What every rank must agree on, as JSON (sent in Hello, compared by the master).
-pub fn settings_json(s: &Settings) -> serde_json::Value {
-    serde_json::json!({
-        "config": s.config,
-        "gpus_per_node": s.gpus_per_node,
-        "client": s.client,
-    })
-}
-
 impl Coord {
     pub fn new(settings: Settings, step: Step, now: Instant) -> Coord {
         let n = step.nodes.len();
         let rendezvous = settings.config.timeouts.rendezvous.0;
-        let master_settings = settings_json(&settings);
+        let master_settings = settings.agreed();
         Coord {
             settings,
             step,
@@ -172,10 +163,10 @@ impl Coord {
         self.phase = Phase::Stopping;
         let mut acts = Vec::new();
         let node_name = node.map(|r| self.node(r));
-        let ev = if code == exit::SUCCESS || code >= 128 {
-            "stop_requested"
-        } else {
+        let ev = if exit::is_failure(code) {
             "failure"
+        } else {
+            "stop_requested"
         };
         acts.push(self.event(
             ev,
@@ -195,11 +186,10 @@ impl Coord {
             }
         }
         acts.push(Action::Endpoint {
-            // a signal (scancel, time limit) is how a serving job normally ends
-            status: if code == exit::SUCCESS || code >= 128 {
-                "stopped"
-            } else {
+            status: if exit::is_failure(code) {
                 "failed"
+            } else {
+                "stopped"
             },
             reason: Some(reason),
             code: Some(code),
@@ -1042,6 +1032,16 @@ mod tests {
         }
     }
 
+    /// Every rank says hello in rank order; the actions of the last hello.
+    fn hello_all(c: &mut Coord, infos: &[NodeInfo], now: Instant) -> Vec<Action> {
+        let mut acts = Vec::new();
+        for (i, info) in infos.iter().enumerate() {
+            let h = hello(c, info, i);
+            acts = c.on_hello(&h, c.settings.agreed(), now).unwrap().1;
+        }
+        acts
+    }
+
     fn sends(acts: &[Action]) -> Vec<(usize, String)> {
         acts.iter()
             .filter_map(|a| match a {
@@ -1061,7 +1061,7 @@ mod tests {
         let mut all = Vec::new();
         for (i, info) in infos.iter().enumerate().rev() {
             let h = hello(&c, info, i);
-            let s = settings_json(&c.settings);
+            let s = c.settings.agreed();
             let (_, acts) = c.on_hello(&h, s, now).unwrap();
             all = acts;
         }
@@ -1140,11 +1140,7 @@ mod tests {
     #[test]
     fn mp_starts_every_engine_at_once() {
         let (mut c, infos, now) = setup("engine: vllm\nmodel: m\nparallel: {tensor: 2}\nvllm: {backend: mp}\ngpus_per_node: 0\n", 2, &[]);
-        let mut acts = Vec::new();
-        for (i, info) in infos.iter().enumerate() {
-            let h = hello(&c, info, i);
-            acts = c.on_hello(&h, settings_json(&c.settings), now).unwrap().1;
-        }
+        let acts = hello_all(&mut c, &infos, now);
         assert_eq!(
             sends(&acts),
             [(0, "engine".to_string()), (1, "engine".to_string())]
@@ -1154,10 +1150,7 @@ mod tests {
     #[test]
     fn failures_map_to_codes_and_name_the_node() {
         let (mut c, infos, now) = setup(RAY, 3, &[]);
-        for (i, info) in infos.iter().enumerate() {
-            let h = hello(&c, info, i);
-            c.on_hello(&h, settings_json(&c.settings), now).unwrap();
-        }
+        hello_all(&mut c, &infos, now);
         c.on_message(
             0,
             ToMaster::Up {
@@ -1206,19 +1199,13 @@ mod tests {
     #[test]
     fn silent_node_and_slow_join_time_out() {
         let (mut c, infos, now) = setup(RAY2, 2, &[]);
-        for (i, info) in infos.iter().enumerate() {
-            let h = hello(&c, info, i);
-            c.on_hello(&h, settings_json(&c.settings), now).unwrap();
-        }
+        hello_all(&mut c, &infos, now);
         // head never comes up: startup timeout after worker_join (3m)
         let acts = c.on_tick(now + Duration::from_secs(181));
         assert!(acts.iter().any(|a| matches!(a, Action::Send(_, ToRank::Stop { code, reason, .. }) if *code == exit::STARTUP_TIMEOUT && reason.contains("ray-head on node1 did not come up within 3m"))), "{acts:?}");
 
         let (mut c, infos, now) = setup(RAY2, 2, &[]);
-        for (i, info) in infos.iter().enumerate() {
-            let h = hello(&c, info, i);
-            c.on_hello(&h, settings_json(&c.settings), now).unwrap();
-        }
+        hello_all(&mut c, &infos, now);
         c.on_message(
             0,
             ToMaster::Up {
@@ -1237,7 +1224,7 @@ mod tests {
         if let ToMaster::Hello { digest, .. } = &mut h {
             *digest = "other".into();
         }
-        let mut theirs = settings_json(&c.settings);
+        let mut theirs = c.settings.agreed();
         theirs["config"]["parallel"]["tensor"] = serde_json::json!(4);
         let (_, acts) = c.on_hello(&h, theirs, now).unwrap();
         let reason = acts.iter().find_map(|a| match a {
@@ -1258,7 +1245,7 @@ mod tests {
     fn rendezvous_names_missing_nodes_and_times_out() {
         let (mut c, infos, now) = setup(RAY, 3, &[]);
         let h = hello(&c, &infos[0], 0);
-        c.on_hello(&h, settings_json(&c.settings), now).unwrap();
+        c.on_hello(&h, c.settings.agreed(), now).unwrap();
         let acts = c.on_tick(now + Duration::from_secs(6));
         assert!(acts.iter().any(|a| matches!(a, Action::Info(s) if s.contains("1/3 node(s) connected; waiting for node2, node3"))), "{acts:?}");
         let acts = c.on_tick(now + Duration::from_secs(301));
@@ -1268,10 +1255,7 @@ mod tests {
     #[test]
     fn all_stopped_after_every_rank_reports() {
         let (mut c, infos, now) = setup(RAY2, 2, &[]);
-        for (i, info) in infos.iter().enumerate() {
-            let h = hello(&c, info, i);
-            c.on_hello(&h, settings_json(&c.settings), now).unwrap();
-        }
+        hello_all(&mut c, &infos, now);
         c.on_message(1, ToMaster::Stopping { signal: 15 }, now);
         assert!(!c
             .on_message(0, ToMaster::Stopped, now)

@@ -20,6 +20,12 @@ pub const fn signal(n: i32) -> i32 {
     128 + n
 }
 
+/// Whether a step that ends with `code` failed. 0 and 128+n (a signal: scancel, the time
+/// limit) are how a job normally ends; anything else is a failure.
+pub const fn is_failure(code: i32) -> bool {
+    code != SUCCESS && code < 128
+}
+
 /// The table printed by `--help` and the README.
 pub const TABLE: &[(i32, &str)] = &[
     (SUCCESS, "clean stop (client exited 0, or SIGUSR1 drain)"),

@@ -236,6 +236,21 @@ fn vllm_serve(c: &crate::config::Config, backend: &str) -> Vec<String> {
     ]
 }
 
+/// What the rank that serves HTTP adds: `--host H --port P [--served-model-name N]`
+/// (the same flags in vLLM and SGLang).
+fn http_args(c: &crate::config::Config, port: u16) -> Vec<String> {
+    let mut v = vec![
+        "--host".into(),
+        c.server.host.clone(),
+        "--port".into(),
+        port.to_string(),
+    ];
+    if let Some(name) = &c.served_model_name {
+        v.extend(["--served-model-name".into(), name.clone()]);
+    }
+    v
+}
+
 fn fill(template: &str, job: &str, node: &str, rank: usize) -> String {
     template
         .replace("{job}", job)
@@ -450,15 +465,7 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             });
             if rr == 0 {
                 let mut argv = vllm_serve(c, "ray");
-                argv.extend([
-                    "--host".into(),
-                    c.server.host.clone(),
-                    "--port".into(),
-                    ports.engine_http.to_string(),
-                ]);
-                if let Some(name) = &c.served_model_name {
-                    argv.extend(["--served-model-name".into(), name.clone()]);
-                }
+                argv.extend(http_args(c, ports.engine_http));
                 argv.extend(c.engine_args.iter().cloned());
                 let mut env = env;
                 env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
@@ -511,15 +518,7 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             if headless {
                 argv.push("--headless".into());
             } else {
-                argv.extend([
-                    "--host".into(),
-                    c.server.host.clone(),
-                    "--port".into(),
-                    ports.engine_http.to_string(),
-                ]);
-                if let Some(name) = &c.served_model_name {
-                    argv.extend(["--served-model-name".into(), name.clone()]);
-                }
+                argv.extend(http_args(c, ports.engine_http));
             }
             argv.extend(c.engine_args.iter().cloned());
             commands.push(Command {

@@ -99,14 +99,13 @@ pub fn kill_session(sid: i32, sig: Signal) -> usize {
     pids.len()
 }
 
+/// How long members may outlive their session's leader before they count as orphans.
+pub const ORPHAN_LINGER: Duration = Duration::from_secs(1);
+
 /// Wait until none of `sids` has a live member, or `limit` passes. True when all are empty.
 /// When the process that leads a session (pid == sid) is gone but members remain for
 /// `orphan_linger`, those are orphans that will not stop by themselves (an engine's workers
 /// whose API server died): give up early so the caller can SIGKILL them.
-pub async fn wait_sessions_empty(sids: &[i32], limit: Duration) -> bool {
-    wait_sessions(sids, limit, Duration::from_secs(1)).await
-}
-
 pub async fn wait_sessions(sids: &[i32], limit: Duration, orphan_linger: Duration) -> bool {
     let start = tokio::time::Instant::now();
     let deadline = start + limit;

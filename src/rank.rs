@@ -178,7 +178,7 @@ pub async fn run(g: Gathered, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
         proof: None,
     })
     .expect("serializes");
-    hello["settings"] = coordinator::settings_json(&s);
+    hello["settings"] = s.agreed();
     let _ = to_master.send(line(&hello));
     let nodes = loop {
         tokio::select! {
@@ -412,7 +412,7 @@ fn report_stop(code: i32, reason: &str, culprit: Option<&str>) {
     let by = culprit
         .map(|n| format!(" [caused by {n}]"))
         .unwrap_or_default();
-    if code == exit::SUCCESS || code >= 128 {
+    if !exit::is_failure(code) {
         info!("stopping: {reason}{by}");
     } else {
         error!("stopping: {reason}{by}");
@@ -642,7 +642,7 @@ async fn teardown(
                 proc::signal_pid(p.pid, Signal::SIGTERM);
             }
             tokio::select! {
-                ok = proc::wait_sessions_empty(&sids, grace) => ok,
+                ok = proc::wait_sessions(&sids, grace, proc::ORPHAN_LINGER) => ok,
                 _ = killed(kill.clone()) => false,
             }
         };
@@ -654,7 +654,7 @@ async fn teardown(
             if n > 0 {
                 warn!("{}: {n} process(es) still running after SIGTERM (the grace of {} passed, or what it started was left orphaned): sent SIGKILL", names.join("/"), humantime::format_duration(grace));
             }
-            if !proc::wait_sessions_empty(&sids, Duration::from_secs(3)).await {
+            if !proc::wait_sessions(&sids, Duration::from_secs(3), Duration::from_secs(3)).await {
                 error!(
                     "processes of {} are still alive after SIGKILL",
                     names.join("/")
@@ -726,6 +726,24 @@ mod tests {
         }
     }
 
+    /// Tear down with this grace and no temp dir; how long it took.
+    async fn timed_teardown(
+        procs: Vec<Running>,
+        grace: Duration,
+        kill: watch::Receiver<bool>,
+    ) -> Duration {
+        let t0 = Instant::now();
+        teardown(
+            procs,
+            grace,
+            kill,
+            "/nonexistent-rl".into(),
+            BTreeSet::new(),
+        )
+        .await;
+        t0.elapsed()
+    }
+
     #[tokio::test]
     async fn teardown_goes_client_engine_ray_and_empties_every_session() {
         let dir = tempfile::tempdir().unwrap();
@@ -766,16 +784,7 @@ mod tests {
         ready(&log, &["engine"]).await;
         let sid = procs[0].pid;
         let (_kill_tx, kill_rx) = watch::channel(false);
-        let t0 = Instant::now();
-        teardown(
-            procs,
-            Duration::from_millis(1500),
-            kill_rx,
-            "/nonexistent-rl".into(),
-            BTreeSet::new(),
-        )
-        .await;
-        let took = t0.elapsed();
+        let took = timed_teardown(procs, Duration::from_millis(1500), kill_rx).await;
         assert!(
             took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
             "{took:?}"
@@ -791,16 +800,7 @@ mod tests {
         ready(&log, &["engine"]).await;
         let sid = procs[0].pid;
         let (_kill_tx, kill_rx) = watch::channel(false);
-        let t0 = Instant::now();
-        teardown(
-            procs,
-            Duration::from_secs(20),
-            kill_rx,
-            "/nonexistent-rl".into(),
-            BTreeSet::new(),
-        )
-        .await;
-        let took = t0.elapsed();
+        let took = timed_teardown(procs, Duration::from_secs(20), kill_rx).await;
         assert!(
             took < Duration::from_secs(5),
             "did not wait the whole grace: {took:?}"
@@ -824,16 +824,8 @@ mod tests {
             let _ = kill_tx.send(true);
             tokio::time::sleep(Duration::from_secs(60)).await;
         });
-        let t0 = Instant::now();
-        teardown(
-            procs,
-            Duration::from_secs(30),
-            kill_rx,
-            "/nonexistent-rl".into(),
-            BTreeSet::new(),
-        )
-        .await;
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let took = timed_teardown(procs, Duration::from_secs(30), kill_rx).await;
+        assert!(took < Duration::from_secs(5), "{took:?}");
         assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
     }
 }

@@ -64,21 +64,7 @@ pub fn resolve(
         .or_else(|| c.event_log.clone())
         .filter(|s| !s.is_empty())
         .map(|s| absolute(&fill(&s), cwd));
-    let mut h = Sha256::new();
-    h.update(serde_json::to_vec(c).expect("config serializes"));
-    h.update(gpus_per_node.to_le_bytes());
-    for a in &client {
-        h.update(a.as_bytes());
-        h.update([0]);
-    }
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    let digest: String = h
-        .finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Settings {
+    let mut s = Settings {
         config: c.clone(),
         config_path: loaded.path.clone(),
         gpus_per_node,
@@ -86,6 +72,28 @@ pub fn resolve(
         event_log,
         log_dir,
         client,
-        digest,
+        digest: String::new(),
+    };
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    s.digest = h
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    s
+}
+
+impl Settings {
+    /// What every rank of a step must agree on. The digest is taken over it; the master
+    /// compares it key by key to say what differs when digests do not match.
+    pub fn agreed(&self) -> serde_json::Value {
+        serde_json::json!({
+            "config": self.config,
+            "gpus_per_node": self.gpus_per_node,
+            "client": self.client,
+        })
     }
 }

@@ -37,7 +37,7 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
         step.clone(),
         done_tx,
     ));
-    let settings_json = coordinator::settings_json(&s);
+    let settings_json = s.agreed();
     let t0 = Instant::now();
     let (res_tx, mut res_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, &'static str, Duration)>();

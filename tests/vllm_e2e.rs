@@ -121,11 +121,7 @@ fn real_vllm_serves_across_two_nodes_and_scancel_leaves_nothing() {
         c2.contains("--master-addr 10.77.0.11") && c2.contains("VLLM_HOST_IP=10.77.0.12"),
         "{c2}"
     );
-    let o = slurm("squeue")
-        .args(["-h", "-n", "rl-vllm", "-o", "%i"])
-        .output()
-        .unwrap();
-    let jid = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let jid = job_id("rl-vllm");
     let t0 = Instant::now();
     assert!(slurm("scancel").arg(&jid).status().unwrap().success());
     let out = wait_limited(&mut child, Duration::from_secs(60));
@@ -150,17 +146,9 @@ fn kill_9_of_the_headless_engine_ends_the_step_naming_node2() {
     let mut child = serve_cpu(&bed, "rl-vllm-kill");
     complete(&bed);
     // the process ray-launch started on node2 (`vllm`, the session leader)
-    let pid = node_procs()
-        .into_iter()
-        .find(|(n, _, c)| n == "node2" && c.starts_with("vllm:"))
-        .map(|(_, p, _)| p)
-        .unwrap_or_else(|| panic!("no vllm on node2: {:#?}", node_procs()));
+    let pid = pid_on(2, "vllm").unwrap_or_else(|| panic!("no vllm on node2: {:#?}", node_procs()));
     let t0 = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
     let out = wait_limited(&mut child, Duration::from_secs(60));
     let took = t0.elapsed();
     let all = text(&out);

@@ -101,6 +101,44 @@ impl Bed {
         let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         serde_json::from_slice(&data).unwrap()
     }
+
+    /// The argv and environment the stand-in engine recorded on `node`.
+    pub fn argv(&self, node: &str, flavour: &str) -> (Vec<String>, serde_json::Value) {
+        let rec = self.record(node, flavour);
+        let argv = rec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        (argv, rec["env"].clone())
+    }
+}
+
+/// `argv` has `flag value` next to each other.
+pub fn has(argv: &[String], flag: &str, value: &str) -> bool {
+    argv.windows(2).any(|w| w[0] == flag && w[1] == value)
+}
+
+/// The Slurm job id of the running job named `name`.
+pub fn job_id(name: &str) -> String {
+    let o = slurm("squeue")
+        .args(["-h", "-n", name, "-o", "%i"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The pid (seen from the host) of the first process named `comm` on node `node`.
+pub fn pid_on(node: usize, comm: &str) -> Option<i32> {
+    node_procs()
+        .into_iter()
+        .find(|(n, _, c)| *n == format!("node{node}") && c.starts_with(&format!("{comm}:")))
+        .map(|(_, p, _)| p)
+}
+
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }
 
 impl Drop for Bed {
