@@ -1,11 +1,16 @@
 //! Slurm hostlist expressions: `node[01-03,7]`, `rack[1-2]-node[01-02]`, `oss[1,2].local`.
 //!
 //! `expand` and `compress` follow `scontrol show hostnames` / `scontrol show hostlist` of current
-//! Slurm (23.11 and later):
+//! Slurm (23.11 and later); where releases disagree (text after the last bracket, adjacent
+//! groups such as `n[1-2][4-5]`), the newest release wins:
 //! - items are separated by commas or whitespace outside brackets; empty items are skipped;
 //! - zero padding comes from the width of a range's lower bound (`[01-3]` → 01 02 03,
 //!   `[1-03]` → 1 2 3);
-//! - several bracket groups form a product, the first group varying slowest;
+//! - several bracket groups form a product in Slurm's order: the last group varies fastest,
+//!   then the first, the second, ..., the one before the last slowest
+//!   (`a[1-2]b[1-2]c[1-2]` → a1b1c1 a1b1c2 a2b1c1 a2b1c2 a1b2c1 ...);
+//! - one range holds at most 65,536 hosts, and a group before the last one at most 65,536
+//!   values in all ("Too many hosts in range", as Slurm refuses them);
 //! - text after the last bracket is kept (`oss[1,2].local`);
 //! - input order is kept and nothing is de-duplicated.
 //!
@@ -17,8 +22,17 @@
 use std::fmt::Write as _;
 
 /// The most hosts one expression may expand to. Far above any real cluster, far below
-/// what would exhaust memory on a typo such as `node[1-999999999]`.
+/// what would exhaust memory on a typo such as `a[0-65535]b[0-65535]` (which Slurm accepts
+/// and then takes minutes and gigabytes to expand): ray-launch's own limit, not Slurm's.
 pub const MAX_HOSTS: usize = 1 << 20;
+
+/// Slurm's `MAX_RANGE`: one range (`lo-hi`) holds at most this many hosts ("Too many hosts in
+/// range"); `n[0-65535]` is accepted, `n[0-65536]` is not.
+pub const MAX_RANGE: u64 = 64 * 1024;
+
+/// Slurm's `MAX_PREFIX_CNT`: a bracket group before the last one expands to at most this many
+/// values in all.
+pub const MAX_PREFIX_CNT: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid hostlist `{expr}`: {reason}")]
@@ -118,37 +132,76 @@ fn expand_item(expr: &str, item: &str, out: &mut Vec<String>) -> Result<(), Host
     if !rest.is_empty() {
         pieces.push(Piece::Text(rest.to_string()));
     }
-    let mut total: u64 = 1;
-    for p in &pieces {
-        if let Piece::Group(g) = p {
-            let n: u64 = g.iter().map(Range::count).sum();
-            total = total.saturating_mul(n);
+    let groups: Vec<&Vec<Range>> = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Group(g) => Some(g),
+            Piece::Text(_) => None,
+        })
+        .collect();
+    let Some((last, leading)) = groups.split_last() else {
+        out.push(item.to_string());
+        return Ok(());
+    };
+    // Slurm's limits: a range holds at most MAX_RANGE hosts, and a bracket group before the
+    // last one at most MAX_PREFIX_CNT values in all.
+    for (i, g) in groups.iter().enumerate() {
+        let n: u64 = g.iter().map(Range::count).sum();
+        if i + 1 < groups.len() && n > MAX_PREFIX_CNT {
+            return Err(err(
+                expr,
+                format!("a bracket group before the last one has {n} values, more than Slurm's {MAX_PREFIX_CNT}"),
+            ));
         }
     }
+    let total = groups.iter().fold(1u64, |t, g| {
+        t.saturating_mul(g.iter().map(Range::count).sum::<u64>())
+    });
     if total.saturating_add(out.len() as u64) > MAX_HOSTS as u64 {
         return Err(err(expr, format!("expands to more than {MAX_HOSTS} hosts")));
     }
-    let mut acc = vec![String::new()];
-    for p in &pieces {
-        match p {
-            Piece::Text(t) => acc.iter_mut().for_each(|s| s.push_str(t)),
-            Piece::Group(g) => {
-                let mut next = Vec::with_capacity(acc.len());
-                for s in &acc {
-                    for r in g {
-                        for n in r.lo..=r.hi {
-                            let mut h = s.clone();
-                            let _ = write!(h, "{:0width$}", n, width = r.width);
-                            next.push(h);
-                        }
+    let values = |g: &[Range]| -> Vec<String> {
+        g.iter()
+            .flat_map(|r| (r.lo..=r.hi).map(move |n| format!("{:0w$}", n, w = r.width)))
+            .collect()
+    };
+    let leading: Vec<Vec<String>> = leading.iter().map(|g| values(g)).collect();
+    let last = values(last);
+    // Slurm's order (`_push_range_list`): the last group varies fastest; the groups before it
+    // are expanded from the one next to it outwards, so the first group comes next, then the
+    // second, ..., and the one just before the last varies slowest. With two groups this is
+    // the plain product (`rack[1-2]-node[01-02]` → rack1-node01, rack1-node02, rack2-...).
+    let mut at = vec![0usize; leading.len()];
+    loop {
+        for v in &last {
+            let mut h = String::new();
+            let mut gi = 0;
+            for p in &pieces {
+                match p {
+                    Piece::Text(t) => h.push_str(t),
+                    Piece::Group(_) if gi < leading.len() => {
+                        h.push_str(&leading[gi][at[gi]]);
+                        gi += 1;
                     }
+                    Piece::Group(_) => h.push_str(v),
                 }
-                acc = next;
             }
+            out.push(h);
+        }
+        // odometer: the first group is the fastest digit
+        let mut i = 0;
+        while i < at.len() {
+            at[i] += 1;
+            if at[i] < leading[i].len() {
+                break;
+            }
+            at[i] = 0;
+            i += 1;
+        }
+        if i == at.len() {
+            return Ok(());
         }
     }
-    out.extend(acc);
-    Ok(())
 }
 
 fn parse_group(expr: &str, body: &str) -> Result<Vec<Range>, HostlistError> {
@@ -182,10 +235,10 @@ fn parse_range(expr: &str, part: &str) -> Result<Range, HostlistError> {
     if hi < lo {
         return Err(err(expr, format!("range `{part}` runs backwards")));
     }
-    if hi - lo >= MAX_HOSTS as u64 {
+    if hi - lo >= MAX_RANGE {
         return Err(err(
             expr,
-            format!("range `{part}` has more than {MAX_HOSTS} hosts"),
+            format!("range `{part}` has more than {MAX_RANGE} hosts, Slurm's limit for one range"),
         ));
     }
     Ok(Range {
@@ -336,6 +389,26 @@ mod tests {
             ]
         );
         assert_eq!(ex("oss[1,2].local"), ["oss1.local", "oss2.local"]);
+        // several groups: the last fastest, then the first, ..., the one before the last slowest
+        // (what `scontrol show hostnames` prints)
+        assert_eq!(
+            ex("row[0,1]_rack[2-3]_blade[4,5]"),
+            [
+                "row0_rack2_blade4",
+                "row0_rack2_blade5",
+                "row1_rack2_blade4",
+                "row1_rack2_blade5",
+                "row0_rack3_blade4",
+                "row0_rack3_blade5",
+                "row1_rack3_blade4",
+                "row1_rack3_blade5"
+            ]
+        );
+        assert_eq!(
+            ex("a[1-2]b[1-2]c[1-2]d[1-2]").join(" "),
+            "a1b1c1d1 a1b1c1d2 a2b1c1d1 a2b1c1d2 a1b2c1d1 a1b2c1d2 a2b2c1d1 a2b2c1d2 \
+             a1b1c2d1 a1b1c2d2 a2b1c2d1 a2b1c2d2 a1b2c2d1 a1b2c2d2 a2b2c2d1 a2b2c2d2"
+        );
         assert_eq!(ex("node[1,1]"), ["node1", "node1"]);
         assert_eq!(ex("b,a  c,,d"), ["b", "a", "c", "d"]);
         assert_eq!(ex("node[9-10]"), ["node9", "node10"]);
@@ -367,6 +440,13 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("more than"));
+        // Slurm's per-range and per-group limits
+        assert_eq!(ex("n[0-65535]").len(), 65536);
+        assert!(expand("n[0-65536]").unwrap_err().reason.contains("65536"));
+        assert!(expand("n[1-1000000]").is_err());
+        assert_eq!(ex("a[1-40000,40001-65536]b[1]").len(), 65536);
+        assert!(expand("a[1-40000,40001-65537]b[1]").is_err());
+        assert_eq!(ex("n[0-65535,65536-131071]").len(), 131072);
     }
 
     #[test]

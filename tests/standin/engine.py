@@ -4,6 +4,10 @@ Accepts the command lines ray-launch builds for `vllm serve ...` and
 `python -m sglang.launch_server ...`, records them, and:
 - with `--distributed-executor-backend ray`: is a real Ray driver: connects to RAY_ADDRESS and
   waits until STANDIN_EXPECT_NODES nodes are alive (exit 1 if not within 60 s);
+- without Ray (vLLM mp, SGLang), like the real engines: rank 0 listens on the rendezvous port
+  (`--master-port` / the port of `--dist-init-addr`) and answers /health only once every other
+  rank (`--nnodes`) has joined it; ranks > 0 write their record *before* they join, so a test
+  that sees the leader healthy finds every record (exit 1 if the rendezvous fails within 60 s);
 - unless `--headless`: serves /health, /v1/models and /v1/completions on --host/--port.
 Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES.
 """
@@ -46,7 +50,53 @@ if opt("--distributed-executor-backend") == "ray":
         time.sleep(0.2)
     print(f"standin: Ray cluster has {len(alive)} alive nodes: {[n['NodeManagerAddress'] for n in alive]}", flush=True)
 
-if "--headless" in args:
+def rendezvous_addr():
+    if flavour == "sglang":
+        host, port = opt("--dist-init-addr").rsplit(":", 1)
+        return host, int(port)
+    if opt("--master-port") is not None:
+        return opt("--master-addr"), int(opt("--master-port"))
+    return None
+
+nnodes, node_rank = int(opt("--nnodes", "1")), int(opt("--node-rank", "0"))
+rdv = rendezvous_addr() if nnodes > 1 else None
+joined = []  # followers' connections, held open for the engine's lifetime
+if rdv and node_rank == 0:
+    # the leader hosts the rendezvous (as torch's TCPStore does on rank 0) and serves
+    # nothing before every rank has joined
+    lsock = socket.create_server(("0.0.0.0", rdv[1]), reuse_port=False)
+    lsock.settimeout(60)
+    ranks = set()
+    try:
+        while len(ranks) < nnodes - 1:
+            conn, _ = lsock.accept()
+            conn.settimeout(10)
+            r = int(conn.recv(64).decode().strip() or "-1")
+            conn.sendall(b"ok\n")
+            ranks.add(r)
+            joined.append(conn)
+    except (socket.timeout, ValueError) as e:
+        print(f"standin: rendezvous failed with {sorted(ranks)} of {nnodes - 1} ranks joined: {e}", flush=True)
+        sys.exit(1)
+    print(f"standin: ranks {sorted(ranks)} joined the rendezvous", flush=True)
+elif rdv:
+    deadline = time.time() + 60
+    while True:
+        try:
+            c = socket.create_connection(rdv, timeout=5)
+            c.sendall(f"{node_rank}\n".encode())
+            if c.recv(16).startswith(b"ok"):
+                joined.append(c)
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            print(f"standin: cannot join the rendezvous at {rdv}", flush=True)
+            sys.exit(1)
+        time.sleep(0.2)
+    print(f"standin: rank {node_rank} joined the rendezvous at {rdv}", flush=True)
+
+if "--headless" in args or (flavour == "sglang" and node_rank > 0):
     print("standin: headless rank, idling", flush=True)
     while True:
         time.sleep(1)
