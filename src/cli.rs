@@ -1,15 +1,14 @@
-//! Command line: parsing (clap) and the subcommands. The only place that reads the process
-//! environment and the machine for the pure core.
+//! Command line: parsing (clap) and the subcommands. Turns flags into a
+//! [`gather::Request`], builds the plan, and hands it to the runtime or prints it.
 
-use crate::config;
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
 use crate::exit;
-use crate::host::{self, HostFacts};
-use crate::hostlist;
-use crate::plan::{self, NodeInfo, Plan};
-use crate::settings::{self, Overrides, Settings};
-use crate::slurm::{self, Step, StepKind};
+use crate::input::gather::{self, Gathered, Request, Resolve};
+use crate::input::hostlist;
+use crate::input::settings::Overrides;
+use crate::input::slurm::StepKind;
+use crate::plan::{self, Plan};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -74,6 +73,15 @@ pub struct CommonArgs {
     /// GPUs per node; overrides `gpus_per_node` in the config.
     #[arg(long, env = ev::RAY_LAUNCH_GPUS_PER_NODE)]
     pub gpus_per_node: Option<u32>,
+}
+
+impl CommonArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            gpus_per_node: self.gpus_per_node,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -160,7 +168,7 @@ pub fn main() -> i32 {
         Some(Cmd::Check(a)) => cmd_check(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
-        Some(Cmd::Reap { grace }) => Ok(crate::reaper::main(grace)),
+        Some(Cmd::Reap { grace }) => Ok(crate::run::reaper::main(grace)),
     };
     match result {
         Ok(code) => code,
@@ -171,168 +179,67 @@ pub fn main() -> i32 {
     }
 }
 
-fn env_lookup(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
-
-/// Everything the pure core needs, gathered from the process environment and the machine.
-pub struct Gathered {
-    pub settings: Settings,
-    pub step: Step,
-    pub facts: HostFacts,
-    pub nodes: Vec<NodeInfo>,
-    pub plan: Plan,
-}
-
-pub fn load_config(common: &CommonArgs) -> Result<config::Loaded> {
-    let path = common.config.as_ref().ok_or_else(|| {
-        Error::usage("no config given").hint(format!(
-            "pass --config FILE (or set {}); examples are in configs/",
-            ev::RAY_LAUNCH_CONFIG
-        ))
-    })?;
-    config::load(path)
-}
-
-/// This node's NodeInfo from its own facts (address chosen by the config's network rule).
-pub fn self_info(
-    s: &Settings,
-    step: &Step,
-    name: &str,
-    facts: &HostFacts,
-    resolved: Option<std::net::IpAddr>,
-) -> Result<NodeInfo> {
-    let (ip, ifname) = host::choose_address(&s.config.network, facts, resolved)?;
-    Ok(NodeInfo {
-        address: ip.to_string(),
-        interface: Some(ifname),
-        ..local_info(s, step, name, facts)
-    })
-}
-
-/// What this machine's facts say about a node, before its address is known.
-fn local_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts) -> NodeInfo {
-    NodeInfo {
-        name: name.to_string(),
-        address: String::new(),
-        interface: s.config.network.interface.clone(),
-        cpus: step.cpus_on_node.unwrap_or(facts.cpus),
-        object_store_bytes: match s.config.ray.object_store_memory {
-            config::Size::Bytes(b) => b,
-            config::Size::Auto => host::auto_object_store(facts, step.mem_per_node_mb),
-        },
-    }
-}
-
-pub fn gather(
-    common: &CommonArgs,
-    ov_extra: Overrides,
-    nodelist: Option<&str>,
-    job_id: Option<&str>,
-    client: Vec<String>,
-) -> Result<Gathered> {
-    let loaded = load_config(common)?;
-    let facts = HostFacts::read();
-    let step = match nodelist {
-        Some(expr) => {
-            let nodes = hostlist::expand(expr)?;
-            if nodes.is_empty() {
-                return Err(Error::usage("--nodelist is empty").hint("give nodes like `node[1-4]`"));
-            }
-            Step::preview(nodes, job_id.unwrap_or("0").to_string())
-        }
-        None => slurm::detect(&env_lookup, &facts.hostname)?,
-    };
-    let ov = Overrides {
-        gpus_per_node: common.gpus_per_node,
-        ..ov_extra
-    };
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let settings = settings::resolve(&loaded, &ov, &step, client, &cwd);
-    let resolved = host::resolve_all(&step.nodes, Duration::from_secs(2));
-    let mut nodes = Vec::with_capacity(step.nodes.len());
-    let mine = match step.self_rank {
-        Some(r) => Some(self_info(
-            &settings,
-            &step,
-            &step.nodes[r],
-            &facts,
-            resolved[r],
-        )?),
-        None => None,
-    };
-    for (i, name) in step.nodes.iter().enumerate() {
-        if step.self_rank == Some(i) {
-            nodes.push(mine.clone().expect("self info"));
-            continue;
-        }
-        // Other nodes: assumed alike (same CPUs, memory, interface name); at run time each
-        // rank reports its own facts during the rendezvous.
-        let template = mine
-            .clone()
-            .unwrap_or_else(|| local_info(&settings, &step, name, &facts));
-        nodes.push(NodeInfo {
-            name: name.clone(),
-            address: resolved[i].map_or_else(|| name.clone(), |ip| ip.to_string()),
-            ..template
-        });
-    }
-    let plan = plan::build(&settings, &step, &nodes)?;
-    Ok(Gathered {
-        settings,
-        step,
-        facts,
-        nodes,
-        plan,
-    })
+/// Gather the facts and build the plan a subcommand shows or runs.
+fn gather_and_plan(req: Request<'_>) -> Result<(Gathered, Plan)> {
+    let g = gather::gather(req)?;
+    let plan = plan::build(&g.settings, &g.step, &g.nodes)?;
+    Ok((g, plan))
 }
 
 fn cmd_plan(a: PlanArgs) -> Result<i32> {
-    let g = gather(
-        &a.common,
-        Overrides::default(),
-        a.nodelist.as_deref(),
-        a.job_id.as_deref(),
-        a.client,
-    )?;
+    let (_, plan) = gather_and_plan(Request {
+        config: a.common.config.as_deref(),
+        overrides: a.common.overrides(),
+        nodelist: a.nodelist.as_deref(),
+        job_id: a.job_id.as_deref(),
+        client: a.client,
+        resolve: Resolve::All,
+    })?;
     match a.format {
         Format::Json => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&g.plan).expect("plan serializes")
+                serde_json::to_string_pretty(&plan).expect("plan serializes")
             );
         }
         Format::Text => {
             let show: Vec<usize> = if !a.rank.is_empty() {
                 for r in &a.rank {
-                    if *r >= g.plan.ranks.len() {
+                    if *r >= plan.ranks.len() {
                         return Err(Error::usage(format!(
                             "--rank {r}: the step has {} ranks",
-                            g.plan.ranks.len()
+                            plan.ranks.len()
                         ))
-                        .hint(format!("use 0..{}", g.plan.ranks.len() - 1)));
+                        .hint(format!("use 0..{}", plan.ranks.len() - 1)));
                     }
                 }
                 a.rank.clone()
-            } else if g.plan.ranks.len() <= 8 {
-                (0..g.plan.ranks.len()).collect()
+            } else if plan.ranks.len() <= 8 {
+                (0..plan.ranks.len()).collect()
             } else {
                 let mut v = vec![0, 1];
-                if let Some(s) = &g.plan.self_rank {
+                if let Some(s) = &plan.self_rank {
                     v.push(s.node_rank);
                 }
                 v.sort();
                 v.dedup();
                 v
             };
-            print!("{}", plan::render_text(&g.plan, &show));
+            print!("{}", plan::render_text(&plan, &show));
         }
     }
     Ok(exit::SUCCESS)
 }
 
 fn cmd_check(a: CommonArgs) -> Result<i32> {
-    let g = gather(&a, Overrides::default(), None, None, Vec::new())?;
+    let (g, plan) = gather_and_plan(Request {
+        config: a.config.as_deref(),
+        overrides: a.overrides(),
+        nodelist: None,
+        job_id: None,
+        client: Vec::new(),
+        resolve: Resolve::Needed,
+    })?;
     let where_ = match g.step.kind {
         StepKind::Srun => format!(
             "srun step of job {}, this is node rank {}",
@@ -344,7 +251,7 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     };
     println!(
         "ok: {} is valid ({where_}; {} node(s), {} replica(s))",
-        g.settings.config_path, g.plan.nodes, g.plan.replicas
+        g.settings.config_path, plan.nodes, plan.replicas
     );
     Ok(exit::SUCCESS)
 }
@@ -366,7 +273,7 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
                 let mut s = String::new();
                 std::io::stdin()
                     .read_to_string(&mut s)
-                    .map_err(|e| Error::usage(format!("cannot read hosts from stdin: {e}")))?;
+                    .map_err(|e| Error::usage("cannot read hosts from stdin").cause(e))?;
                 s.split(|c: char| c == ',' || c.is_whitespace())
                     .filter(|x| !x.is_empty())
                     .map(str::to_string)
@@ -381,31 +288,26 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
 }
 
 fn cmd_wait(w: WaitArgs) -> Result<i32> {
+    use crate::endpoint::{EndpointFile, Status};
     let deadline = std::time::Instant::now() + w.timeout;
     let shown = w.endpoint_file.display().to_string();
     loop {
-        if let Ok(data) = std::fs::read(&w.endpoint_file) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
-                match v.get("status").and_then(|s| s.as_str()) {
-                    Some("ready") => {
-                        println!("{}", v.get("url").and_then(|u| u.as_str()).unwrap_or(""));
-                        return Ok(exit::SUCCESS);
-                    }
-                    Some(st @ ("stopped" | "failed")) => {
-                        let reason = v
-                            .get("reason")
-                            .and_then(|r| r.as_str())
-                            .unwrap_or("no reason given");
-                        return Err(Error::new(
-                            crate::error::Kind::PeerFailure,
-                            format!("the job behind {shown} has {st}: {reason}"),
-                        )
-                        .hint(
-                            "look at the job's output (and the logs next to the endpoint file)",
-                        ));
-                    }
-                    _ => {}
+        // not there yet, or caught half-written by a non-atomic copy: look again
+        if let Ok(Some(f)) = EndpointFile::read(&w.endpoint_file) {
+            match f.status {
+                Status::Ready => {
+                    println!("{}", f.url.unwrap_or_default());
+                    return Ok(exit::SUCCESS);
                 }
+                st if st.is_final() => {
+                    let reason = f.reason.as_deref().unwrap_or("no reason given");
+                    return Err(Error::new(
+                        crate::error::Kind::PeerFailure,
+                        format!("the job behind {shown} has {}: {reason}", st.as_str()),
+                    )
+                    .hint("look at the job's output (and the logs next to the endpoint file)"));
+                }
+                _ => {}
             }
         }
         if std::time::Instant::now() >= deadline {
@@ -437,19 +339,26 @@ fn run(a: RunArgs) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
     rt.block_on(async move {
         // Signal handlers before anything else, so that an early scancel is seen.
-        let sigs = crate::signals::listen()
-            .map_err(|e| Error::internal(format!("cannot install signal handlers: {e}")))?;
+        let sigs = crate::run::signals::listen()
+            .map_err(|e| Error::internal("cannot install signal handlers").cause(e))?;
         raise_nofile();
-        let ov = Overrides {
-            gpus_per_node: None,
+        let overrides = Overrides {
             endpoint_file: a.endpoint_file.clone(),
             event_log: a.event_log.clone(),
             log_dir: a.log_dir.clone(),
+            ..a.common.overrides()
         };
-        let g = gather(&a.common, ov, None, None, a.client.clone())?;
+        let (g, plan) = gather_and_plan(Request {
+            config: a.common.config.as_deref(),
+            overrides,
+            nodelist: None,
+            job_id: None,
+            client: a.client.clone(),
+            resolve: Resolve::Needed,
+        })?;
         let me = g.step.self_rank.unwrap_or(0);
         crate::logging::init(me, &g.step.nodes[me]);
         tracing::info!(
@@ -457,10 +366,10 @@ fn run(a: RunArgs) -> Result<i32> {
             env!("CARGO_PKG_VERSION"),
             g.step.job_id,
             g.step.nodes.len(),
-            g.plan.master.node,
-            g.plan.master.address,
+            plan.master.node,
+            plan.master.address,
             g.nodes[me].address
         );
-        Ok(crate::rank::run(g, sigs).await)
+        Ok(crate::run::rank::run(g, plan, sigs).await)
     })
 }

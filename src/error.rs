@@ -82,10 +82,21 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<crate::hostlist::HostlistError> for Error {
-    fn from(e: crate::hostlist::HostlistError) -> Self {
-        Error::usage(e.to_string()).hint(
-            "write ranges as `node[01-04,7]`: numbers only, low before high, brackets balanced",
-        )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_prints_the_chain_then_the_hint() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = Error::usage("cannot read config /x.yaml")
+            .cause(io)
+            .cause("second")
+            .hint("pass --config FILE");
+        assert_eq!(
+            e.report(),
+            "error: cannot read config /x.yaml\n  caused by: entity not found\n  caused by: second\nhint: pass --config FILE"
+        );
+        assert_eq!(e.exit_code(), exit::USAGE);
     }
 }

@@ -2,39 +2,38 @@
 //! process and every peer, and tear everything down on time.
 //!
 //! # Layout
-//! Data flows one way:
-//! CLI + environment + YAML → [`settings::Settings`] → a pure [`plan::Plan`] per step
-//! → the supervisor that runs it → an exit code ([`exit`]).
+//! Data flows one way, and the folders follow it:
 //!
-//! - [`cli`]: argument parsing and the subcommands (`run`, `plan`, `check`, `hostlist`, `wait`).
-//! - [`config`]: the YAML schema, strict parsing and validation (errors name key and line).
-//! - [`slurm`]: the step (nodes, this task's rank) from Slurm's variables; the election rule.
-//! - [`hostlist`]: Slurm hostlist expressions, expand and compress.
-//! - [`host`]: facts about this machine; address and object-store rules.
-//! - [`settings`]: CLI > env > file > defaults, resolved once.
-//! - [`plan`]: the pure plan: roles, addresses, ports, every command line and variable.
-//! - [`rank`]: what every rank runs: connect, start what the master says, watch, tear down.
-//! - [`coordinator`]: the master's rendezvous / ordered start / liveness state machine.
-//! - [`channel`]: the rank-to-rank protocol (JSON lines over TCP).
-//! - [`proc`]: children in their own sessions; teardown by session.
-//! - [`signals`]: signals → shutdown events, with the escalation rule.
-//! - [`logging`]: `[rank node]`-prefixed log lines.
-//! - [`error`], [`exit`], [`env_vars`]: the error type, exit codes, variable names.
+//! ```text
+//! CLI + environment + YAML ──► input/ ──► plan/ ──► run/ ──► exit code
+//!                               Settings    Plan      rank + coordinator
+//! ```
+//!
+//! - [`input`]: what the user, Slurm and the machine say, validated once:
+//!   [`input::config`] (YAML schema, errors with key and line), [`input::slurm`] (the step, the
+//!   election rule), [`input::hostlist`], [`input::host`] (machine facts, address rules),
+//!   [`input::settings`] (CLI > env > file > default, plain durations, derived deadlines),
+//!   [`input::gather`] (the facts a command needs, free of clap types).
+//! - [`plan`]: the pure plan per step — roles, addresses, ports, every command line and
+//!   variable, and each command's [`plan::lifecycle`] (when it starts, how it is known to be
+//!   up, which deadline covers it, in which teardown stage it stops). No I/O.
+//! - [`run`]: carries the plan out: [`run::rank`] (every node: a pure state machine and a thin
+//!   async shell), [`run::coordinator`] (the master's pure state machine and its shell),
+//!   [`run::channel`] (the typed connection between them), [`run::proc`], [`run::signals`],
+//!   [`run::reaper`].
+//! - Contracts, one module each: [`endpoint`] (the endpoint file), [`exit`] (exit codes),
+//!   [`env_vars`] (variable names), [`error`] (`error:` / `caused by:` / `hint:`).
+//! - [`cli`]: clap and the subcommands; [`logging`]: `[rank node]`-prefixed lines.
+//!
+//! Imports go one way: `run` → `plan` → `input`; nothing in `input` or `plan` names `run` or
+//! `cli`.
 
-pub mod channel;
 pub mod cli;
-pub mod config;
-pub mod coordinator;
+pub mod endpoint;
 pub mod env_vars;
 pub mod error;
 pub mod exit;
-pub mod host;
-pub mod hostlist;
+pub mod input;
 pub mod logging;
 pub mod plan;
-pub mod proc;
-pub mod rank;
-pub mod reaper;
-pub mod settings;
-pub mod signals;
-pub mod slurm;
+pub mod run;

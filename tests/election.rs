@@ -1,5 +1,5 @@
 //! Master election and step detection, for every case in the Slurm notes.
-use ray_launch::slurm::{detect, StepKind};
+use ray_launch::input::slurm::{detect, StepKind};
 use std::collections::HashMap;
 
 fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -32,7 +32,7 @@ fn task(
     ]
 }
 
-fn detect_vec(v: &[(String, String)]) -> ray_launch::error::Result<ray_launch::slurm::Step> {
+fn detect_vec(v: &[(String, String)]) -> ray_launch::error::Result<ray_launch::input::slurm::Step> {
     let pairs: Vec<(&str, &str)> = v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     detect(&env(&pairs), "localbox")
 }

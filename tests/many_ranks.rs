@@ -1,12 +1,14 @@
 //! A thousand ranks against the real coordinator over TCP on loopback, in one process: the
 //! rendezvous completes, every rank gets the same Welcome and its Start, the endpoint becomes
 //! ready, and one rank's SIGTERM stops all of them with 143. Prints how long each phase took.
-use ray_launch::channel::{self, ToMaster, ToRank};
-use ray_launch::coordinator;
+use ray_launch::cli;
+use ray_launch::input::config;
+use ray_launch::input::settings::{self, Overrides};
+use ray_launch::input::slurm::Step;
+use ray_launch::plan::lifecycle::Kind;
 use ray_launch::plan::NodeInfo;
-use ray_launch::settings::{self, Overrides};
-use ray_launch::slurm::Step;
-use ray_launch::{cli, config};
+use ray_launch::run::channel::{self, ToMaster, ToRank};
+use ray_launch::run::coordinator;
 use std::time::{Duration, Instant};
 
 const N: usize = 1000;
@@ -55,12 +57,8 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             };
-            let (r, mut w) = sock.into_split();
-            let mut r = channel::Reader::new(r);
-            assert!(matches!(
-                r.recv::<ToRank>().await.unwrap(),
-                ToRank::Challenge { .. }
-            ));
+            let mut c = channel::Connection::<ToRank>::new(sock);
+            assert!(matches!(c.recv().await.unwrap(), ToRank::Challenge { .. }));
             let info = NodeInfo {
                 name: name.clone(),
                 address: format!("10.{}.{}.{}", rank / 65536, rank / 256 % 256, rank % 256),
@@ -68,7 +66,7 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                 cpus: 64,
                 object_store_bytes: 1 << 30,
             };
-            let mut hello = serde_json::to_value(ToMaster::Hello {
+            c.sender.send(&ToMaster::Hello(Box::new(channel::Hello {
                 protocol: channel::PROTOCOL,
                 node: name,
                 node_rank: rank,
@@ -76,33 +74,32 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                 digest,
                 info,
                 proof: None,
-            })
-            .unwrap();
-            hello["settings"] = sj;
-            channel::send(&mut w, &hello).await.unwrap();
+                settings: sj,
+            })));
             loop {
-                match r.recv::<ToRank>().await {
+                match c.recv().await {
                     Ok(ToRank::Welcome { nodes }) => {
                         assert_eq!(nodes.len(), N);
                         let _ = tx.send((rank, "welcome", t0.elapsed()));
                     }
                     Ok(ToRank::Start { name }) => {
-                        assert_eq!(name, "engine");
+                        assert_eq!(name, Kind::Engine);
                         let _ = tx.send((rank, "start", t0.elapsed()));
-                        channel::send(&mut w, &ToMaster::Up { name }).await.unwrap();
+                        c.sender.send(&ToMaster::Up { name });
                         if rank == 7 {
                             // give the others time to report up, then "receive SIGTERM"
                             tokio::time::sleep(Duration::from_millis(500)).await;
-                            channel::send(&mut w, &ToMaster::Stopping { signal: 15 })
-                                .await
-                                .unwrap();
+                            c.sender.send(&ToMaster::Stopping { signal: 15 });
                         }
                     }
                     Ok(ToRank::Stop { code, node, .. }) => {
                         assert_eq!(code, 143);
                         assert_eq!(node.as_deref(), Some("n0007"));
                         let _ = tx.send((rank, "stop", t0.elapsed()));
-                        channel::send(&mut w, &ToMaster::Stopped).await.unwrap();
+                        c.sender.send(&ToMaster::Stopped);
+                        let (_, sender, flush) = c.split();
+                        drop(sender);
+                        flush.wait(Duration::from_secs(10)).await;
                         return;
                     }
                     Ok(_) => {}

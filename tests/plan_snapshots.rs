@@ -1,9 +1,9 @@
 //! The plan for each engine mode, as snapshots (text and JSON). Node facts are fixed here,
 //! so the snapshots do not depend on the machine that runs the tests.
-use ray_launch::config;
+use ray_launch::input::config;
+use ray_launch::input::settings::{self, Overrides};
+use ray_launch::input::slurm::Step;
 use ray_launch::plan::{self, NodeInfo, Plan};
-use ray_launch::settings::{self, Overrides};
-use ray_launch::slurm::Step;
 use std::path::Path;
 
 fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::error::Result<Plan> {
@@ -100,7 +100,7 @@ fn client_mode_runs_on_master_only() {
         .flat_map(|r| {
             r.commands
                 .iter()
-                .filter(|c| c.name == "client")
+                .filter(|c| c.kind == plan::lifecycle::Kind::Client)
                 .map(move |c| (r.node_rank, c))
         })
         .collect();
@@ -190,4 +190,67 @@ fn env_values_are_filled_per_node() {
     assert_eq!(env(0)["VLLM_CPU_OMP_THREADS_BIND"], "0");
     assert_eq!(env(1)["VLLM_CPU_OMP_THREADS_BIND"], "1");
     assert_eq!(env(1)["TAG"], "4242-node2-1-0");
+}
+
+/// Every command's lifecycle (start, readiness, deadline, teardown stage, output) for each
+/// mode: the rules the coordinator and the rank follow, in one table.
+#[test]
+fn lifecycles_per_mode() {
+    let modes: [(&str, &str, usize, u32, &[&str]); 5] = [
+        (
+            "vllm ray, 2 nodes, client",
+            RAY,
+            2,
+            8,
+            &["python", "gen.py"],
+        ),
+        ("vllm ray, 2 replicas", RAY, 4, 8, &[]),
+        (
+            "vllm mp, 3 nodes",
+            "engine: vllm\nmodel: m\nparallel:\n  tensor: 3\nvllm:\n  backend: mp\n",
+            3,
+            1,
+            &[],
+        ),
+        (
+            "sglang, 2 nodes",
+            "engine: sglang\nmodel: m\nparallel:\n  tensor: 16\n",
+            2,
+            8,
+            &[],
+        ),
+        (
+            "vllm mp, 1 node, client",
+            "engine: vllm\nmodel: m\nparallel:\n  tensor: 1\nvllm:\n  backend: mp\n",
+            1,
+            1,
+            &["true"],
+        ),
+    ];
+    let mut out = String::new();
+    for (title, yaml, n, gpus, client) in modes {
+        let p = plan_for(yaml, n, gpus, client).unwrap();
+        out.push_str(&format!("# {title}\n"));
+        for r in &p.ranks {
+            for c in &r.commands {
+                let l = serde_json::to_value(&c.lifecycle).unwrap();
+                let ready = match l["ready"]["by"].as_str().unwrap() {
+                    "log-line" => format!("log line {:?}", l["ready"]["text"].as_str().unwrap()),
+                    "http" => format!("http {}", l["ready"]["url"].as_str().unwrap()),
+                    other => other.to_string(),
+                };
+                out.push_str(&format!(
+                    "rank {} {:<10} after {:<14} up: {:<40} deadline {:<21} stage {:<6} output {}\n",
+                    r.node_rank,
+                    c.kind.as_str(),
+                    l["start_after"].as_str().unwrap(),
+                    ready,
+                    l["deadline"].as_str().unwrap_or("none"),
+                    l["stage"].as_str().unwrap(),
+                    l["output"].as_str().unwrap(),
+                ));
+            }
+        }
+    }
+    insta::assert_snapshot!(out);
 }

@@ -11,7 +11,7 @@
 
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
-use crate::hostlist;
+use crate::input::hostlist;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepKind {

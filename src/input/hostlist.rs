@@ -41,6 +41,14 @@ pub struct HostlistError {
     pub reason: String,
 }
 
+impl From<HostlistError> for crate::error::Error {
+    fn from(e: crate::input::hostlist::HostlistError) -> Self {
+        crate::error::Error::usage(e.to_string()).hint(
+            "write ranges as `node[01-04,7]`: numbers only, low before high, brackets balanced",
+        )
+    }
+}
+
 fn err(expr: &str, reason: impl Into<String>) -> HostlistError {
     HostlistError {
         expr: expr.to_string(),

@@ -2,10 +2,11 @@
 //! fallbacks) > config file > defaults, resolved here once. Nothing downstream re-reads flags,
 //! the environment or the YAML.
 
-use crate::config::{Auto, Config, Loaded};
-use crate::slurm::Step;
+use crate::input::config::{self, Auto, Config, Loaded};
+use crate::input::slurm::Step;
 use sha2::{Digest, Sha256};
 use std::path::Path;
+use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -21,6 +22,32 @@ pub struct Settings {
     pub client: Vec<String>,
     /// Digest of everything that must be equal on every rank (ranks compare it at rendezvous).
     pub digest: String,
+    pub timeouts: Timeouts,
+    pub health: Health,
+    /// `ports.range`, parsed: where the job's port block comes from.
+    pub port_range: (u16, u16),
+}
+
+/// `timeouts.*` as plain durations, and what follows from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub rendezvous: Duration,
+    pub worker_join: Duration,
+    pub engine_ready: Duration,
+    pub shutdown_grace: Duration,
+    pub kill_wait: Duration,
+    /// The longest teardown of one rank: the engine's grace, then Ray's, then a second for
+    /// SIGKILL and reaping. Validation keeps it inside `kill_wait`.
+    pub teardown_budget: Duration,
+}
+
+/// `health.*` as plain values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub interval: Duration,
+    pub failures: u32,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,6 +100,22 @@ pub fn resolve(
         log_dir,
         client,
         digest: String::new(),
+        timeouts: Timeouts {
+            rendezvous: c.timeouts.rendezvous.0,
+            worker_join: c.timeouts.worker_join.0,
+            engine_ready: c.timeouts.engine_ready.0,
+            shutdown_grace: c.timeouts.shutdown_grace.0,
+            kill_wait: c.timeouts.kill_wait.0,
+            teardown_budget: config::teardown_budget(c),
+        },
+        health: Health {
+            interval: c.health.interval.0,
+            failures: c.health.failures,
+            heartbeat_interval: c.health.heartbeat_interval.0,
+            heartbeat_timeout: c.health.heartbeat_timeout.0,
+        },
+        // `Loaded` only comes from `config::parse`, which has checked the range
+        port_range: config::port_range(&c.ports.range).unwrap_or((20000, 32767)),
     };
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));

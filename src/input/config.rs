@@ -474,7 +474,8 @@ impl Loaded {
 pub fn load(path: &Path) -> Result<Loaded> {
     let shown = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|e| {
-        Error::usage(format!("cannot read config {shown}: {e}"))
+        Error::usage(format!("cannot read config {shown}"))
+            .cause(e)
             .hint("pass an existing YAML file with --config (or RAY_LAUNCH_CONFIG); examples are in configs/")
     })?;
     parse(&shown, &source)
@@ -759,6 +760,9 @@ pub fn check_placeholders_in(s: &str, allowed: &[&str]) -> std::result::Result<(
     Ok(())
 }
 
+/// Ports per job block (the plan fixes the offsets inside one).
+pub const PORT_BLOCK: u16 = 256;
+
 pub fn port_range(s: &str) -> std::result::Result<(u16, u16), &'static str> {
     let (a, b) = s.split_once('-').ok_or("is not of the form LOW-HIGH")?;
     let lo: u16 = a
@@ -772,7 +776,7 @@ pub fn port_range(s: &str) -> std::result::Result<(u16, u16), &'static str> {
     if lo < 1024 {
         return Err("starts below 1024 (privileged ports)");
     }
-    if hi < lo || (hi - lo + 1) < crate::plan::PORT_BLOCK {
+    if hi < lo || (hi - lo + 1) < PORT_BLOCK {
         return Err("holds fewer ports than one job's block (256)");
     }
     Ok((lo, hi))

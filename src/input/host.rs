@@ -1,8 +1,8 @@
 //! Facts about this machine (interfaces, memory, CPUs), read once; and the pure rules that
 //! turn them into an address and an object store size.
 
-use crate::config::Network;
 use crate::error::{Error, Result};
+use crate::input::config::Network;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -148,21 +148,32 @@ pub fn choose_address(
     Ok((IpAddr::from([127, 0, 0, 1]), "lo".into()))
 }
 
-/// Resolve host names to IPv4 addresses, each in its own thread, all within `timeout`.
+/// At most this many `getaddrinfo` calls run at once (a preview of a thousand nodes must not
+/// start a thousand threads).
+pub const RESOLVE_THREADS: usize = 32;
+
+/// Resolve host names to IPv4 addresses on a few threads, all within `timeout`.
 /// `getaddrinfo` blocks and may wait on a DNS server; a name not resolved in time is `None`.
 pub fn resolve_all(names: &[String], timeout: Duration) -> Vec<Option<IpAddr>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut uniq: Vec<&String> = names.iter().collect();
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut uniq: Vec<String> = names.to_vec();
     uniq.sort();
     uniq.dedup();
-    for (i, n) in uniq.iter().enumerate() {
-        let tx = tx.clone();
-        let n = (*n).clone();
-        std::thread::spawn(move || {
-            let ip = dns_lookup::lookup_host(&n)
+    let uniq = Arc::new(uniq);
+    let next = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..uniq.len().min(RESOLVE_THREADS) {
+        let (tx, uniq, next) = (tx.clone(), uniq.clone(), next.clone());
+        std::thread::spawn(move || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(n) = uniq.get(i) else { return };
+            let ip = dns_lookup::lookup_host(n)
                 .ok()
                 .and_then(|v| v.into_iter().find(IpAddr::is_ipv4));
-            let _ = tx.send((i, ip));
+            if tx.send((i, ip)).is_err() {
+                return;
+            }
         });
     }
     drop(tx);
@@ -176,7 +187,7 @@ pub fn resolve_all(names: &[String], timeout: Duration) -> Vec<Option<IpAddr>> {
     }
     names
         .iter()
-        .map(|n| got[uniq.binary_search(&n).expect("present")])
+        .map(|n| got[uniq.binary_search(n).expect("present")])
         .collect()
 }
 

@@ -6,34 +6,27 @@
 //! role, replica, commands: [{name, argv, env}], …}], plus `ports`, `endpoints`, `channel`.
 //! Fields are only ever added within one schema version.
 
-use crate::config::{Auto, Engine, VllmBackend};
+pub mod lifecycle;
+
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
-use crate::settings::Settings;
-use crate::slurm::Step;
+use crate::input::config::{Auto, Engine, VllmBackend};
+use crate::input::settings::Settings;
+use crate::input::slurm::Step;
+use lifecycle::{Kind, Lifecycle, StartAfter};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
 pub const SCHEMA: u32 = 1;
 
 /// Ports per job block. Offsets inside a block are fixed (see [`Ports::for_block`]).
-pub const PORT_BLOCK: u16 = 256;
+pub use crate::input::config::PORT_BLOCK;
 
 /// Linux `sun_path` is 108 bytes with the NUL. Ray's longest socket path under the temp dir
 /// is `/session_2026-11-22_03-04-47_123456_1234567/sockets/plasma_store` (64 bytes).
 pub const MAX_TEMP_DIR_LEN: usize = 107 - 64;
 
-/// What the plan needs to know about each node. In a preview every node gets this node's
-/// facts; at run time each rank reports its own during the rendezvous.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct NodeInfo {
-    pub name: String,
-    /// IP address as text, or the node's name when it could not be resolved (preview only).
-    pub address: String,
-    pub interface: Option<String>,
-    pub cpus: u32,
-    pub object_store_bytes: u64,
-}
+pub use crate::input::gather::NodeInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -60,11 +53,13 @@ impl Role {
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Command {
-    /// `ray-head`, `ray-worker`, `engine`, `client`.
-    pub name: String,
+    /// `ray-head`, `ray-worker`, `engine`, `client` (one of each kind at most per rank).
+    #[serde(rename = "name")]
+    pub kind: Kind,
     pub argv: Vec<String>,
     /// Set on top of the launcher's own environment.
     pub env: BTreeMap<String, String>,
+    pub lifecycle: Lifecycle,
 }
 
 impl Command {
@@ -219,10 +214,22 @@ impl Plan {
     pub fn uses_ray(&self) -> bool {
         self.engine == Engine::Vllm && self.backend == Some(VllmBackend::Ray)
     }
+
+    /// The node ranks of replica `rep`.
+    pub fn replica_ranks(&self, rep: usize) -> std::ops::Range<usize> {
+        rep * self.nodes_per_replica..(rep + 1) * self.nodes_per_replica
+    }
+}
+
+impl RankPlan {
+    /// This rank's command of this kind, if it has one.
+    pub fn command(&self, kind: Kind) -> Option<&Command> {
+        self.commands.iter().find(|c| c.kind == kind)
+    }
 }
 
 /// `vllm serve MODEL -tp T -pp P --distributed-executor-backend B`, common to both backends.
-fn vllm_serve(c: &crate::config::Config, backend: &str) -> Vec<String> {
+fn vllm_serve(c: &crate::input::config::Config, backend: &str) -> Vec<String> {
     vec![
         c.vllm.executable.clone(),
         "serve".into(),
@@ -238,7 +245,7 @@ fn vllm_serve(c: &crate::config::Config, backend: &str) -> Vec<String> {
 
 /// What the rank that serves HTTP adds: `--host H --port P [--served-model-name N]`
 /// (the same flags in vLLM and SGLang).
-fn http_args(c: &crate::config::Config, port: u16) -> Vec<String> {
+fn http_args(c: &crate::input::config::Config, port: u16) -> Vec<String> {
     let mut v = vec![
         "--host".into(),
         c.server.host.clone(),
@@ -335,8 +342,7 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
     assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
     let nnodes = nodes.len();
     let (npr, replicas) = layout(s, nnodes)?;
-    let range = crate::config::port_range(&c.ports.range).map_err(Error::usage)?;
-    let mut ports = Ports::for_block(block_base(&step.job_id, range));
+    let mut ports = Ports::for_block(block_base(&step.job_id, s.port_range));
     if let Auto::Value(p) = c.ray.port {
         ports.ray_gcs = p;
     }
@@ -458,10 +464,16 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 }
             }
             argv.extend(c.ray.extra_args.iter().cloned());
+            let (kind, lifecycle) = if rr == 0 {
+                (Kind::RayHead, Lifecycle::ray_head())
+            } else {
+                (Kind::RayWorker, Lifecycle::ray_worker())
+            };
             commands.push(Command {
-                name: if rr == 0 { "ray-head" } else { "ray-worker" }.into(),
+                kind,
                 argv,
                 env: with_user(env.clone()),
+                lifecycle,
             });
             if rr == 0 {
                 let mut argv = vllm_serve(c, "ray");
@@ -470,9 +482,13 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 let mut env = env;
                 env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
                 commands.push(Command {
-                    name: "engine".into(),
+                    kind: Kind::Engine,
                     argv,
                     env: with_user(env),
+                    lifecycle: Lifecycle::serving_engine(
+                        StartAfter::ReplicaJoined,
+                        &endpoints[replica].health_url,
+                    ),
                 });
             }
         } else {
@@ -522,9 +538,17 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             }
             argv.extend(c.engine_args.iter().cloned());
             commands.push(Command {
-                name: "engine".into(),
+                kind: Kind::Engine,
                 argv,
                 env: with_user(base.clone()),
+                lifecycle: if rr == 0 {
+                    Lifecycle::serving_engine(
+                        StartAfter::Rendezvous,
+                        &endpoints[replica].health_url,
+                    )
+                } else {
+                    Lifecycle::following_engine()
+                },
             });
         }
         if rank == 0 && !s.client.is_empty() {
@@ -544,9 +568,10 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
                 env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
             }
             commands.push(Command {
-                name: "client".into(),
+                kind: Kind::Client,
                 argv: s.client.clone(),
                 env: with_user(env),
+                lifecycle: Lifecycle::client(),
             });
         }
         ranks.push(RankPlan {
@@ -660,7 +685,7 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
             r.temp_dir
         );
         for c in &r.commands {
-            let _ = writeln!(o, "[{}] {}", c.name, c.shell());
+            let _ = writeln!(o, "[{}] {}", c.kind, c.shell());
         }
     }
     if show.len() < p.ranks.len() {

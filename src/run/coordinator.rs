@@ -4,18 +4,21 @@
 //! shell ([`serve`]) owns the sockets, the event log and the endpoint file, and runs inside the
 //! master's launcher next to its own rank (which connects to it over loopback like any other).
 //!
-//! Order of start (Ray backend), per replica: head → (head up) → workers → (all joined) →
-//! engine on the leader → (`/health` 200) → replica ready. Without Ray, every rank's engine
-//! starts at once. When every replica is ready the endpoint file says `ready`, and in client
-//! mode the client starts on the master.
+//! What starts when follows each command's [`Lifecycle`](crate::plan::lifecycle::Lifecycle)
+//! in the plan: `start_after` says on which event the master sends `Start`, `ready` which
+//! report counts as up (an HTTP-ready command makes its replica ready), `deadline` which
+//! timeout covers it. With Ray, per replica: head → (head up) → workers → (all joined) →
+//! engine on the leader → (`/health` 200) → replica ready; without Ray every engine starts at
+//! once. When every replica is ready the endpoint file says `ready`, and the client starts.
 
-use crate::channel::{self, ToMaster, ToRank};
+use crate::endpoint::{EndpointFile, Status};
 use crate::exit;
+use crate::input::settings::Settings;
+use crate::input::slurm::Step;
+use crate::plan::lifecycle::{self, Deadline, Ending, Kind, Ready, StartAfter};
 use crate::plan::{self, NodeInfo, Plan};
-use crate::settings::Settings;
-use crate::signals;
-use crate::slurm::Step;
-use serde::Serialize;
+use crate::run::channel::{self, Connection, Hello, Line, ToMaster, ToRank};
+use crate::run::signals;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,7 +34,7 @@ pub enum Action {
         detail: serde_json::Value,
     },
     Endpoint {
-        status: &'static str,
+        status: Status,
         reason: Option<String>,
         code: Option<i32>,
     },
@@ -58,9 +61,11 @@ pub struct Coord {
     connected: Vec<bool>,
     stopped: Vec<bool>,
     last_seen: Vec<Instant>,
-    up: Vec<BTreeSet<String>>,
-    pending: Vec<(usize, String, Instant, Duration)>,
-    joined: Vec<usize>,
+    up: Vec<BTreeSet<Kind>>,
+    /// Started, not yet up: (rank, kind, deadline, which deadline).
+    pending: Vec<(usize, Kind, Instant, Deadline)>,
+    /// Replicas whose Ray nodes have all joined (their `replica-joined` commands started).
+    joined: Vec<bool>,
     ready: Vec<bool>,
     plan: Option<Plan>,
     phase: Phase,
@@ -104,7 +109,7 @@ pub fn diff_keys(
 impl Coord {
     pub fn new(settings: Settings, step: Step, now: Instant) -> Coord {
         let n = step.nodes.len();
-        let rendezvous = settings.config.timeouts.rendezvous.0;
+        let rendezvous = settings.timeouts.rendezvous;
         let master_settings = settings.agreed();
         Coord {
             settings,
@@ -187,9 +192,9 @@ impl Coord {
         }
         acts.push(Action::Endpoint {
             status: if exit::is_failure(code) {
-                "failed"
+                Status::Failed
             } else {
-                "stopped"
+                Status::Stopped
             },
             reason: Some(reason),
             code: Some(code),
@@ -215,22 +220,19 @@ impl Coord {
     /// A connection said Hello as `rank`. `Err` = refuse this connection with that reason.
     pub fn on_hello(
         &mut self,
-        msg: &ToMaster,
-        settings: serde_json::Value,
+        hello: &Hello,
         now: Instant,
     ) -> Result<(usize, Vec<Action>), String> {
-        let ToMaster::Hello {
+        let Hello {
             protocol,
             node,
             node_rank,
             version,
             digest,
             info,
+            settings,
             ..
-        } = msg
-        else {
-            return Err("the first message must be hello".into());
-        };
+        } = hello;
         let rank = *node_rank;
         if *protocol != channel::PROTOCOL {
             return Err(format!(
@@ -264,7 +266,7 @@ impl Coord {
         }
         if *digest != self.settings.digest {
             let mut keys = Vec::new();
-            diff_keys(&self.master_settings, &settings, "", &mut keys);
+            diff_keys(&self.master_settings, settings, "", &mut keys);
             let keys = if keys.is_empty() {
                 "unknown".to_string()
             } else {
@@ -277,7 +279,7 @@ impl Coord {
             ));
             return Ok((rank, acts));
         }
-        self.hello[rank] = Some((info.clone(), settings));
+        self.hello[rank] = Some((info.clone(), settings.clone()));
         if self.hello.iter().all(Option::is_some) {
             acts.extend(self.all_connected(now));
         }
@@ -314,41 +316,55 @@ impl Coord {
             ));
         }
         self.phase = Phase::Starting;
-        self.joined = vec![0; plan.replicas];
+        self.joined = vec![false; plan.replicas];
         self.ready = vec![false; plan.replicas];
-        let join = self.settings.config.timeouts.worker_join.0;
-        let engine_ready = self.settings.config.timeouts.engine_ready.0;
-        if plan.uses_ray() {
-            for rep in 0..plan.replicas {
-                let leader = rep * plan.nodes_per_replica;
-                acts.push(Action::Send(
-                    leader,
-                    ToRank::Start {
-                        name: "ray-head".into(),
-                    },
-                ));
-                self.pending
-                    .push((leader, "ray-head".into(), now + join, join));
+        self.plan = Some(plan);
+        acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, now));
+        acts
+    }
+
+    /// Send `Start` for every command of `ranks` whose plan says to start after `event`, and
+    /// note the deadlines that now run.
+    fn start_after(
+        &mut self,
+        ranks: std::ops::Range<usize>,
+        event: StartAfter,
+        now: Instant,
+    ) -> Vec<Action> {
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
+        let mut acts = Vec::new();
+        let mut engines = Vec::new();
+        for r in ranks {
+            for c in plan.ranks[r].commands.iter() {
+                if c.lifecycle.start_after != event {
+                    continue;
+                }
+                acts.push(Action::Send(r, ToRank::Start { name: c.kind }));
+                if let Some(d) = c.lifecycle.deadline {
+                    let dur = d.duration(&self.settings.timeouts);
+                    self.pending.push((r, c.kind, now + dur, d));
+                }
+                if c.kind == Kind::Engine {
+                    engines.push(r);
+                }
             }
-        } else {
-            for r in 0..self.n {
-                acts.push(Action::Send(
-                    r,
-                    ToRank::Start {
-                        name: "engine".into(),
-                    },
-                ));
-                let leader = r % plan.nodes_per_replica == 0;
-                let d = if leader { engine_ready } else { join };
-                self.pending.push((r, "engine".into(), now + d, d));
+        }
+        match (engines.as_slice(), event) {
+            ([], _) => {}
+            ([leader], StartAfter::ReplicaJoined) => {
+                acts.push(self.event("engine_started", Some(*leader), serde_json::json!({})));
             }
-            acts.push(self.event(
+            (many, _) => acts.push(self.event(
                 "engine_started",
                 None,
-                serde_json::json!({ "ranks": self.n }),
-            ));
+                serde_json::json!({ "ranks": many.len() }),
+            )),
         }
-        self.plan = Some(plan);
+        if event == StartAfter::AllReady && acts.iter().any(|a| matches!(a, Action::Send(..))) {
+            acts.push(self.event("client_started", Some(0), serde_json::json!({})));
+        }
         acts
     }
 
@@ -356,7 +372,7 @@ impl Coord {
         self.last_seen[rank] = now;
         let node = self.node(rank);
         match msg {
-            ToMaster::Hello { .. } => {
+            ToMaster::Hello(_) => {
                 vec![Action::Warn(format!("{node} said hello twice; ignored"))]
             }
             ToMaster::Heartbeat => Vec::new(),
@@ -371,15 +387,11 @@ impl Coord {
                 if self.phase == Phase::Stopping {
                     return Vec::new();
                 }
-                if name == "client" {
-                    return self.stop(code, format!("the client exited with {status}"), None);
-                }
-                let code = if name == "engine" {
-                    exit::ENGINE_FAILURE
-                } else if self.up[rank].contains(&name) {
-                    exit::PEER_FAILURE
-                } else {
-                    exit::LAUNCH_FAILURE
+                let code = match lifecycle::ending(name, self.up[rank].contains(&name), code) {
+                    Ending::Done(code) => {
+                        return self.stop(code, format!("the {name} exited with {status}"), None)
+                    }
+                    Ending::Failed(code) => code,
                 };
                 let mut reason = format!("{name} on {node} ended unexpectedly ({status})");
                 if let Some(l) = log {
@@ -411,52 +423,34 @@ impl Coord {
         }
     }
 
-    fn on_up(&mut self, rank: usize, name: String, now: Instant) -> Vec<Action> {
-        self.up[rank].insert(name.clone());
+    fn on_up(&mut self, rank: usize, kind: Kind, now: Instant) -> Vec<Action> {
+        self.up[rank].insert(kind);
         self.pending
-            .retain(|(r, n, _, _)| !(*r == rank && *n == name));
+            .retain(|(r, k, _, _)| !(*r == rank && *k == kind));
         let Some(plan) = &self.plan else {
             return Vec::new();
         };
         if self.phase == Phase::Stopping {
             return Vec::new();
         }
-        let npr = plan.nodes_per_replica;
-        let rep = rank / npr;
-        let leader = rep * npr;
-        let join = self.settings.config.timeouts.worker_join.0;
-        let engine_ready = self.settings.config.timeouts.engine_ready.0;
+        let rep = plan.ranks[rank].replica;
+        let ranks = plan.replica_ranks(rep);
+        let serves = plan.ranks[rank]
+            .command(kind)
+            .is_some_and(|c| matches!(c.lifecycle.ready, Ready::Http { .. }));
         let mut acts = Vec::new();
-        match name.as_str() {
-            "ray-head" => {
+        match kind {
+            Kind::RayHead => {
                 acts.push(self.event("head_up", Some(rank), serde_json::json!({ "replica": rep })));
                 acts.push(Action::Info(format!(
                     "replica {rep}: Ray head up on {}",
                     self.node(rank)
                 )));
-                if npr == 1 {
-                    acts.extend(self.start_engine(leader, now, engine_ready));
-                } else {
-                    for r in leader + 1..leader + npr {
-                        acts.push(Action::Send(
-                            r,
-                            ToRank::Start {
-                                name: "ray-worker".into(),
-                            },
-                        ));
-                        self.pending
-                            .push((r, "ray-worker".into(), now + join, join));
-                    }
-                }
+                acts.extend(self.start_after(ranks.clone(), StartAfter::HeadUp, now));
             }
-            "ray-worker" => {
-                self.joined[rep] += 1;
-                let total = npr;
-                let joined = self.joined[rep] + 1;
-                let waiting: Vec<String> = (leader + 1..leader + npr)
-                    .filter(|r| !self.up[*r].contains("ray-worker"))
-                    .map(|r| self.node(r))
-                    .collect();
+            Kind::RayWorker => {
+                let (joined, waiting) = self.ray_nodes(ranks.clone());
+                let total = ranks.len();
                 acts.push(self.event(
                     "worker_joined",
                     Some(rank),
@@ -466,7 +460,6 @@ impl Coord {
                     acts.push(Action::Info(format!(
                         "replica {rep}: {joined}/{total} nodes joined"
                     )));
-                    acts.extend(self.start_engine(leader, now, engine_ready));
                 } else {
                     acts.push(Action::Info(format!(
                         "replica {rep}: {joined}/{total} nodes joined; waiting for {}",
@@ -474,61 +467,75 @@ impl Coord {
                     )));
                 }
             }
-            "engine" if rank == leader => {
-                self.ready[rep] = true;
-                let url = plan.endpoints[rep].url.clone();
-                acts.push(self.event(
-                    "replica_ready",
-                    Some(rank),
-                    serde_json::json!({ "replica": rep, "url": url }),
-                ));
-                if self.ready.iter().all(|r| *r) {
-                    self.phase = Phase::Ready;
-                    let urls: Vec<String> = plan.endpoints.iter().map(|e| e.url.clone()).collect();
-                    acts.push(self.event("ready", None, serde_json::json!({ "urls": urls })));
-                    acts.push(Action::Endpoint {
-                        status: "ready",
-                        reason: None,
-                        code: None,
-                    });
-                    acts.push(Action::Info(format!(
-                        "ready: {} (endpoint file {})",
-                        urls.join(" "),
-                        self.settings.endpoint_file
-                    )));
-                    if !self.settings.client.is_empty() {
-                        acts.push(Action::Send(
-                            0,
-                            ToRank::Start {
-                                name: "client".into(),
-                            },
-                        ));
-                        acts.push(self.event("client_started", Some(0), serde_json::json!({})));
-                    }
-                } else {
-                    let n_ready = self.ready.iter().filter(|r| **r).count();
-                    acts.push(Action::Info(format!(
-                        "replica {rep} ready ({n_ready}/{} replicas)",
-                        self.ready.len()
-                    )));
-                }
-            }
-            _ => {}
+            Kind::Engine | Kind::Client => {}
+        }
+        if kind.is_ray() && !self.joined[rep] && self.ray_nodes(ranks.clone()).1.is_empty() {
+            self.joined[rep] = true;
+            acts.extend(self.start_after(ranks, StartAfter::ReplicaJoined, now));
+        }
+        if serves {
+            acts.extend(self.replica_ready(rep, rank, now));
         }
         acts
     }
 
-    fn start_engine(&mut self, leader: usize, now: Instant, d: Duration) -> Vec<Action> {
-        self.pending.push((leader, "engine".into(), now + d, d));
-        vec![
-            Action::Send(
-                leader,
-                ToRank::Start {
-                    name: "engine".into(),
-                },
-            ),
-            self.event("engine_started", Some(leader), serde_json::json!({})),
-        ]
+    /// (nodes whose Ray daemons are all up, nodes still waited for) among `ranks`.
+    fn ray_nodes(&self, ranks: std::ops::Range<usize>) -> (usize, Vec<String>) {
+        let Some(plan) = &self.plan else {
+            return (0, Vec::new());
+        };
+        let mut joined = 0;
+        let mut waiting = Vec::new();
+        for r in ranks {
+            let ray: Vec<Kind> = plan.ranks[r]
+                .commands
+                .iter()
+                .map(|c| c.kind)
+                .filter(|k| k.is_ray())
+                .collect();
+            if ray.iter().all(|k| self.up[r].contains(k)) {
+                joined += 1;
+            } else {
+                waiting.push(self.node(r));
+            }
+        }
+        (joined, waiting)
+    }
+
+    fn replica_ready(&mut self, rep: usize, rank: usize, now: Instant) -> Vec<Action> {
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
+        self.ready[rep] = true;
+        let url = plan.endpoints[rep].url.clone();
+        let mut acts = vec![self.event(
+            "replica_ready",
+            Some(rank),
+            serde_json::json!({ "replica": rep, "url": url }),
+        )];
+        if !self.ready.iter().all(|r| *r) {
+            let n_ready = self.ready.iter().filter(|r| **r).count();
+            acts.push(Action::Info(format!(
+                "replica {rep} ready ({n_ready}/{} replicas)",
+                self.ready.len()
+            )));
+            return acts;
+        }
+        self.phase = Phase::Ready;
+        let urls: Vec<String> = plan.endpoints.iter().map(|e| e.url.clone()).collect();
+        acts.push(self.event("ready", None, serde_json::json!({ "urls": urls })));
+        acts.push(Action::Endpoint {
+            status: Status::Ready,
+            reason: None,
+            code: None,
+        });
+        acts.push(Action::Info(format!(
+            "ready: {} (endpoint file {})",
+            urls.join(" "),
+            self.settings.endpoint_file
+        )));
+        acts.extend(self.start_after(0..self.n, StartAfter::AllReady, now));
+        acts
     }
 
     pub fn on_closed(&mut self, rank: usize) -> Vec<Action> {
@@ -551,7 +558,7 @@ impl Coord {
             Phase::Rendezvous => {
                 let missing = self.missing();
                 if now >= self.rendezvous_deadline {
-                    let d = self.settings.config.timeouts.rendezvous.0;
+                    let d = self.settings.timeouts.rendezvous;
                     return self.stop(
                         exit::STARTUP_TIMEOUT,
                         format!(
@@ -579,31 +586,24 @@ impl Coord {
                 }
             }
             Phase::Starting | Phase::Ready => {
-                if let Some((r, name, _, d)) = self
+                if let Some((r, kind, _, d)) = self
                     .pending
                     .iter()
                     .find(|(_, _, dl, _)| now >= *dl)
                     .cloned()
                 {
-                    let key = match name.as_str() {
-                        "engine"
-                            if r % self.plan.as_ref().map_or(1, |p| p.nodes_per_replica) == 0 =>
-                        {
-                            "timeouts.engine_ready"
-                        }
-                        _ => "timeouts.worker_join",
-                    };
                     return self.stop(
                         exit::STARTUP_TIMEOUT,
                         format!(
-                            "{name} on {} did not come up within {} ({key})",
+                            "{kind} on {} did not come up within {} ({})",
                             self.node(r),
-                            dur(d)
+                            dur(d.duration(&self.settings.timeouts)),
+                            d.key()
                         ),
                         Some(r),
                     );
                 }
-                let limit = self.settings.config.health.heartbeat_timeout.0;
+                let limit = self.settings.health.heartbeat_timeout;
                 if let Some(r) = (0..self.n)
                     .find(|r| self.connected[*r] && now.duration_since(self.last_seen[*r]) > limit)
                 {
@@ -629,34 +629,8 @@ impl Coord {
 
 // ------------------------------------------------------------------ async shell
 
-#[derive(Serialize)]
-struct EndpointFile<'a> {
-    status: &'a str,
-    url: Option<&'a str>,
-    urls: Vec<&'a str>,
-    model: &'a str,
-    served_model_name: &'a str,
-    job_id: &'a str,
-    node: &'a str,
-    updated_at: String,
-    ready_at: Option<String>,
-    api_key_path: Option<&'a str>,
-    reason: Option<&'a str>,
-    exit_code: Option<i32>,
-}
-
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-/// Write `data` to `path` atomically (temp file in the same directory, then rename).
-pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
 }
 
 struct Shell {
@@ -688,38 +662,36 @@ impl Shell {
     fn endpoint(
         &mut self,
         plan: Option<&Plan>,
-        status: &str,
+        status: Status,
         reason: Option<&str>,
         code: Option<i32>,
     ) {
-        if status == "ready" {
+        if status == Status::Ready {
             self.ready_at = Some(now_rfc3339());
         }
-        let urls: Vec<&str> = plan
-            .map(|p| p.endpoints.iter().map(|e| e.url.as_str()).collect())
+        let urls: Vec<String> = plan
+            .map(|p| p.endpoints.iter().map(|e| e.url.clone()).collect())
             .unwrap_or_default();
-        let served = self
-            .settings
-            .config
-            .served_model_name
-            .as_deref()
-            .unwrap_or(&self.settings.config.model);
+        let c = &self.settings.config;
         let f = EndpointFile {
             status,
-            url: urls.first().copied(),
-            urls: urls.clone(),
-            model: &self.settings.config.model,
-            served_model_name: served,
-            job_id: &self.step.job_id,
-            node: self.step.master(),
+            url: urls.first().cloned(),
+            urls,
+            model: c.model.clone(),
+            served_model_name: c
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| c.model.clone()),
+            job_id: self.step.job_id.clone(),
+            node: self.step.master().to_string(),
             updated_at: now_rfc3339(),
             ready_at: self.ready_at.clone(),
             api_key_path: None,
-            reason,
+            reason: reason.map(str::to_string),
             exit_code: code,
         };
-        let data = serde_json::to_vec_pretty(&f).expect("serializes");
-        if let Err(e) = write_atomic(std::path::Path::new(&self.settings.endpoint_file), &data) {
+        let path = std::path::Path::new(&self.settings.endpoint_file);
+        if let Err(e) = f.write(path) {
             tracing::warn!(
                 "cannot write endpoint file {}: {e}",
                 self.settings.endpoint_file
@@ -728,21 +700,10 @@ impl Shell {
     }
 }
 
-/// One serialized message, shared by every connection it goes to (a Welcome for a thousand
-/// nodes is serialized once, not a thousand times).
-type Line = std::sync::Arc<Vec<u8>>;
-
-fn to_line(m: &ToRank) -> Line {
-    let mut v = serde_json::to_vec(m).expect("serializes");
-    v.push(b'\n');
-    std::sync::Arc::new(v)
-}
-
 enum Inbound {
     Hello {
-        msg: ToMaster,
-        settings: serde_json::Value,
-        tx: mpsc::UnboundedSender<Line>,
+        hello: Hello,
+        tx: channel::Sender,
         rank_tx: oneshot::Sender<Option<usize>>,
     },
     Msg(usize, ToMaster),
@@ -790,10 +751,10 @@ pub async fn serve(
         Some(step.master().to_string()),
         serde_json::json!({ "nodes": step.nodes.len(), "job_id": step.job_id }),
     );
-    shell.endpoint(None, "starting", None, None);
+    shell.endpoint(None, Status::Starting, None, None);
     let mut coord = Coord::new(settings.clone(), step, t0);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Inbound>();
-    let mut writers: BTreeMap<usize, mpsc::UnboundedSender<Line>> = BTreeMap::new();
+    let mut writers: BTreeMap<usize, channel::Sender> = BTreeMap::new();
     let mut cached: Option<(ToRank, Line)> = None;
 
     // accept loop
@@ -804,7 +765,6 @@ pub async fn serve(
             let Ok((sock, _peer)) = listener.accept().await else {
                 continue;
             };
-            let _ = sock.set_nodelay(true);
             conn_id += 1;
             let tx = accept_tx.clone();
             tokio::spawn(handle_conn(sock, conn_id, tx));
@@ -812,15 +772,14 @@ pub async fn serve(
     });
 
     let tick = Duration::from_millis(250);
-    let hb_every = settings.config.health.heartbeat_interval.0;
-    let mut hb = tokio::time::interval(hb_every);
+    let mut hb = tokio::time::interval(settings.health.heartbeat_interval);
     let mut ticker = tokio::time::interval(tick);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     loop {
         let acts = tokio::select! {
             Some(m) = in_rx.recv() => match m {
-                Inbound::Hello { msg, settings: s, tx, rank_tx } => {
-                    match coord.on_hello(&msg, s, Instant::now()) {
+                Inbound::Hello { hello, tx, rank_tx } => {
+                    match coord.on_hello(&hello, Instant::now()) {
                         Ok((rank, acts)) => {
                             writers.insert(rank, tx);
                             let _ = rank_tx.send(Some(rank));
@@ -828,7 +787,7 @@ pub async fn serve(
                         }
                         Err(reason) => {
                             tracing::warn!("refused a connection: {reason}");
-                            let _ = tx.send(to_line(&ToRank::Stop { code: exit::USAGE, reason, node: None }));
+                            tx.send(&ToRank::Stop { code: exit::USAGE, reason, node: None });
                             let _ = rank_tx.send(None);
                             Vec::new()
                         }
@@ -848,9 +807,9 @@ pub async fn serve(
                 coord.on_tick(Instant::now())
             }
             _ = hb.tick() => {
-                let hb = to_line(&ToRank::Heartbeat);
+                let hb = channel::encode(&ToRank::Heartbeat);
                 for w in writers.values() {
-                    let _ = w.send(hb.clone());
+                    w.send_line(hb.clone());
                 }
                 Vec::new()
             }
@@ -863,12 +822,12 @@ pub async fn serve(
                         let line = match &cached {
                             Some((c, l)) if *c == m => l.clone(),
                             _ => {
-                                let l = to_line(&m);
+                                let l = channel::encode(&m);
                                 cached = Some((m, l.clone()));
                                 l
                             }
                         };
-                        let _ = w.send(line);
+                        w.send_line(line);
                     }
                 }
                 Action::Event {
@@ -887,7 +846,7 @@ pub async fn serve(
             }
         }
         if coord.stopping() && stop_deadline.is_none() {
-            let budget = crate::config::teardown_budget(&settings.config) + Duration::from_secs(2);
+            let budget = settings.timeouts.teardown_budget + Duration::from_secs(2);
             stop_deadline = Some(tokio::time::Instant::now() + budget);
         }
         if done {
@@ -897,9 +856,12 @@ pub async fn serve(
     let _ = finished.send(());
 }
 
+/// How long a new connection may take to say hello: a port scanner or a stray client is
+/// dropped after this.
+const HELLO_WITHIN: Duration = Duration::from_secs(30);
+
 async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::UnboundedSender<Inbound>) {
-    let (r, mut w) = sock.into_split();
-    let mut reader = channel::Reader::new(r);
+    let mut c = Connection::<ToMaster>::new(sock);
     let nonce = format!(
         "{:016x}{:08x}",
         SystemTime::now()
@@ -907,49 +869,20 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
             .map_or(0, |d| d.as_nanos() as u64),
         conn
     );
-    if channel::send(
-        &mut w,
-        &ToRank::Challenge {
-            protocol: channel::PROTOCOL,
-            nonce,
-        },
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
-    use tokio::io::AsyncWriteExt as _;
-    // the hello must come soon; a port scanner or a stray client is dropped
-    let hello =
-        match tokio::time::timeout(Duration::from_secs(30), reader.recv::<serde_json::Value>())
-            .await
-        {
-            Ok(Ok(v)) => v,
-            _ => return,
-        };
-    let settings = hello
-        .get("settings")
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
-    let Ok(msg) = serde_json::from_value::<ToMaster>(strip_settings(hello)) else {
-        return;
-    };
-    let (wtx, mut wrx) = mpsc::unbounded_channel::<Line>();
-    // writer: drains the queue until the coordinator drops the sender or the socket breaks
-    let writer = tokio::spawn(async move {
-        while let Some(l) = wrx.recv().await {
-            if w.write_all(&l).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-        }
+    c.sender.send(&ToRank::Challenge {
+        protocol: channel::PROTOCOL,
+        nonce,
     });
+    let hello = match tokio::time::timeout(HELLO_WITHIN, c.recv()).await {
+        Ok(Ok(ToMaster::Hello(h))) => *h,
+        _ => return,
+    };
+    let (mut rx, sender, flush) = c.split();
     let (rank_tx, rank_rx) = oneshot::channel();
     if tx
         .send(Inbound::Hello {
-            msg,
-            settings,
-            tx: wtx,
+            hello,
+            tx: sender,
             rank_tx,
         })
         .is_err()
@@ -958,11 +891,11 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
     }
     let Ok(Some(rank)) = rank_rx.await else {
         // refused: let the writer flush the Stop, then close
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        flush.wait(Duration::from_secs(2)).await;
         return;
     };
     loop {
-        match reader.recv::<ToMaster>().await {
+        match rx.recv().await {
             Ok(m) => {
                 if tx.send(Inbound::Msg(rank, m)).is_err() {
                     return;
@@ -976,19 +909,11 @@ async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::Unbounded
     }
 }
 
-/// Hello travels as `ToMaster::Hello` plus a `settings` field (compared for mismatch messages).
-fn strip_settings(mut v: serde_json::Value) -> serde_json::Value {
-    if let Some(o) = v.as_object_mut() {
-        o.remove("settings");
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
-    use crate::settings::{self, Overrides};
+    use crate::input::config;
+    use crate::input::settings::{self, Overrides};
 
     fn setup(yaml: &str, n: usize, client: &[&str]) -> (Coord, Vec<NodeInfo>, Instant) {
         let loaded = config::parse("t.yaml", yaml).unwrap();
@@ -1020,8 +945,8 @@ mod tests {
         (Coord::new(s, step, now), infos, now)
     }
 
-    fn hello(c: &Coord, info: &NodeInfo, rank: usize) -> ToMaster {
-        ToMaster::Hello {
+    fn hello(c: &Coord, info: &NodeInfo, rank: usize) -> Hello {
+        Hello {
             protocol: channel::PROTOCOL,
             node: info.name.clone(),
             node_rank: rank,
@@ -1029,6 +954,7 @@ mod tests {
             digest: c.settings.digest.clone(),
             info: info.clone(),
             proof: None,
+            settings: c.settings.agreed(),
         }
     }
 
@@ -1037,7 +963,7 @@ mod tests {
         let mut acts = Vec::new();
         for (i, info) in infos.iter().enumerate() {
             let h = hello(c, info, i);
-            acts = c.on_hello(&h, c.settings.agreed(), now).unwrap().1;
+            acts = c.on_hello(&h, now).unwrap().1;
         }
         acts
     }
@@ -1045,7 +971,7 @@ mod tests {
     fn sends(acts: &[Action]) -> Vec<(usize, String)> {
         acts.iter()
             .filter_map(|a| match a {
-                Action::Send(r, ToRank::Start { name }) => Some((*r, name.clone())),
+                Action::Send(r, ToRank::Start { name }) => Some((*r, name.to_string())),
                 Action::Send(r, ToRank::Stop { code, .. }) => Some((*r, format!("stop {code}"))),
                 _ => None,
             })
@@ -1061,8 +987,7 @@ mod tests {
         let mut all = Vec::new();
         for (i, info) in infos.iter().enumerate().rev() {
             let h = hello(&c, info, i);
-            let s = c.settings.agreed();
-            let (_, acts) = c.on_hello(&h, s, now).unwrap();
+            let (_, acts) = c.on_hello(&h, now).unwrap();
             all = acts;
         }
         assert_eq!(
@@ -1073,7 +998,7 @@ mod tests {
         let acts = c.on_message(
             0,
             ToMaster::Up {
-                name: "ray-head".into(),
+                name: Kind::RayHead,
             },
             now,
         );
@@ -1084,7 +1009,7 @@ mod tests {
         let acts = c.on_message(
             2,
             ToMaster::Up {
-                name: "ray-worker".into(),
+                name: Kind::RayWorker,
             },
             now,
         );
@@ -1095,23 +1020,17 @@ mod tests {
         let acts = c.on_message(
             1,
             ToMaster::Up {
-                name: "ray-worker".into(),
+                name: Kind::RayWorker,
             },
             now,
         );
         assert_eq!(sends(&acts), [(0, "engine".to_string())]);
-        let acts = c.on_message(
-            0,
-            ToMaster::Up {
-                name: "engine".into(),
-            },
-            now,
-        );
+        let acts = c.on_message(0, ToMaster::Up { name: Kind::Engine }, now);
         assert_eq!(sends(&acts), [(0, "client".to_string())]);
         assert!(acts.iter().any(|a| matches!(
             a,
             Action::Endpoint {
-                status: "ready",
+                status: Status::Ready,
                 ..
             }
         )));
@@ -1119,7 +1038,7 @@ mod tests {
         let acts = c.on_message(
             0,
             ToMaster::Exited {
-                name: "client".into(),
+                name: Kind::Client,
                 status: "exit code 3".into(),
                 code: 3,
                 log: None,
@@ -1154,21 +1073,21 @@ mod tests {
         c.on_message(
             0,
             ToMaster::Up {
-                name: "ray-head".into(),
+                name: Kind::RayHead,
             },
             now,
         );
         c.on_message(
             1,
             ToMaster::Up {
-                name: "ray-worker".into(),
+                name: Kind::RayWorker,
             },
             now,
         );
         let acts = c.on_message(
             1,
             ToMaster::Exited {
-                name: "ray-worker".into(),
+                name: Kind::RayWorker,
                 status: "exit code 1".into(),
                 code: 1,
                 log: Some("/l/node2.ray-worker.log".into()),
@@ -1209,7 +1128,7 @@ mod tests {
         c.on_message(
             0,
             ToMaster::Up {
-                name: "ray-head".into(),
+                name: Kind::RayHead,
             },
             now + Duration::from_secs(15),
         );
@@ -1221,12 +1140,9 @@ mod tests {
     fn mismatched_settings_name_the_node_and_the_keys() {
         let (mut c, infos, now) = setup(RAY2, 2, &[]);
         let mut h = hello(&c, &infos[1], 1);
-        if let ToMaster::Hello { digest, .. } = &mut h {
-            *digest = "other".into();
-        }
-        let mut theirs = c.settings.agreed();
-        theirs["config"]["parallel"]["tensor"] = serde_json::json!(4);
-        let (_, acts) = c.on_hello(&h, theirs, now).unwrap();
+        h.digest = "other".into();
+        h.settings["config"]["parallel"]["tensor"] = serde_json::json!(4);
+        let (_, acts) = c.on_hello(&h, now).unwrap();
         let reason = acts.iter().find_map(|a| match a {
             Action::Send(
                 1,
@@ -1245,7 +1161,7 @@ mod tests {
     fn rendezvous_names_missing_nodes_and_times_out() {
         let (mut c, infos, now) = setup(RAY, 3, &[]);
         let h = hello(&c, &infos[0], 0);
-        c.on_hello(&h, c.settings.agreed(), now).unwrap();
+        c.on_hello(&h, now).unwrap();
         let acts = c.on_tick(now + Duration::from_secs(6));
         assert!(acts.iter().any(|a| matches!(a, Action::Info(s) if s.contains("1/3 node(s) connected; waiting for node2, node3"))), "{acts:?}");
         let acts = c.on_tick(now + Duration::from_secs(301));

@@ -1,0 +1,118 @@
+//! The endpoint file: a public contract between the job and its users. The master writes it
+//! (atomically: a temp file in the same directory, then a rename) at each change of status;
+//! `ray-launch wait` and client steps read it. Fields are only ever added.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Where the job is: `starting` → `ready` → `stopped` (clean stop) or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Starting,
+    Ready,
+    Stopped,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Ready => "ready",
+            Status::Stopped => "stopped",
+            Status::Failed => "failed",
+        }
+    }
+
+    /// Whether the job is over (nothing will change any more).
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Stopped | Status::Failed)
+    }
+}
+
+/// Readers take what is there: a missing field has its default (files of older or newer
+/// launchers, or written by hand, still read).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EndpointFile {
+    pub status: Status,
+    /// OpenAI base URL clients should use (replica 0's).
+    pub url: Option<String>,
+    /// Every replica's base URL.
+    pub urls: Vec<String>,
+    pub model: String,
+    pub served_model_name: String,
+    pub job_id: String,
+    /// The master's node.
+    pub node: String,
+    pub updated_at: String,
+    pub ready_at: Option<String>,
+    /// Reserved for the job's API key file.
+    pub api_key_path: Option<String>,
+    /// Why the job stopped, once it has.
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+impl EndpointFile {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("the endpoint file serializes")
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(path, &self.to_json())
+    }
+
+    /// The file as it is now: `Ok(None)` while it does not exist yet.
+    pub fn read(path: &Path) -> Result<Option<EndpointFile>, String> {
+        match std::fs::read(path) {
+            Ok(data) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| format!("{} is not an endpoint file: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Write `data` to `path` atomically (temp file in the same directory, then rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_keeps_the_wire_names() {
+        let f = EndpointFile {
+            status: Status::Ready,
+            url: Some("http://10.0.0.1:20010/v1".into()),
+            urls: vec!["http://10.0.0.1:20010/v1".into()],
+            model: "m".into(),
+            served_model_name: "m".into(),
+            job_id: "7".into(),
+            node: "node1".into(),
+            updated_at: "t".into(),
+            ready_at: Some("t".into()),
+            api_key_path: None,
+            reason: None,
+            exit_code: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e/endpoint.json");
+        assert_eq!(EndpointFile::read(&p).unwrap(), None);
+        f.write(&p).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(v["status"], "ready");
+        assert_eq!(EndpointFile::read(&p).unwrap(), Some(f));
+    }
+}

@@ -1,0 +1,14 @@
+//! Run: carry out a [`crate::plan::Plan`] on this node and supervise it until an exit code.
+//!
+//! Owns: the rank's state machine and its async shell ([`rank`]), the master's coordinator
+//! ([`coordinator`]), the rank-to-rank [`channel`], children in their own sessions ([`proc`]),
+//! signals ([`signals`]) and the [`reaper`]. Reads the plan and the settings; never re-reads
+//! flags, the environment or the YAML, and decides nothing the plan already says (what starts
+//! when, how it is known to be up, which deadline covers it, in which stage it stops).
+
+pub mod channel;
+pub mod coordinator;
+pub mod proc;
+pub mod rank;
+pub mod reaper;
+pub mod signals;
