@@ -452,6 +452,8 @@ pub struct Loaded {
     pub config: Config,
     pub path: String,
     pub source: String,
+    /// `ports.range`, parsed once by validation.
+    pub port_range: (u16, u16),
 }
 
 impl Loaded {
@@ -483,12 +485,13 @@ pub fn load(path: &Path) -> Result<Loaded> {
 
 pub fn parse(path: &str, source: &str) -> Result<Loaded> {
     let config: Config = serde_yaml::from_str(source).map_err(|e| yaml_error(path, &e))?;
-    let loaded = Loaded {
+    let mut loaded = Loaded {
         config,
         path: path.to_string(),
         source: source.to_string(),
+        port_range: (0, 0),
     };
-    validate(&loaded)?;
+    loaded.port_range = validate(&loaded)?;
     Ok(loaded)
 }
 
@@ -512,7 +515,8 @@ fn yaml_error(path: &str, e: &serde_yaml::Error) -> Error {
     Error::usage(format!("{at}: {msg}")).hint(hint)
 }
 
-fn validate(l: &Loaded) -> Result<()> {
+/// Check values and relations; the parsed port range on success.
+fn validate(l: &Loaded) -> Result<(u16, u16)> {
     let c = &l.config;
     if c.model.trim().is_empty() {
         return Err(l.key_error(
@@ -569,7 +573,7 @@ fn validate(l: &Loaded) -> Result<()> {
             "use `0.0.0.0` (all interfaces) or an address such as `127.0.0.1`",
         ));
     }
-    port_range(&c.ports.range).map_err(|why| {
+    let range = port_range(&c.ports.range).map_err(|why| {
         l.key_error("ports.range", format!("`{}` {why}", c.ports.range), "write it as `LOW-HIGH` with 1024 <= LOW and HIGH <= 65535, at least 256 ports, e.g. `20000-32767`")
     })?;
     if c.network.interface.is_some() && c.network.cidr.is_some() {
@@ -732,7 +736,7 @@ fn validate(l: &Loaded) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    Ok(range)
 }
 
 /// Longest teardown: engine grace, then Ray grace, then a second for SIGKILL and reaping.

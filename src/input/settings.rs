@@ -114,8 +114,7 @@ pub fn resolve(
             heartbeat_interval: c.health.heartbeat_interval.0,
             heartbeat_timeout: c.health.heartbeat_timeout.0,
         },
-        // `Loaded` only comes from `config::parse`, which has checked the range
-        port_range: config::port_range(&c.ports.range).unwrap_or((20000, 32767)),
+        port_range: loaded.port_range,
     };
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));

@@ -10,7 +10,7 @@ pub mod lifecycle;
 
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
-use crate::input::config::{Auto, Engine, VllmBackend};
+use crate::input::config::{Auto, Config, Engine, VllmBackend};
 use crate::input::settings::Settings;
 use crate::input::slurm::Step;
 use lifecycle::{Kind, Lifecycle, StartAfter};
@@ -337,26 +337,16 @@ fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
     Ok((npr, nnodes / npr))
 }
 
-pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
-    let c = &s.config;
-    assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
-    let nnodes = nodes.len();
-    let (npr, replicas) = layout(s, nnodes)?;
-    let mut ports = Ports::for_block(block_base(&step.job_id, s.port_range));
-    if let Auto::Value(p) = c.ray.port {
-        ports.ray_gcs = p;
-    }
-    if let Auto::Value(p) = c.server.port {
-        ports.engine_http = p;
-    }
-    let served = c
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| c.model.clone());
-    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
+/// OpenAI base URL and health URL of each replica's leader.
+fn endpoints(
+    c: &Config,
+    nodes: &[NodeInfo],
+    npr: usize,
+    replicas: usize,
+    port: u16,
+) -> Vec<EndpointUrl> {
     let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
-
-    let endpoints: Vec<EndpointUrl> = (0..replicas)
+    (0..replicas)
         .map(|r| {
             let leader = &nodes[r * npr];
             let host = if wildcard {
@@ -372,218 +362,300 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             EndpointUrl {
                 replica: r,
                 node: leader.name.clone(),
-                url: format!("http://{host}:{}/v1", ports.engine_http),
-                health_url: format!("http://{probe}:{}/health", ports.engine_http),
+                url: format!("http://{host}:{port}/v1"),
+                health_url: format!("http://{probe}:{port}/health"),
             }
         })
-        .collect();
+        .collect()
+}
 
-    let mut ranks = Vec::with_capacity(nnodes);
-    for (rank, n) in nodes.iter().enumerate() {
-        let replica = rank / npr;
-        let rr = rank % npr;
-        let leader = &nodes[replica * npr];
-        let temp_dir = fill(&c.ray.temp_dir, &step.job_id, &n.name, rank);
-        if temp_dir.len() > MAX_TEMP_DIR_LEN {
-            return Err(Error::usage(format!(
-                "ray.temp_dir expands to `{temp_dir}` ({} bytes) on {}; Ray's Unix sockets under it would pass the 107-byte limit",
-                temp_dir.len(),
-                n.name
-            ))
-            .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}-{{node_rank}}`")));
+/// What is the same for every node of the step.
+struct Job<'a> {
+    s: &'a Settings,
+    c: &'a Config,
+    step: &'a Step,
+    ports: Ports,
+    npr: usize,
+    endpoints: Vec<EndpointUrl>,
+}
+
+/// One node's place in the step, and the environment every process on it gets.
+struct Slot<'a> {
+    node: &'a NodeInfo,
+    replica: usize,
+    /// Rank inside the replica (0 = leader).
+    rr: usize,
+    leader: &'a NodeInfo,
+    temp_dir: String,
+    /// Address and interface for vLLM, Gloo and NCCL.
+    base: BTreeMap<String, String>,
+    /// The user's `env`, filled for this node (it wins over `base`, e.g. NCCL_SOCKET_IFNAME=ib0).
+    user: BTreeMap<String, String>,
+}
+
+impl Slot<'_> {
+    fn with_user(&self, mut m: BTreeMap<String, String>) -> BTreeMap<String, String> {
+        m.extend(self.user.clone());
+        m
+    }
+
+    /// The replica's Ray GCS address.
+    fn gcs(&self, j: &Job<'_>) -> String {
+        format!("{}:{}", self.leader.address, j.ports.ray_gcs)
+    }
+}
+
+fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>> {
+    let c = j.c;
+    let n = &nodes[rank];
+    let replica = rank / j.npr;
+    let rr = rank % j.npr;
+    let temp_dir = fill(&c.ray.temp_dir, &j.step.job_id, &n.name, rank);
+    if temp_dir.len() > MAX_TEMP_DIR_LEN {
+        return Err(Error::usage(format!(
+            "ray.temp_dir expands to `{temp_dir}` ({} bytes) on {}; Ray's Unix sockets under it would pass the 107-byte limit",
+            temp_dir.len(),
+            n.name
+        ))
+        .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}-{{node_rank}}`")));
+    }
+    let mut base = BTreeMap::new();
+    if c.engine == Engine::Vllm {
+        base.insert(ev::VLLM_HOST_IP.to_string(), n.address.clone());
+    }
+    if let Some(ifname) = &n.interface {
+        base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
+        base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
+    }
+    let user = c
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let v = fill(&v.0, &j.step.job_id, &n.name, rank)
+                .replace("{replica_rank}", &rr.to_string())
+                .replace("{replica}", &replica.to_string());
+            (k.clone(), v)
+        })
+        .collect();
+    Ok(Slot {
+        node: n,
+        replica,
+        rr,
+        leader: &nodes[replica * j.npr],
+        temp_dir,
+        base,
+        user,
+    })
+}
+
+/// vLLM with Ray: `ray start` (head on the leader, worker elsewhere), and on the leader
+/// `vllm serve` as the driver of its replica's Ray cluster.
+fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
+    let (c, ports, n, rr) = (j.c, &j.ports, x.node, x.rr);
+    let mut env = x.base.clone();
+    env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+    env.insert(ev::RAY_USAGE_STATS_ENABLED.into(), "0".into());
+    let mut argv = vec![c.ray.executable.clone(), "start".into()];
+    let role = if rr == 0 {
+        argv.extend(["--head".into(), format!("--port={}", ports.ray_gcs)]);
+        Role::RayHead
+    } else {
+        argv.push(format!("--address={}", x.gcs(j)));
+        Role::RayWorker
+    };
+    argv.extend([
+        "--block".into(),
+        format!("--node-ip-address={}", n.address),
+        format!("--num-cpus={}", n.cpus),
+        format!("--num-gpus={}", j.s.gpus_per_node),
+        format!("--object-store-memory={}", n.object_store_bytes),
+        format!("--temp-dir={}", x.temp_dir),
+        "--disable-usage-stats".into(),
+        format!("--node-manager-port={}", ports.node_manager),
+        format!("--object-manager-port={}", ports.object_manager),
+        format!(
+            "--dashboard-agent-listen-port={}",
+            ports.dashboard_agent_listen
+        ),
+        format!("--dashboard-agent-grpc-port={}", ports.dashboard_agent_grpc),
+        format!("--metrics-export-port={}", ports.metrics_export),
+        format!("--runtime-env-agent-port={}", ports.runtime_env_agent),
+        format!("--min-worker-port={}", ports.min_worker),
+        format!("--max-worker-port={}", ports.max_worker),
+    ]);
+    if rr == 0 {
+        if c.ray.client_server {
+            argv.push(format!(
+                "--ray-client-server-port={}",
+                ports.ray_client_server
+            ));
         }
-        // Environment for every process on this node: address and interface for vLLM,
-        // Gloo and NCCL, then the user's `env` (which wins, e.g. NCCL_SOCKET_IFNAME=ib0).
-        let mut base = BTreeMap::new();
-        if c.engine == Engine::Vllm {
-            base.insert(ev::VLLM_HOST_IP.to_string(), n.address.clone());
+        argv.push(format!("--include-dashboard={}", c.ray.dashboard));
+        if c.ray.dashboard {
+            argv.push(format!("--dashboard-port={}", ports.dashboard));
         }
-        if let Some(ifname) = &n.interface {
-            base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
-            base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
-        }
-        let user: BTreeMap<String, String> = c
-            .env
-            .iter()
-            .map(|(k, v)| {
-                let v = fill(&v.0, &step.job_id, &n.name, rank)
-                    .replace("{replica_rank}", &rr.to_string())
-                    .replace("{replica}", &replica.to_string());
-                (k.clone(), v)
-            })
-            .collect();
-        let with_user = |mut m: BTreeMap<String, String>| {
-            m.extend(user.clone());
-            m
-        };
-        let mut commands = Vec::new();
-        let role;
-        let gcs = format!("{}:{}", leader.address, ports.ray_gcs);
-        if uses_ray {
-            let mut env = base.clone();
-            env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
-            env.insert(ev::RAY_USAGE_STATS_ENABLED.into(), "0".into());
-            let mut argv = vec![c.ray.executable.clone(), "start".into()];
-            if rr == 0 {
-                role = Role::RayHead;
-                argv.extend(["--head".into(), format!("--port={}", ports.ray_gcs)]);
-            } else {
-                role = Role::RayWorker;
-                argv.push(format!("--address={gcs}"));
-            }
-            argv.extend([
-                "--block".into(),
-                format!("--node-ip-address={}", n.address),
-                format!("--num-cpus={}", n.cpus),
-                format!("--num-gpus={}", s.gpus_per_node),
-                format!("--object-store-memory={}", n.object_store_bytes),
-                format!("--temp-dir={temp_dir}"),
-                "--disable-usage-stats".into(),
-                format!("--node-manager-port={}", ports.node_manager),
-                format!("--object-manager-port={}", ports.object_manager),
-                format!(
-                    "--dashboard-agent-listen-port={}",
-                    ports.dashboard_agent_listen
-                ),
-                format!("--dashboard-agent-grpc-port={}", ports.dashboard_agent_grpc),
-                format!("--metrics-export-port={}", ports.metrics_export),
-                format!("--runtime-env-agent-port={}", ports.runtime_env_agent),
-                format!("--min-worker-port={}", ports.min_worker),
-                format!("--max-worker-port={}", ports.max_worker),
+    }
+    argv.extend(c.ray.extra_args.iter().cloned());
+    let (kind, lifecycle) = if rr == 0 {
+        (Kind::RayHead, Lifecycle::ray_head())
+    } else {
+        (Kind::RayWorker, Lifecycle::ray_worker())
+    };
+    let mut commands = vec![Command {
+        kind,
+        argv,
+        env: x.with_user(env.clone()),
+        lifecycle,
+    }];
+    if rr == 0 {
+        let mut argv = vllm_serve(c, "ray");
+        argv.extend(http_args(c, ports.engine_http));
+        argv.extend(c.engine_args.iter().cloned());
+        let mut env = env;
+        env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
+        commands.push(Command {
+            kind: Kind::Engine,
+            argv,
+            env: x.with_user(env),
+            lifecycle: Lifecycle::serving_engine(
+                StartAfter::ReplicaJoined,
+                &j.endpoints[x.replica].health_url,
+            ),
+        });
+    }
+    (role, commands)
+}
+
+/// vLLM mp or SGLang: one engine rank per node that meets its leader's rendezvous.
+fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
+    let (c, ports, rr, npr) = (j.c, &j.ports, x.rr, j.npr);
+    let role = if rr == 0 {
+        Role::EngineLeader
+    } else {
+        Role::EngineFollower
+    };
+    let mut argv: Vec<String> = match c.engine {
+        Engine::Vllm => {
+            let mut v = vllm_serve(c, "mp");
+            v.extend([
+                "--nnodes".into(),
+                npr.to_string(),
+                "--node-rank".into(),
+                rr.to_string(),
+                "--master-addr".into(),
+                x.leader.address.clone(),
+                "--master-port".into(),
+                ports.engine_rendezvous.to_string(),
             ]);
-            if rr == 0 {
-                if c.ray.client_server {
-                    argv.push(format!(
-                        "--ray-client-server-port={}",
-                        ports.ray_client_server
-                    ));
-                }
-                argv.push(format!("--include-dashboard={}", c.ray.dashboard));
-                if c.ray.dashboard {
-                    argv.push(format!("--dashboard-port={}", ports.dashboard));
-                }
-            }
-            argv.extend(c.ray.extra_args.iter().cloned());
-            let (kind, lifecycle) = if rr == 0 {
-                (Kind::RayHead, Lifecycle::ray_head())
-            } else {
-                (Kind::RayWorker, Lifecycle::ray_worker())
-            };
-            commands.push(Command {
-                kind,
-                argv,
-                env: with_user(env.clone()),
-                lifecycle,
-            });
-            if rr == 0 {
-                let mut argv = vllm_serve(c, "ray");
-                argv.extend(http_args(c, ports.engine_http));
-                argv.extend(c.engine_args.iter().cloned());
-                let mut env = env;
-                env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
-                commands.push(Command {
-                    kind: Kind::Engine,
-                    argv,
-                    env: with_user(env),
-                    lifecycle: Lifecycle::serving_engine(
-                        StartAfter::ReplicaJoined,
-                        &endpoints[replica].health_url,
-                    ),
-                });
-            }
-        } else {
-            role = if rr == 0 {
-                Role::EngineLeader
-            } else {
-                Role::EngineFollower
-            };
-            let mut argv: Vec<String> = match c.engine {
-                Engine::Vllm => {
-                    let mut v = vllm_serve(c, "mp");
-                    v.extend([
-                        "--nnodes".into(),
-                        npr.to_string(),
-                        "--node-rank".into(),
-                        rr.to_string(),
-                        "--master-addr".into(),
-                        leader.address.clone(),
-                        "--master-port".into(),
-                        ports.engine_rendezvous.to_string(),
-                    ]);
-                    v
-                }
-                Engine::Sglang => vec![
-                    c.sglang.python.clone(),
-                    "-m".into(),
-                    "sglang.launch_server".into(),
-                    "--model-path".into(),
-                    c.model.clone(),
-                    "--tp-size".into(),
-                    c.parallel.tensor.to_string(),
-                    "--pp-size".into(),
-                    c.parallel.pipeline.to_string(),
-                    "--nnodes".into(),
-                    npr.to_string(),
-                    "--node-rank".into(),
-                    rr.to_string(),
-                    "--dist-init-addr".into(),
-                    format!("{}:{}", leader.address, ports.engine_rendezvous),
-                ],
-            };
-            let headless = c.engine == Engine::Vllm && rr != 0;
-            if headless {
-                argv.push("--headless".into());
-            } else {
-                argv.extend(http_args(c, ports.engine_http));
-            }
-            argv.extend(c.engine_args.iter().cloned());
-            commands.push(Command {
-                kind: Kind::Engine,
-                argv,
-                env: with_user(base.clone()),
-                lifecycle: if rr == 0 {
-                    Lifecycle::serving_engine(
-                        StartAfter::Rendezvous,
-                        &endpoints[replica].health_url,
-                    )
-                } else {
-                    Lifecycle::following_engine()
-                },
-            });
+            v
         }
+        Engine::Sglang => vec![
+            c.sglang.python.clone(),
+            "-m".into(),
+            "sglang.launch_server".into(),
+            "--model-path".into(),
+            c.model.clone(),
+            "--tp-size".into(),
+            c.parallel.tensor.to_string(),
+            "--pp-size".into(),
+            c.parallel.pipeline.to_string(),
+            "--nnodes".into(),
+            npr.to_string(),
+            "--node-rank".into(),
+            rr.to_string(),
+            "--dist-init-addr".into(),
+            format!("{}:{}", x.leader.address, ports.engine_rendezvous),
+        ],
+    };
+    let headless = c.engine == Engine::Vllm && rr != 0;
+    if headless {
+        argv.push("--headless".into());
+    } else {
+        argv.extend(http_args(c, ports.engine_http));
+    }
+    argv.extend(c.engine_args.iter().cloned());
+    let cmd = Command {
+        kind: Kind::Engine,
+        argv,
+        env: x.with_user(x.base.clone()),
+        lifecycle: if rr == 0 {
+            Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url)
+        } else {
+            Lifecycle::following_engine()
+        },
+    };
+    (role, cmd)
+}
+
+/// The client on the master, with the endpoint in its environment.
+fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
+    let s = j.s;
+    let mut env = BTreeMap::new();
+    env.insert(ev::OPENAI_BASE_URL.to_string(), j.endpoints[0].url.clone());
+    env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
+    env.insert(
+        ev::RAY_LAUNCH_ENDPOINTS.to_string(),
+        j.endpoints
+            .iter()
+            .map(|e| e.url.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    if uses_ray {
+        env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
+        env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+    }
+    Command {
+        kind: Kind::Client,
+        argv: s.client.clone(),
+        env: x.with_user(env),
+        lifecycle: Lifecycle::client(),
+    }
+}
+
+pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
+    let c = &s.config;
+    assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
+    let nnodes = nodes.len();
+    let (npr, replicas) = layout(s, nnodes)?;
+    let mut ports = Ports::for_block(block_base(&step.job_id, s.port_range));
+    if let Auto::Value(p) = c.ray.port {
+        ports.ray_gcs = p;
+    }
+    if let Auto::Value(p) = c.server.port {
+        ports.engine_http = p;
+    }
+    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
+    let job = Job {
+        s,
+        c,
+        step,
+        ports,
+        npr,
+        endpoints: endpoints(c, nodes, npr, replicas, ports.engine_http),
+    };
+    let mut ranks = Vec::with_capacity(nnodes);
+    for rank in 0..nnodes {
+        let x = slot(&job, nodes, rank)?;
+        let (role, mut commands) = if uses_ray {
+            ray_commands(&job, &x)
+        } else {
+            let (role, cmd) = engine_command(&job, &x);
+            (role, vec![cmd])
+        };
         if rank == 0 && !s.client.is_empty() {
-            let mut env = BTreeMap::new();
-            env.insert(ev::OPENAI_BASE_URL.to_string(), endpoints[0].url.clone());
-            env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
-            env.insert(
-                ev::RAY_LAUNCH_ENDPOINTS.to_string(),
-                endpoints
-                    .iter()
-                    .map(|e| e.url.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
-            if uses_ray {
-                env.insert(ev::RAY_ADDRESS.into(), gcs.clone());
-                env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
-            }
-            commands.push(Command {
-                kind: Kind::Client,
-                argv: s.client.clone(),
-                env: with_user(env),
-                lifecycle: Lifecycle::client(),
-            });
+            commands.push(client_command(&job, &x, uses_ray));
         }
         ranks.push(RankPlan {
-            node: n.name.clone(),
+            node: x.node.name.clone(),
             node_rank: rank,
-            address: n.address.clone(),
-            interface: n.interface.clone(),
+            address: x.node.address.clone(),
+            interface: x.node.interface.clone(),
             role,
-            replica,
-            replica_rank: rr,
-            leader: leader.name.clone(),
-            temp_dir,
+            replica: x.replica,
+            replica_rank: x.rr,
+            leader: x.leader.name.clone(),
+            temp_dir: x.temp_dir,
             commands,
         });
     }
@@ -593,7 +665,10 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
         engine: c.engine,
         backend: (c.engine == Engine::Vllm).then_some(c.vllm.backend),
         model: c.model.clone(),
-        served_model_name: served,
+        served_model_name: c
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| c.model.clone()),
         nodes: nnodes,
         nodes_per_replica: npr,
         replicas,
@@ -611,7 +686,7 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             node_rank: r,
         }),
         ports,
-        endpoints,
+        endpoints: job.endpoints,
         ranks,
     })
 }
