@@ -57,7 +57,7 @@ pub enum Cmd {
     Hostlist(HostlistCmd),
     /// Wait until an endpoint file says ready; print its URL.
     Wait(WaitArgs),
-    /// Internal: clean up after a launcher that was killed (see src/reaper.rs).
+    /// Internal: clean up after a launcher that was killed (see src/run/reaper.rs).
     #[command(hide = true)]
     Reap {
         #[arg(long, value_parser = humantime::parse_duration)]

@@ -78,7 +78,7 @@ impl EndpointFile {
 }
 
 /// Write `data` to `path` atomically (temp file in the same directory, then rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -3,7 +3,8 @@
 //!
 //! The JSON form (`plan --format json`) is a stable schema, version [`SCHEMA`]:
 //! `master` {node, address}, `self` ({node, node_rank} or null), `ranks` [{node, node_rank,
-//! role, replica, commands: [{name, argv, env}], …}], plus `ports`, `endpoints`, `channel`.
+//! role, replica, commands: [{name, argv, env, lifecycle}], …}], plus `ports`, `endpoints`,
+//! `channel`. `lifecycle` is described in [`lifecycle`].
 //! Fields are only ever added within one schema version.
 
 pub mod lifecycle;

@@ -698,7 +698,7 @@ pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i
     } else {
         format!("{}:{port}", preview.master.address)
     };
-    let input = match connect(
+    let (mut from_master, flush) = match connect(
         &target,
         &preview.master.node,
         &node,
@@ -710,7 +710,7 @@ pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i
         Reached::Stream(st) => {
             let (rx, sender, flush) = Connection::<ToRank>::new(st).split();
             sh.sender = Some(sender);
-            Some((rx, flush))
+            (rx, flush)
         }
         Reached::Signal(sig) => {
             return finish(sh, &mut m, Input::Signal(sig)).await;
@@ -719,7 +719,6 @@ pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i
             return finish(sh, &mut m, Input::Unreachable(why)).await;
         }
     };
-    let (mut from_master, flush) = input.expect("connected");
     let mut next = Input::Connected;
     let mut hb = tokio::time::interval(s.health.heartbeat_interval);
     loop {
