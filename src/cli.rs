@@ -345,6 +345,8 @@ fn run(a: RunArgs) -> Result<i32> {
         let sigs = crate::run::signals::listen()
             .map_err(|e| Error::internal("cannot install signal handlers").cause(e))?;
         raise_nofile();
+        // what the launcher itself creates is private; children get the user's umask back
+        crate::run::proc::private_umask();
         let overrides = Overrides {
             endpoint_file: a.endpoint_file.clone(),
             event_log: a.event_log.clone(),
@@ -359,17 +361,20 @@ fn run(a: RunArgs) -> Result<i32> {
             client: a.client.clone(),
             resolve: Resolve::Needed,
         })?;
+        let security = crate::input::gather::security(&g.settings, &g.step)?;
         let me = g.step.self_rank.unwrap_or(0);
         crate::logging::init(me, &g.step.nodes[me]);
         tracing::info!(
-            "ray-launch {} job {}: node rank {me} of {}, master {} ({}), address {}",
+            "ray-launch {} job {} step {}: node rank {me} of {}, master {} ({}), address {}, auth {}",
             env!("CARGO_PKG_VERSION"),
             g.step.job_id,
+            g.step.step_id,
             g.step.nodes.len(),
             plan.master.node,
             plan.master.address,
-            g.nodes[me].address
+            g.nodes[me].address,
+            security.method.name()
         );
-        Ok(crate::run::rank::run(g, plan, sigs).await)
+        Ok(crate::run::rank::run(g, plan, security, sigs).await)
     })
 }

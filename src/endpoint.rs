@@ -1,5 +1,5 @@
 //! The endpoint file: a public contract between the job and its users. The master writes it
-//! (atomically: a temp file in the same directory, then a rename) at each change of status;
+//! (atomically and 0600: a fresh temp file in the same directory, then a rename) at each change of status;
 //! `ray-launch wait` and client steps read it. Fields are only ever added.
 
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,7 @@ pub struct EndpointFile {
     pub node: String,
     pub updated_at: String,
     pub ready_at: Option<String>,
-    /// Reserved for the job's API key file.
+    /// The file (0600) that holds the endpoint's API key; null with `security.auth: off`.
     pub api_key_path: Option<String>,
     /// Why the job stopped, once it has.
     pub reason: Option<String>,
@@ -62,7 +62,7 @@ impl EndpointFile {
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        write_atomic(path, &self.to_json())
+        crate::private::write_atomic(path, &self.to_json())
     }
 
     /// The file as it is now: `Ok(None)` while it does not exist yet.
@@ -75,16 +75,6 @@ impl EndpointFile {
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
     }
-}
-
-/// Write `data` to `path` atomically (temp file in the same directory, then rename).
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

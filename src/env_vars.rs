@@ -13,6 +13,10 @@ pub const RAY_LAUNCH_EVENT_LOG: &str = "RAY_LAUNCH_EVENT_LOG";
 pub const RAY_LAUNCH_LOG_DIR: &str = "RAY_LAUNCH_LOG_DIR";
 /// Log filter for ray-launch's own messages (tracing `EnvFilter` syntax, default `info`).
 pub const RAY_LAUNCH_LOG: &str = "RAY_LAUNCH_LOG";
+/// The per-user secret for `security.auth: secret` (where munge is not available).
+pub const RAY_LAUNCH_SECRET: &str = "RAY_LAUNCH_SECRET";
+/// A 0600 file holding that secret (default `~/.config/ray-launch/secret`).
+pub const RAY_LAUNCH_SECRET_FILE: &str = "RAY_LAUNCH_SECRET_FILE";
 
 // ---- set by ray-launch for the client command
 /// The endpoint file's path, for the client (and for `ray-launch wait`).
@@ -47,8 +51,19 @@ pub const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
 pub const NCCL_SOCKET_IFNAME: &str = "NCCL_SOCKET_IFNAME";
 /// The Ray cluster the engine joins (`IP:GCS_PORT`), so it never starts a private one.
 pub const RAY_ADDRESS: &str = "RAY_ADDRESS";
-/// Set to `disabled` explicitly: a `~/.ray/auth_token` on a shared $HOME would turn auth on.
+/// `token` (or `disabled` with `security.auth: off`, explicitly: a `~/.ray/auth_token` on a
+/// shared $HOME would turn auth on by itself).
 pub const RAY_AUTH_MODE: &str = "RAY_AUTH_MODE";
+/// The job's Ray token file (0600, in the node's private temp dir).
+pub const RAY_AUTH_TOKEN_PATH: &str = "RAY_AUTH_TOKEN_PATH";
+/// The engine's API key (vLLM reads it instead of `--api-key`, which `ps` would show).
+pub const VLLM_API_KEY: &str = "VLLM_API_KEY";
+/// The API key for the client (the official OpenAI SDKs read it).
+pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+/// Hosts the client reaches without a proxy: the endpoints (a site's http_proxy would
+/// otherwise carry requests for internal addresses).
+pub const NO_PROXY: &str = "NO_PROXY";
+pub const NO_PROXY_LOWER: &str = "no_proxy";
 pub const RAY_USAGE_STATS_ENABLED: &str = "RAY_USAGE_STATS_ENABLED";
 
 /// (name, meaning) for `--help` and the README.
@@ -71,4 +86,12 @@ pub const READ: &[(&str, &str)] = &[
         "per-node process log directory, instead of --log-dir",
     ),
     (RAY_LAUNCH_LOG, "ray-launch's own log filter (default info)"),
+    (
+        RAY_LAUNCH_SECRET,
+        "per-user secret for security.auth: secret (where munge is missing)",
+    ),
+    (
+        RAY_LAUNCH_SECRET_FILE,
+        "0600 file with that secret (default ~/.config/ray-launch/secret)",
+    ),
 ];

@@ -16,8 +16,13 @@ pub const ENGINE_FAILURE: i32 = 5;
 /// A process could not be started (missing executable, Ray head did not come up).
 pub const LAUNCH_FAILURE: i32 = 6;
 /// Killed by signal `n` (SIGTERM from scancel or the time limit: 143).
+/// 128 + the signal's number; a number that is no signal (from a peer, say) counts as 1.
 pub const fn signal(n: i32) -> i32 {
-    128 + n
+    if n >= 1 && n <= 64 {
+        128 + n
+    } else {
+        INTERNAL
+    }
 }
 
 /// Whether a step that ends with `code` failed. 0 and 128+n (a signal: scancel, the time

@@ -21,6 +21,9 @@
 //!   async shell), [`run::coordinator`] (the master's pure state machine and its shell),
 //!   [`run::channel`] (the typed connection between them), [`run::proc`], [`run::signals`],
 //!   [`run::reaper`].
+//! - [`auth`]: who may join a job (munge or a per-user secret, or a local run's own key),
+//!   the per-job key, and what is derived from it (Ray token, API key); [`private`]: files
+//!   and directories only the job's user can read, and removing only what the job created.
 //! - Contracts, one module each: [`endpoint`] (the endpoint file), [`exit`] (exit codes),
 //!   [`env_vars`] (variable names), [`error`] (`error:` / `caused by:` / `hint:`).
 //! - [`cli`]: clap and the subcommands; [`logging`]: `[rank node]`-prefixed lines.
@@ -28,6 +31,7 @@
 //! Imports go one way: `run` → `plan` → `input`; nothing in `input` or `plan` names `run` or
 //! `cli`.
 
+pub mod auth;
 pub mod cli;
 pub mod endpoint;
 pub mod env_vars;
@@ -36,4 +40,5 @@ pub mod exit;
 pub mod input;
 pub mod logging;
 pub mod plan;
+pub mod private;
 pub mod run;

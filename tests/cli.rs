@@ -110,7 +110,8 @@ fn plan_json_has_the_documented_schema() {
             assert!(c["name"].is_string() && c["argv"].is_array() && c["env"].is_object());
         }
     }
-    assert_eq!(v["ports"]["channel"], 20000 + 77 % 49 * 256);
+    // job 77, step 0: block (77 x 5 + 0 x 3) mod 49
+    assert_eq!(v["ports"]["channel"], 20000 + (77 * 5) % 49 * 256);
 }
 
 #[test]

@@ -1,6 +1,10 @@
-//! A thousand ranks against the real coordinator over TCP on loopback, in one process: the
-//! rendezvous completes, every rank gets the same Welcome and its Start, the endpoint becomes
-//! ready, and one rank's SIGTERM stops all of them with 143. Prints how long each phase took.
+//! A thousand ranks against the real coordinator over TCP on loopback, in one process: each
+//! authenticates (the secret method: HMAC proofs both ways), the rendezvous completes, every
+//! rank gets the same Welcome and its Start, the endpoint becomes ready, and one rank's
+//! SIGTERM stops all of them with 143. All come from one address, so the coordinator's cap on
+//! unauthenticated connections per address makes most of them retry, as real ranks do.
+//! Prints how long each phase took.
+use ray_launch::auth::{self, Auth, Binding, Method};
 use ray_launch::cli;
 use ray_launch::input::config;
 use ray_launch::input::settings::{self, Overrides};
@@ -33,32 +37,30 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
     let listener = coordinator::bind(0).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let secret = b"a per-user secret for the test".to_vec();
     tokio::spawn(coordinator::serve(
         listener,
         s.clone(),
         step.clone(),
+        Auth::for_master(Method::Secret(secret.clone())),
+        None,
         done_tx,
     ));
-    let settings_json = s.agreed();
+    let digests = s.agreed_digests();
+    let retries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let (res_tx, mut res_rx) =
         tokio::sync::mpsc::unbounded_channel::<(usize, &'static str, Duration)>();
     for (rank, name) in names.iter().enumerate() {
-        let (name, digest, sj, tx) = (
+        let (name, digest, digests, tx, secret, retries) = (
             name.clone(),
             s.digest.clone(),
-            settings_json.clone(),
+            digests.clone(),
             res_tx.clone(),
+            secret.clone(),
+            retries.clone(),
         );
         tokio::spawn(async move {
-            let sock = loop {
-                match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    Ok(s) => break s,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            };
-            let mut c = channel::Connection::<ToRank>::new(sock);
-            assert!(matches!(c.recv().await.unwrap(), ToRank::Challenge { .. }));
             let info = NodeInfo {
                 name: name.clone(),
                 address: format!("10.{}.{}.{}", rank / 65536, rank / 256 % 256, rank % 256),
@@ -66,19 +68,62 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                 cpus: 64,
                 object_store_bytes: 1 << 30,
             };
-            c.sender.send(&ToMaster::Hello(Box::new(channel::Hello {
-                protocol: channel::PROTOCOL,
-                node: name,
-                node_rank: rank,
-                version: env!("CARGO_PKG_VERSION").into(),
-                digest,
-                info,
-                proof: None,
-                settings: sj,
-            })));
+            let me = Auth::new(Method::Secret(secret));
+            let mut c = loop {
+                let Ok(sock) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let mut c = channel::Connection::<ToRank>::with_limit(
+                    sock,
+                    channel::Limit::staged(channel::PRE_AUTH_LINE, 2, channel::MAX_TO_RANK),
+                );
+                let Ok(ToRank::Challenge { nonce, job_nonce, .. }) = c.recv().await else {
+                    // dropped at once: too many unauthenticated connections from here
+                    retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let mut h = channel::Hello {
+                    protocol: channel::PROTOCOL,
+                    job_id: "123".into(),
+                    step_id: "0".into(),
+                    node: name.clone(),
+                    node_rank: rank,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    digest: digest.clone(),
+                    settings_digests: digests.clone(),
+                    info: info.clone(),
+                    busy: vec![],
+                    nonce: auth::random_hex(),
+                    proof: None,
+                };
+                let hd = h.digest_without_proof();
+                let b = Binding {
+                    job: "123",
+                    step: "0",
+                    node_rank: rank,
+                    node: &name,
+                    master_nonce: &nonce,
+                    job_nonce: &job_nonce,
+                    rank_nonce: &h.nonce.clone(),
+                    hello: &hd,
+                };
+                h.proof = me.rank_proof(&b).await.unwrap();
+                c.sender.send(&ToMaster::Hello(Box::new(h)));
+                match c.recv().await {
+                    Ok(ToRank::Accepted { proof }) => {
+                        me.check_master(&b, channel::ACCEPTED, proof.as_deref())
+                            .await
+                            .expect("the master's proof verifies");
+                        break c;
+                    }
+                    other => panic!("rank {rank}: {other:?}"),
+                }
+            };
             loop {
                 match c.recv().await {
-                    Ok(ToRank::Welcome { nodes }) => {
+                    Ok(ToRank::Welcome { nodes, .. }) => {
                         assert_eq!(nodes.len(), N);
                         let _ = tx.send((rank, "welcome", t0.elapsed()));
                     }
@@ -122,6 +167,10 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
         .await
         .expect("coordinator finished")
         .unwrap();
+    eprintln!(
+        "{N} ranks from one address: {} connection(s) dropped before the challenge and retried",
+        retries.load(std::sync::atomic::Ordering::Relaxed)
+    );
     for what in ["welcome", "start", "stop"] {
         let (n, last) = count[what];
         assert_eq!(n, N, "{what}");

@@ -145,7 +145,18 @@ fn two_jobs_get_different_ports() {
     };
     let b = plan::build(&s, &step, &[n]).unwrap().ports;
     assert_ne!(a.channel, b.channel);
-    assert_eq!(b.channel - a.channel, plan::PORT_BLOCK);
+    // consecutive jobs: five blocks apart, so that a job's steps (the next blocks) stay apart too
+    assert_eq!(b.channel - a.channel, 5 * plan::PORT_BLOCK);
+    let range = (20000, 32767);
+    let steps: Vec<u16> = (0..4)
+        .map(|st| plan::block_base("4242", &st.to_string(), range))
+        .collect();
+    let distinct: std::collections::BTreeSet<u16> = steps.iter().copied().collect();
+    assert_eq!(distinct.len(), 4, "two steps of one job never share a block: {steps:?}");
+    let c = plan::candidate_blocks("4242", "0", range);
+    assert_eq!(c.len(), plan::CANDIDATE_BLOCKS);
+    assert_eq!(c.iter().collect::<std::collections::BTreeSet<_>>().len(), c.len());
+    assert!(c.iter().all(|b| *b >= range.0 && b + plan::PORT_BLOCK - 1 <= range.1));
     // every port of a block lies inside the block
     for p in [
         a.ray_gcs,

@@ -197,6 +197,9 @@ pub struct Server {
     pub host: String,
     /// `auto`: a port from the job's port block, so two jobs on one node never collide.
     pub port: Auto<u16>,
+    /// Bring your own API key: a file (mode 0600) holding it, readable on every node. Unset:
+    /// the key is derived from the job's key and written to `api_key_path` of the endpoint file.
+    pub api_key_file: Option<String>,
 }
 
 impl Default for Server {
@@ -204,8 +207,28 @@ impl Default for Server {
         Server {
             host: "0.0.0.0".into(),
             port: Auto::Auto,
+            api_key_file: None,
         }
     }
+}
+
+/// `security.auth`: how ranks and master prove they belong to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthSetting {
+    /// munge where it works, else the per-user secret (a local run needs neither).
+    #[default]
+    Auto,
+    Munge,
+    Secret,
+    /// No authentication, no Ray token, no API key: only for a machine you do not share.
+    Off,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    pub auth: AuthSetting,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -224,7 +247,9 @@ pub struct Ray {
     /// GCS port; `auto` = from the job's port block.
     pub port: Auto<u16>,
     pub object_store_memory: Size,
-    /// Node-local, job- and node-scoped. Placeholders: `{job}`, `{node}`, `{node_rank}`.
+    /// Node-local, job-, step- and node-scoped. Placeholders: `{job}`, `{step}`, `{node}`,
+    /// `{node_rank}`. Created fresh (0700) by the launcher, or an existing 0700 directory of
+    /// yours, of which only what the job created is removed.
     pub temp_dir: String,
     pub dashboard: bool,
     /// Start Ray's client server (needs `ray[client]`) on the job's port. When false and
@@ -239,7 +264,7 @@ impl Default for Ray {
             executable: "ray".into(),
             port: Auto::Auto,
             object_store_memory: Size::Auto,
-            temp_dir: "/tmp/rl-{job}-{node_rank}".into(),
+            temp_dir: "/tmp/rl-{job}.{step}-{node_rank}".into(),
             dashboard: false,
             client_server: false,
             extra_args: Vec::new(),
@@ -338,6 +363,12 @@ pub struct Config {
     /// Values may use {job}, {node}, {node_rank}, {replica}, {replica_rank}.
     #[serde(default)]
     pub env: BTreeMap<String, EnvValue>,
+    /// Names in `env` whose values are secret (masked wherever ray-launch prints them), on top
+    /// of those that look secret (containing TOKEN, KEY, SECRET, PASSWORD, CREDENTIAL).
+    #[serde(default)]
+    pub secret_env: Vec<String>,
+    #[serde(default)]
+    pub security: Security,
     #[serde(default)]
     pub network: Network,
     #[serde(default)]
@@ -362,7 +393,7 @@ pub struct Config {
 fn default_log_dir() -> String {
     "ray-launch-{job}".into()
 }
-fn default_endpoint_file() -> String {
+pub fn default_endpoint_file() -> String {
     "ray-launch-{job}/endpoint.json".into()
 }
 
@@ -636,6 +667,49 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             ));
         }
     }
+    for name in &c.secret_env {
+        if !c.env.contains_key(name) {
+            return Err(l.key_error(
+                "secret_env",
+                format!("names `{name}`, which is not in `env`"),
+                "list only names that `env:` sets",
+            ));
+        }
+    }
+    if let Some(f) = &c.server.api_key_file {
+        if f.trim().is_empty() || f.contains('\0') {
+            return Err(l.key_error("server.api_key_file", "is not a path", "give the path of a 0600 file holding the key"));
+        }
+        if c.security.auth == AuthSetting::Off {
+            return Err(l.key_error(
+                "server.api_key_file",
+                "is set while `security.auth` is off",
+                "remove one of the two: with auth off the engine runs without a key",
+            ));
+        }
+    }
+    for (key, v) in std::iter::once(("model", &c.model))
+        .chain(c.served_model_name.iter().map(|v| ("served_model_name", v)))
+        .chain(c.engine_args.iter().map(|v| ("engine_args", v)))
+        .chain(c.ray.extra_args.iter().map(|v| ("ray.extra_args", v)))
+        .chain([
+            ("vllm.executable", &c.vllm.executable),
+            ("sglang.python", &c.sglang.python),
+            ("ray.executable", &c.ray.executable),
+            ("ray.temp_dir", &c.ray.temp_dir),
+            ("log_dir", &c.log_dir),
+            ("endpoint_file", &c.endpoint_file),
+        ])
+        .chain(c.event_log.iter().map(|v| ("event_log", v)))
+    {
+        if v.contains('\0') {
+            return Err(l.key_error(
+                key,
+                "contains a NUL byte, which no command line or path can hold",
+                "remove it",
+            ));
+        }
+    }
     for (key, durv) in [
         ("timeouts.rendezvous", c.timeouts.rendezvous),
         ("timeouts.worker_join", c.timeouts.worker_join),
@@ -651,6 +725,17 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
                 key,
                 "must be longer than zero",
                 "write it like `30s` or `5m`",
+            ));
+        }
+        if durv.0 > MAX_DURATION {
+            return Err(l.key_error(
+                key,
+                format!(
+                    "({}) is longer than ray-launch accepts ({})",
+                    humantime::format_duration(durv.0),
+                    humantime::format_duration(MAX_DURATION)
+                ),
+                "no Slurm job runs that long: write it like `30s`, `5m` or `2h`",
             ));
         }
     }
@@ -720,7 +805,20 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
         return Err(l.key_error(
             "ray.temp_dir",
             "must be an absolute path",
-            "use a node-local path such as `/tmp/rl-{job}-{node_rank}`",
+            "use a node-local path such as `/tmp/rl-{job}.{step}-{node_rank}`",
+        ));
+    }
+    let parts = c
+        .ray
+        .temp_dir
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .count();
+    if parts < 2 || c.ray.temp_dir.split('/').any(|p| p == "..") {
+        return Err(l.key_error(
+            "ray.temp_dir",
+            format!("`{}` is a shared directory, not one for this job", c.ray.temp_dir),
+            "give a directory of its own, such as `/tmp/rl-{job}.{step}-{node_rank}`; ray-launch creates it (0700) and removes only what the job put there",
         ));
     }
     for (key, v) in [
@@ -732,7 +830,7 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             return Err(l.key_error(
                 key,
                 format!("has an unknown placeholder `{bad}`"),
-                "placeholders are {job}, {node} and {node_rank}",
+                "placeholders are {job}, {step}, {node} and {node_rank}",
             ));
         }
     }
@@ -741,14 +839,21 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
 
 /// Longest teardown: engine grace, then Ray grace, then a second for SIGKILL and reaping.
 pub fn teardown_budget(c: &Config) -> Duration {
-    c.timeouts.shutdown_grace.0 * 2 + Duration::from_secs(1)
+    c.timeouts
+        .shutdown_grace
+        .0
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1))
 }
 
 /// Placeholders allowed in `env` values, filled per node by the plan.
-pub const ENV_PLACEHOLDERS: &[&str] = &["job", "node", "node_rank", "replica", "replica_rank"];
+pub const ENV_PLACEHOLDERS: &[&str] = &["job", "step", "node", "node_rank", "replica", "replica_rank"];
+
+/// The longest duration any key takes (a month: longer than any Slurm time limit here).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub fn check_placeholders(s: &str) -> std::result::Result<(), String> {
-    check_placeholders_in(s, &["job", "node", "node_rank"])
+    check_placeholders_in(s, &["job", "step", "node", "node_rank"])
 }
 
 pub fn check_placeholders_in(s: &str, allowed: &[&str]) -> std::result::Result<(), String> {

@@ -27,6 +27,93 @@ pub struct NodeInfo {
     pub object_store_bytes: u64,
 }
 
+/// How this rank proves it belongs to the job, and the user's own API key if any.
+pub struct Security {
+    pub method: crate::auth::Method,
+    /// `server.api_key_file`'s content.
+    pub user_api_key: Option<String>,
+}
+
+/// Decide the authentication method (`security.auth`) for a run, and read the user's API
+/// key. Nothing is started before this succeeds.
+pub fn security(s: &Settings, step: &Step) -> Result<Security> {
+    use crate::auth::{self, Method};
+    use config::AuthSetting;
+    let c = &s.config;
+    let secret = || -> Result<Option<Vec<u8>>> {
+        if let Ok(v) = std::env::var(ev::RAY_LAUNCH_SECRET) {
+            if v.trim().len() < 16 {
+                return Err(Error::usage(format!("{} holds fewer than 16 characters", ev::RAY_LAUNCH_SECRET))
+                    .hint("use a long random value, e.g. `head -c 32 /dev/urandom | base64`"));
+            }
+            return Ok(Some(v.trim().as_bytes().to_vec()));
+        }
+        let path = std::env::var_os(ev::RAY_LAUNCH_SECRET_FILE)
+            .map(PathBuf::from)
+            .or_else(auth::default_secret_file);
+        match path {
+            Some(p) if p.exists() => auth::read_secret_file(&p).map(Some).map_err(|e| {
+                Error::usage(format!("the ray-launch secret file is unusable: {e}"))
+                    .hint("keep it a 0600 file of yours holding at least 16 random bytes")
+            }),
+            _ => Ok(None),
+        }
+    };
+    let local = step.kind != slurm::StepKind::Srun;
+    let method = match c.security.auth {
+        AuthSetting::Off => Method::Off,
+        AuthSetting::Munge => {
+            if !auth::munge_works() {
+                return Err(Error::usage("security.auth is munge, but `munge --no-input` fails here (no munge on PATH, or munged is not running)")
+                    .hint("use `security.auth: secret` with a per-user secret file, or ask your admins whether the cluster uses munge"));
+            }
+            Method::Munge
+        }
+        AuthSetting::Secret => match secret()? {
+            Some(k) => Method::Secret(k),
+            None => return Err(secret_missing()),
+        },
+        AuthSetting::Auto if local => Method::Local(auth::random_bytes().to_vec()),
+        AuthSetting::Auto => {
+            if auth::munge_works() {
+                Method::Munge
+            } else if let Some(k) = secret()? {
+                Method::Secret(k)
+            } else {
+                return Err(secret_missing());
+            }
+        }
+    };
+    let user_api_key = match &c.server.api_key_file {
+        None => None,
+        Some(f) => {
+            let p = Path::new(f);
+            let key = auth::read_secret_file(p).map_err(|e| {
+                Error::usage(format!("server.api_key_file: {e}"))
+                    .hint("keep the key in a 0600 file of yours that every node can read")
+            })?;
+            let key = String::from_utf8(key).map_err(|_| {
+                Error::usage(format!("server.api_key_file: {f} is not text"))
+                    .hint("the key must be printable text")
+            })?;
+            if key.contains(|c: char| c.is_control() || c.is_whitespace()) {
+                return Err(Error::usage(format!("server.api_key_file: {f} holds more than one word"))
+                    .hint("put only the key in the file"));
+            }
+            Some(key)
+        }
+    };
+    Ok(Security {
+        method,
+        user_api_key,
+    })
+}
+
+fn secret_missing() -> Error {
+    Error::usage("no way to authenticate this job's ranks: munge does not work here and there is no per-user secret")
+        .hint("create one: `mkdir -p ~/.config/ray-launch && (umask 077; head -c 32 /dev/urandom | base64 > ~/.config/ray-launch/secret)`, or set RAY_LAUNCH_SECRET_FILE; `security.auth: off` turns authentication off")
+}
+
 /// Which node names to resolve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolve {

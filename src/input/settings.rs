@@ -5,6 +5,7 @@
 use crate::input::config::{self, Auto, Config, Loaded};
 use crate::input::slurm::Step;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,6 +27,21 @@ pub struct Settings {
     pub health: Health,
     /// `ports.range`, parsed: where the job's port block comes from.
     pub port_range: (u16, u16),
+    /// Whether ranks authenticate and the job has a key (`security.auth` is not `off`).
+    pub auth: bool,
+    /// `env:` names whose values are masked wherever ray-launch prints them.
+    pub secret_env: BTreeSet<String>,
+    /// `-step{N}` for steps after the first, so two steps of one job never share a log name
+    /// or a default endpoint file; empty for step 0.
+    pub step_suffix: String,
+}
+
+/// Whether a variable's name says its value is secret.
+pub fn looks_secret(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    ["TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL"]
+        .iter()
+        .any(|w| n.contains(w))
 }
 
 /// `timeouts.*` as plain durations, and what follows from them.
@@ -79,11 +95,20 @@ pub fn resolve(
         Auto::Auto => step.detected_gpus().unwrap_or(0),
     });
     let job = &step.job_id;
-    let fill = |s: &str| s.replace("{job}", job);
-    let endpoint_file = absolute(
-        &fill(ov.endpoint_file.as_deref().unwrap_or(&c.endpoint_file)),
-        cwd,
-    );
+    let fill = |s: &str| s.replace("{job}", job).replace("{step}", &step.step_id);
+    let step_suffix = if step.step_id == "0" {
+        String::new()
+    } else {
+        format!("-step{}", step.step_id)
+    };
+    let mut endpoint_template = ov
+        .endpoint_file
+        .clone()
+        .unwrap_or_else(|| c.endpoint_file.clone());
+    if endpoint_template == config::default_endpoint_file() && !step_suffix.is_empty() {
+        endpoint_template = format!("ray-launch-{{job}}/endpoint{step_suffix}.json");
+    }
+    let endpoint_file = absolute(&fill(&endpoint_template), cwd);
     let log_dir = absolute(&fill(ov.log_dir.as_deref().unwrap_or(&c.log_dir)), cwd);
     let event_log = ov
         .event_log
@@ -115,6 +140,14 @@ pub fn resolve(
             heartbeat_timeout: c.health.heartbeat_timeout.0,
         },
         port_range: loaded.port_range,
+        auth: c.security.auth != config::AuthSetting::Off,
+        secret_env: c
+            .env
+            .keys()
+            .filter(|k| looks_secret(k) || c.secret_env.contains(k))
+            .cloned()
+            .collect(),
+        step_suffix,
     };
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));
@@ -137,5 +170,27 @@ impl Settings {
             "gpus_per_node": self.gpus_per_node,
             "client": self.client,
         })
+    }
+
+    /// A short digest of each agreed leaf value, by dotted key (`config.parallel.tensor`):
+    /// what the Hello carries, so the master names differing keys without seeing values.
+    pub fn agreed_digests(&self) -> std::collections::BTreeMap<String, String> {
+        fn walk(v: &serde_json::Value, key: String, out: &mut std::collections::BTreeMap<String, String>) {
+            match v {
+                serde_json::Value::Object(m) if !m.is_empty() => {
+                    for (k, x) in m {
+                        let p = if key.is_empty() { k.clone() } else { format!("{key}.{k}") };
+                        walk(x, p, out);
+                    }
+                }
+                _ => {
+                    let d = Sha256::digest(serde_json::to_vec(v).expect("serializes"));
+                    out.insert(key, d.iter().take(8).map(|b| format!("{b:02x}")).collect());
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(&self.agreed(), String::new(), &mut out);
+        out
     }
 }

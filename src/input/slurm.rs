@@ -27,6 +27,8 @@ pub enum StepKind {
 pub struct Step {
     pub kind: StepKind,
     pub job_id: String,
+    /// `SLURM_STEP_ID` (`0` for a local run or a preview).
+    pub step_id: String,
     /// The step's nodes in NODEID order.
     pub nodes: Vec<String>,
     /// This task's NODEID; `None` in a preview.
@@ -97,6 +99,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         return Ok(Step {
             kind: StepKind::Local,
             job_id: format!("local-{}", std::process::id()),
+            step_id: "0".into(),
             nodes: vec![local_name.to_string()],
             self_rank: Some(0),
             gpus_on_node,
@@ -106,6 +109,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         });
     };
     if job_id.trim().is_empty()
+        || job_id.len() > 64
         || !job_id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
@@ -115,12 +119,19 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             "run under Slurm, or unset SLURM_JOB_ID for a local run",
         ));
     }
-    let (Some(_), Some(step_nodes)) = (step_id, step_nodes) else {
+    let (Some(step_id), Some(step_nodes)) = (step_id, step_nodes) else {
         return Err(env_error(
             format!("not launched by srun: job {job_id} has no step here (SLURM_STEP_ID/SLURM_STEP_NODELIST unset), so only this one node would run"),
             "start it with `srun --ntasks-per-node=1 ray-launch ...` inside the batch script",
         ));
     };
+    let step_id = step_id.trim().to_string();
+    if step_id.is_empty() || step_id.len() > 32 || !step_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(env_error(
+            format!("SLURM_STEP_ID=`{step_id}` is not a step id"),
+            "this variable comes from srun: do not set it by hand",
+        ));
+    }
     let nodes = hostlist::expand(&step_nodes).map_err(|e| {
         env_error(
             format!("SLURM_STEP_NODELIST: {e}"),
@@ -205,6 +216,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
     Ok(Step {
         kind: StepKind::Srun,
         job_id,
+        step_id,
         nodes,
         self_rank: Some(node_id),
         gpus_on_node,
@@ -220,6 +232,7 @@ impl Step {
         Step {
             kind: StepKind::Preview,
             job_id,
+            step_id: "0".into(),
             nodes,
             self_rank: None,
             gpus_on_node: None,

@@ -52,26 +52,88 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// A secret the rank fills in when it starts a command; the plan names it, never holds it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Secret {
+    /// The endpoint's API key (derived from the job key, or `server.api_key_file`).
+    ApiKey,
+}
+
+/// What stands for a masked value wherever ray-launch prints or logs a command.
+pub const MASK: &str = "<secret>";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     /// `ray-head`, `ray-worker`, `engine`, `client` (one of each kind at most per rank).
-    #[serde(rename = "name")]
     pub kind: Kind,
     pub argv: Vec<String>,
     /// Set on top of the launcher's own environment.
     pub env: BTreeMap<String, String>,
+    /// Set from the job's secrets when the command starts.
+    pub secret_env: BTreeMap<String, Secret>,
+    /// `FLAG VALUE` appended from the job's secrets (only where an engine reads no variable).
+    pub secret_args: Vec<(String, Secret)>,
+    /// Names in `env` whose values are masked when printed (`secret_env:`, or names that look secret).
+    pub masked: std::collections::BTreeSet<String>,
     pub lifecycle: Lifecycle,
 }
 
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = ser.serialize_map(None)?;
+        m.serialize_entry("name", &self.kind)?;
+        m.serialize_entry("argv", &self.argv)?;
+        m.serialize_entry("env", &self.shown_env())?;
+        if !self.secret_env.is_empty() {
+            m.serialize_entry("secret_env", &self.secret_env)?;
+        }
+        if !self.secret_args.is_empty() {
+            m.serialize_entry("secret_args", &self.secret_args)?;
+        }
+        m.serialize_entry("lifecycle", &self.lifecycle)?;
+        m.end()
+    }
+}
+
 impl Command {
-    /// `VAR=value ... argv`, shell-quoted, to paste into a terminal.
+    fn new(kind: Kind, argv: Vec<String>, env: BTreeMap<String, String>, lifecycle: Lifecycle) -> Command {
+        Command {
+            kind,
+            argv,
+            env,
+            secret_env: BTreeMap::new(),
+            secret_args: Vec::new(),
+            masked: Default::default(),
+            lifecycle,
+        }
+    }
+
+    /// `env` as printed: masked values replaced by [`MASK`].
+    pub fn shown_env(&self) -> BTreeMap<&str, &str> {
+        self.env
+            .iter()
+            .map(|(k, v)| {
+                let v = if self.masked.contains(k) { MASK } else { v.as_str() };
+                (k.as_str(), v)
+            })
+            .collect()
+    }
+
+    /// `VAR=value ... argv`, shell-quoted, to paste into a terminal; secrets masked.
     pub fn shell(&self) -> String {
         let mut parts: Vec<String> = self
-            .env
+            .shown_env()
             .iter()
             .map(|(k, v)| format!("{k}={}", quote(v)))
             .collect();
+        parts.extend(self.secret_env.keys().map(|k| format!("{k}={}", quote(MASK))));
         parts.extend(self.argv.iter().map(|a| quote(a)));
+        for (flag, _) in &self.secret_args {
+            parts.push(quote(flag));
+            parts.push(quote(MASK));
+        }
         parts.join(" ")
     }
 }
@@ -132,17 +194,43 @@ impl Ports {
     }
 }
 
-/// Which block of `range` a job gets: numeric job ids take consecutive blocks (so jobs
-/// submitted one after another never share one until the range wraps); other ids hash.
-pub fn block_base(job_id: &str, range: (u16, u16)) -> u16 {
+/// How many blocks a step may choose from: the first one free on every node is used.
+pub const CANDIDATE_BLOCKS: usize = 4;
+
+fn fnv(s: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Which block of `range` a step takes first: numeric job ids take consecutive blocks (so
+/// jobs submitted one after another never share one until the range wraps), each step of a
+/// job the next ones; other ids hash.
+pub fn block_base(job_id: &str, step_id: &str, range: (u16, u16)) -> u16 {
+    candidate_blocks(job_id, step_id, range)[0]
+}
+
+/// The step's candidate blocks, in order (distinct while the range holds enough blocks).
+pub fn candidate_blocks(job_id: &str, step_id: &str, range: (u16, u16)) -> Vec<u16> {
     let nblocks = ((range.1 - range.0 + 1) / PORT_BLOCK) as u64;
-    let n = job_id.parse::<u64>().unwrap_or_else(|_| {
-        // FNV-1a: stable across runs and platforms
-        job_id.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        })
-    });
-    range.0 + ((n % nblocks) as u16) * PORT_BLOCK
+    let job = job_id.parse::<u64>().unwrap_or_else(|_| fnv(job_id));
+    let step = step_id.parse::<u64>().unwrap_or_else(|_| fnv(step_id));
+    // a job's steps sit next to each other; the next job starts a few blocks further on
+    let first = job.wrapping_mul(5).wrapping_add(step.wrapping_mul(3)) % nblocks;
+    let mut out: Vec<u16> = Vec::new();
+    for i in 0..nblocks {
+        // later candidates jump far, so that one crowded neighbourhood is not tried twice
+        let b = (first + i * (nblocks / 2 + 1)) % nblocks;
+        let base = range.0 + (b as u16) * PORT_BLOCK;
+        if !out.contains(&base) {
+            out.push(base);
+        }
+        if out.len() == CANDIDATE_BLOCKS {
+            break;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,6 +274,8 @@ pub struct RankPlan {
     /// Node name of this replica's leader.
     pub leader: String,
     pub temp_dir: String,
+    /// The job's Ray token, written 0600 in the private temp dir (when Ray runs with auth).
+    pub ray_token_file: Option<String>,
     pub commands: Vec<Command>,
 }
 
@@ -259,9 +349,10 @@ fn http_args(c: &crate::input::config::Config, port: u16) -> Vec<String> {
     v
 }
 
-fn fill(template: &str, job: &str, node: &str, rank: usize) -> String {
+fn fill(template: &str, step: &Step, node: &str, rank: usize) -> String {
     template
-        .replace("{job}", job)
+        .replace("{job}", &step.job_id)
+        .replace("{step}", &step.step_id)
         .replace("{node}", node)
         .replace("{node_rank}", &rank.to_string())
 }
@@ -400,6 +491,18 @@ impl Slot<'_> {
         m
     }
 
+    /// A command with the user's `env` on top of `env`, and the secret names masked.
+    fn command(&self, j: &Job<'_>, kind: Kind, argv: Vec<String>, env: BTreeMap<String, String>, lifecycle: Lifecycle) -> Command {
+        let mut c = Command::new(kind, argv, self.with_user(env), lifecycle);
+        c.masked = j.s.secret_env.clone();
+        c
+    }
+
+    /// Where this node's Ray token file lives.
+    fn token_file(&self) -> String {
+        format!("{}/auth_token", self.temp_dir)
+    }
+
     /// The replica's Ray GCS address.
     fn gcs(&self, j: &Job<'_>) -> String {
         format!("{}:{}", self.leader.address, j.ports.ray_gcs)
@@ -411,14 +514,14 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>>
     let n = &nodes[rank];
     let replica = rank / j.npr;
     let rr = rank % j.npr;
-    let temp_dir = fill(&c.ray.temp_dir, &j.step.job_id, &n.name, rank);
+    let temp_dir = fill(&c.ray.temp_dir, j.step, &n.name, rank);
     if temp_dir.len() > MAX_TEMP_DIR_LEN {
         return Err(Error::usage(format!(
             "ray.temp_dir expands to `{temp_dir}` ({} bytes) on {}; Ray's Unix sockets under it would pass the 107-byte limit",
             temp_dir.len(),
             n.name
         ))
-        .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}-{{node_rank}}`")));
+        .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}.{{step}}-{{node_rank}}`")));
     }
     let mut base = BTreeMap::new();
     if c.engine == Engine::Vllm {
@@ -432,7 +535,7 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>>
         .env
         .iter()
         .map(|(k, v)| {
-            let v = fill(&v.0, &j.step.job_id, &n.name, rank)
+            let v = fill(&v.0, j.step, &n.name, rank)
                 .replace("{replica_rank}", &rr.to_string())
                 .replace("{replica}", &replica.to_string());
             (k.clone(), v)
@@ -454,7 +557,12 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>>
 fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     let (c, ports, n, rr) = (j.c, &j.ports, x.node, x.rr);
     let mut env = x.base.clone();
-    env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+    if j.s.auth {
+        env.insert(ev::RAY_AUTH_MODE.into(), "token".into());
+        env.insert(ev::RAY_AUTH_TOKEN_PATH.into(), x.token_file());
+    } else {
+        env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+    }
     env.insert(ev::RAY_USAGE_STATS_ENABLED.into(), "0".into());
     let mut argv = vec![c.ray.executable.clone(), "start".into()];
     let role = if rr == 0 {
@@ -502,27 +610,27 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     } else {
         (Kind::RayWorker, Lifecycle::ray_worker())
     };
-    let mut commands = vec![Command {
-        kind,
-        argv,
-        env: x.with_user(env.clone()),
-        lifecycle,
-    }];
+    let mut commands = vec![x.command(j, kind, argv, env.clone(), lifecycle)];
     if rr == 0 {
         let mut argv = vllm_serve(c, "ray");
         argv.extend(http_args(c, ports.engine_http));
         argv.extend(c.engine_args.iter().cloned());
         let mut env = env;
         env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
-        commands.push(Command {
-            kind: Kind::Engine,
+        let mut cmd = x.command(
+            j,
+            Kind::Engine,
             argv,
-            env: x.with_user(env),
-            lifecycle: Lifecycle::serving_engine(
+            env,
+            Lifecycle::serving_engine(
                 StartAfter::ReplicaJoined,
                 &j.endpoints[x.replica].health_url,
             ),
-        });
+        );
+        if j.s.auth {
+            cmd.secret_env.insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+        }
+        commands.push(cmd);
     }
     (role, commands)
 }
@@ -575,16 +683,22 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
         argv.extend(http_args(c, ports.engine_http));
     }
     argv.extend(c.engine_args.iter().cloned());
-    let cmd = Command {
-        kind: Kind::Engine,
-        argv,
-        env: x.with_user(x.base.clone()),
-        lifecycle: if rr == 0 {
-            Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url)
-        } else {
-            Lifecycle::following_engine()
-        },
+    let lifecycle = if rr == 0 {
+        Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url)
+    } else {
+        Lifecycle::following_engine()
     };
+    let mut cmd = x.command(j, Kind::Engine, argv, x.base.clone(), lifecycle);
+    if j.s.auth && rr == 0 {
+        match c.engine {
+            // vLLM reads VLLM_API_KEY: the key stays out of /proc/PID/cmdline
+            Engine::Vllm => {
+                cmd.secret_env.insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+            }
+            // SGLang reads only --api-key
+            Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
+        }
+    }
     (role, cmd)
 }
 
@@ -602,24 +716,62 @@ fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
             .collect::<Vec<_>>()
             .join(" "),
     );
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    for e in &j.endpoints {
+        let host = e
+            .url
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+        if !hosts.contains(&e.node) {
+            hosts.push(e.node.clone());
+        }
+    }
+    env.insert(ev::NO_PROXY.into(), hosts.join(","));
+    env.insert(ev::NO_PROXY_LOWER.into(), hosts.join(","));
     if uses_ray {
         env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
-        env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+        if s.auth {
+            env.insert(ev::RAY_AUTH_MODE.into(), "token".into());
+            env.insert(ev::RAY_AUTH_TOKEN_PATH.into(), x.token_file());
+        } else {
+            env.insert(ev::RAY_AUTH_MODE.into(), "disabled".into());
+        }
     }
-    Command {
-        kind: Kind::Client,
-        argv: s.client.clone(),
-        env: x.with_user(env),
-        lifecycle: Lifecycle::client(),
+    let mut cmd = x.command(j, Kind::Client, s.client.clone(), env, Lifecycle::client());
+    if s.auth {
+        cmd.secret_env.insert(ev::OPENAI_API_KEY.into(), Secret::ApiKey);
     }
+    cmd
 }
 
+/// The plan with the step's first candidate port block (a preview, or before the rendezvous).
 pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
+    build_in(s, step, nodes, block_base(&step.job_id, &step.step_id, s.port_range), None)
+}
+
+/// The plan with the port block the master chose (`block`) and the channel port it listens
+/// on (`channel`, when it differs from the block's own).
+pub fn build_in(
+    s: &Settings,
+    step: &Step,
+    nodes: &[NodeInfo],
+    block: u16,
+    channel: Option<u16>,
+) -> Result<Plan> {
     let c = &s.config;
     assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
     let nnodes = nodes.len();
     let (npr, replicas) = layout(s, nnodes)?;
-    let mut ports = Ports::for_block(block_base(&step.job_id, s.port_range));
+    let mut ports = Ports::for_block(block);
+    if let Some(ch) = channel {
+        ports.channel = ch;
+    }
     if let Auto::Value(p) = c.ray.port {
         ports.ray_gcs = p;
     }
@@ -656,6 +808,7 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
             replica: x.replica,
             replica_rank: x.rr,
             leader: x.leader.name.clone(),
+            ray_token_file: (uses_ray && s.auth).then(|| x.token_file()),
             temp_dir: x.temp_dir,
             commands,
         });

@@ -1,39 +1,74 @@
 //! The launcher's own rank-to-rank channel: newline-delimited JSON over TCP to the master.
 //!
-//! Handshake: the master speaks first with `Challenge { nonce }`; the rank answers [`Hello`]
-//! with `proof` (none today; an HMAC of the nonce with a per-job secret later, without
-//! changing the message flow). The master answers `Welcome` once every rank has said hello
-//! (or `Stop` on a mismatch), then drives the start with `Start { name }`.
-//! Every message is one line of at most [`MAX_LINE`] bytes. [`Connection`] is the one place
-//! that encodes, decodes, reads and writes them, for both ends.
+//! Handshake ([`crate::auth`] makes and checks the proofs): the master speaks first
+//! with `Challenge { nonce, job_nonce }`; the rank answers [`Hello`] with its own nonce and a
+//! proof bound to job, step, rank and both nonces; the master checks it and answers
+//! `Accepted { proof }` (or `Refused`), its own proof bound to the same transcript, which the
+//! rank checks before it believes anything else on the connection. A connection that fails
+//! is dropped and logged; it never changes the job's course. Once every rank is in, the
+//! master sends `Welcome` and then drives the start with `Start { name }`.
+//! Every message is one line, at most [`PRE_AUTH_LINE`] bytes before the handshake and
+//! [`MAX_TO_MASTER`] / [`MAX_TO_RANK`] after it. [`Connection`] is the one place that
+//! encodes, decodes, reads and writes them, for both ends.
 
 use crate::plan::lifecycle::Kind;
 use crate::plan::NodeInfo;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// A Welcome for a thousand nodes is ~150 KB; anything much larger is not ours.
-pub const MAX_LINE: u64 = 16 << 20;
-pub const PROTOCOL: u32 = 1;
+/// Before the handshake: a Challenge, a Hello, an Accepted (a munge credential is ~200 bytes).
+pub const PRE_AUTH_LINE: u64 = 64 << 10;
+/// What a rank may send the master once authenticated (exit reports carry 5 short log lines).
+pub const MAX_TO_MASTER: u64 = 1 << 20;
+/// What the master may send a rank once authenticated: a Welcome for a thousand nodes is
+/// ~150 KB; this leaves room for a hundred times that.
+pub const MAX_TO_RANK: u64 = 16 << 20;
+pub const PROTOCOL: u32 = 2;
+
+/// A port block that is not free on this node: its base and what holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Busy {
+    pub base: u16,
+    pub why: String,
+}
 
 /// A rank's first message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
     pub protocol: u32,
+    pub job_id: String,
+    pub step_id: String,
     pub node: String,
     pub node_rank: usize,
     pub version: String,
     /// Digest of the settings every rank must agree on ([`crate::input::settings::Settings::agreed`]).
     pub digest: String,
+    /// A digest per agreed key, so that the master can name the keys that differ without
+    /// anyone sending the values (an `env:` value may be a token).
+    pub settings_digests: BTreeMap<String, String>,
     pub info: NodeInfo,
+    /// Candidate port blocks with a port taken on this node.
+    pub busy: Vec<Busy>,
+    /// This rank's nonce for this connection.
+    pub nonce: String,
     pub proof: Option<String>,
-    /// The agreed settings themselves, so that the master can name the keys that differ
-    /// when the digests do not match.
-    pub settings: serde_json::Value,
+}
+
+impl Hello {
+    /// SHA-256 of the hello without its proof (what the proof is bound to).
+    pub fn digest_without_proof(&self) -> String {
+        let mut h = self.clone();
+        h.proof = None;
+        let bytes = serde_json::to_vec(&h).expect("serializes");
+        crate::auth::hex(&Sha256::digest(bytes))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,11 +106,26 @@ pub enum ToMaster {
 pub enum ToRank {
     Challenge {
         protocol: u32,
+        /// Fresh for this connection.
         nonce: String,
+        /// One per job (the secret method derives the job key from it).
+        job_nonce: String,
     },
-    /// Every rank's facts in node-rank order: with them each rank builds the same plan.
+    /// The hello verified and the rank has its place; `proof` is the master's.
+    Accepted {
+        proof: Option<String>,
+    },
+    /// The hello verified but the rank cannot join (`code` is the exit code it should use).
+    Refused {
+        code: i32,
+        reason: String,
+        proof: Option<String>,
+    },
+    /// Every rank's facts in node-rank order, and the port block every rank uses: with them
+    /// each rank builds the same plan.
     Welcome {
         nodes: Vec<NodeInfo>,
+        block: u16,
     },
     Start {
         name: Kind,
@@ -89,6 +139,13 @@ pub enum ToRank {
     Heartbeat,
 }
 
+/// The outcome string a Refused answer's proof is bound to.
+pub fn refused_outcome(code: i32, reason: &str) -> String {
+    format!("refused {code} {reason}")
+}
+
+pub const ACCEPTED: &str = "accepted";
+
 #[derive(Debug)]
 pub enum RecvError {
     Closed,
@@ -101,9 +158,41 @@ impl std::fmt::Display for RecvError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RecvError::Closed => f.write_str("connection closed"),
-            RecvError::TooLong => write!(f, "message longer than {MAX_LINE} bytes"),
+            RecvError::TooLong => f.write_str("message longer than this end accepts"),
             RecvError::Bad(e) => write!(f, "unreadable message: {e}"),
             RecvError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The longest line a [`Reader`] takes: `first` for the first `first_lines` lines (the
+/// handshake), `then` after them; the owner can set it once the handshake is done.
+#[derive(Clone)]
+pub struct Limit(Arc<(AtomicU64, AtomicU64, u64)>);
+
+impl Limit {
+    pub fn new(n: u64) -> Limit {
+        Limit::staged(n, 0, n)
+    }
+    /// `first` for the first `first_lines` lines, `then` for the rest (a rank reads the
+    /// Challenge and the master's answer under the small limit, and a Welcome, which may
+    /// arrive right behind them, under the large one).
+    pub fn staged(first: u64, first_lines: u64, then: u64) -> Limit {
+        Limit(Arc::new((
+            AtomicU64::new(first),
+            AtomicU64::new(then),
+            first_lines,
+        )))
+    }
+    pub fn set(&self, n: u64) {
+        self.0 .0.store(n, Ordering::Relaxed);
+        self.0 .1.store(n, Ordering::Relaxed);
+    }
+    fn get(&self, line: u64) -> u64 {
+        if line < self.0 .2 {
+            self.0 .0.load(Ordering::Relaxed)
+        } else {
+            self.0 .1.load(Ordering::Relaxed)
         }
     }
 }
@@ -111,20 +200,26 @@ impl std::fmt::Display for RecvError {
 pub struct Reader<R> {
     inner: BufReader<R>,
     buf: Vec<u8>,
+    limit: Limit,
+    lines: u64,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
-    pub fn new(r: R) -> Self {
+    pub fn new(r: R, limit: Limit) -> Self {
         Reader {
             inner: BufReader::new(r),
             buf: Vec::new(),
+            limit,
+            lines: 0,
         }
     }
 
     pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, RecvError> {
         self.buf.clear();
+        let max = self.limit.get(self.lines);
+        self.lines += 1;
         let n = (&mut self.inner)
-            .take(MAX_LINE)
+            .take(max)
             .read_until(b'\n', &mut self.buf)
             .await
             .map_err(RecvError::Io)?;
@@ -132,7 +227,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             return Err(RecvError::Closed);
         }
         if self.buf.last() != Some(&b'\n') {
-            return Err(if n as u64 >= MAX_LINE {
+            return Err(if n as u64 >= max {
                 RecvError::TooLong
             } else {
                 RecvError::Closed
@@ -173,17 +268,38 @@ impl Sender {
 /// reader is not cancel-safe, so it runs on its own) and a writer task that drains the queue.
 pub struct Connection<In> {
     pub sender: Sender,
+    /// The longest line this end accepts now ([`PRE_AUTH_LINE`] until the handshake).
+    pub limit: Limit,
     rx: mpsc::UnboundedReceiver<Result<In, RecvError>>,
     writer: JoinHandle<()>,
+    reader: JoinHandle<()>,
+}
+
+/// TCP keepalive and a user timeout: a peer whose machine vanished is noticed by the kernel
+/// too, not only by the heartbeat.
+pub fn tune(stream: &tokio::net::TcpStream, user_timeout: Duration) {
+    let _ = stream.set_nodelay(true);
+    let s = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    let _ = s.set_tcp_keepalive(&ka);
+    let _ = s.set_tcp_user_timeout(Some(user_timeout));
 }
 
 impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
+    /// A connection whose lines may be [`PRE_AUTH_LINE`] long until `limit` is raised.
     pub fn new(stream: tokio::net::TcpStream) -> Connection<In> {
-        let _ = stream.set_nodelay(true);
+        Connection::with_limit(stream, Limit::new(PRE_AUTH_LINE))
+    }
+
+    pub fn with_limit(stream: tokio::net::TcpStream, limit: Limit) -> Connection<In> {
         let (rd, mut wr) = stream.into_split();
         let (in_tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut r = Reader::new(rd);
+        let l2 = limit.clone();
+        let reader = tokio::spawn(async move {
+            let mut r = Reader::new(rd, l2);
             loop {
                 let m = r.recv::<In>().await;
                 let end = m.is_err();
@@ -202,8 +318,10 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
         });
         Connection {
             sender: Sender { tx },
+            limit,
             rx,
             writer,
+            reader,
         }
     }
 
@@ -216,18 +334,34 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
     /// Split into the receiving half and a handle that flushes the sending half.
     pub fn split(self) -> (Receiver<In>, Sender, Flush) {
         (
-            Receiver { rx: self.rx },
+            Receiver {
+                rx: self.rx,
+                reader: self.reader,
+            },
             self.sender,
             Flush {
                 writer: self.writer,
             },
         )
     }
+
+    /// Close both directions now (a connection that failed the handshake).
+    pub fn close(self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
 }
 
 /// The receiving half of a [`Connection`].
 pub struct Receiver<In> {
     rx: mpsc::UnboundedReceiver<Result<In, RecvError>>,
+    reader: JoinHandle<()>,
+}
+
+impl<In> Drop for Receiver<In> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl<In> Receiver<In> {
@@ -262,23 +396,44 @@ mod tests {
         }
     }
 
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL,
+            job_id: "7".into(),
+            step_id: "0".into(),
+            node: "n1".into(),
+            node_rank: 0,
+            version: "0.1.0".into(),
+            digest: "ab".into(),
+            settings_digests: [("config.model".to_string(), "d1".to_string())].into(),
+            info: info(),
+            busy: vec![],
+            nonce: "n".into(),
+            proof: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_is_refused_before_it_is_buffered() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (_ar, mut aw) = tokio::io::split(a);
+        let (br, _bw) = tokio::io::split(b);
+        let mut r = Reader::new(br, Limit::new(1024));
+        tokio::spawn(async move {
+            let _ = aw.write_all(&vec![b'x'; 1 << 20]).await;
+        });
+        assert!(matches!(r.recv::<ToMaster>().await, Err(RecvError::TooLong)));
+        assert!(r.buf.capacity() < 64 << 10);
+    }
+
     #[tokio::test]
     async fn messages_round_trip_over_a_pipe() {
         let (a, b) = tokio::io::duplex(1 << 16);
         let (ar, mut aw) = tokio::io::split(a);
         let (br, _bw) = tokio::io::split(b);
-        let mut r = Reader::new(br);
+        let mut r = Reader::new(br, Limit::new(MAX_TO_MASTER));
         let msgs = vec![
-            ToMaster::Hello(Box::new(Hello {
-                protocol: PROTOCOL,
-                node: "n1".into(),
-                node_rank: 0,
-                version: "0.1.0".into(),
-                digest: "ab".into(),
-                info: info(),
-                proof: None,
-                settings: serde_json::json!({"config": {"model": "m"}}),
-            })),
+            ToMaster::Hello(Box::new(hello())),
             ToMaster::Up {
                 name: Kind::RayHead,
             },
@@ -307,7 +462,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let (_ar, mut aw) = tokio::io::split(a);
         let (br, _bw) = tokio::io::split(b);
-        let mut r = Reader::new(br);
+        let mut r = Reader::new(br, Limit::new(PRE_AUTH_LINE));
         aw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         assert!(matches!(r.recv::<ToMaster>().await, Err(RecvError::Bad(_))));
     }
@@ -317,19 +472,16 @@ mod tests {
         let s = serde_json::to_string(&ToRank::Start { name: Kind::Engine }).unwrap();
         assert_eq!(s, r#"{"type":"start","name":"engine"}"#);
         // the hello's settings travel inside the message, next to its other fields
-        let h = serde_json::to_value(ToMaster::Hello(Box::new(Hello {
-            protocol: PROTOCOL,
-            node: "n1".into(),
-            node_rank: 0,
-            version: "v".into(),
-            digest: "d".into(),
-            info: info(),
-            proof: None,
-            settings: serde_json::json!({"k": 1}),
-        })))
-        .unwrap();
+        let h = serde_json::to_value(ToMaster::Hello(Box::new(hello()))).unwrap();
         assert_eq!(h["type"], "hello");
-        assert_eq!(h["settings"]["k"], 1);
+        assert_eq!(h["settings_digests"]["config.model"], "d1");
+        // the proof binds everything else in the hello
+        let mut a = hello();
+        let d = a.digest_without_proof();
+        a.proof = Some("p".into());
+        assert_eq!(a.digest_without_proof(), d);
+        a.node_rank = 1;
+        assert_ne!(a.digest_without_proof(), d);
     }
 
     #[tokio::test]

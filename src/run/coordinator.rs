@@ -17,7 +17,8 @@ use crate::input::settings::Settings;
 use crate::input::slurm::Step;
 use crate::plan::lifecycle::{self, Deadline, Ending, Kind, Ready, StartAfter};
 use crate::plan::{self, NodeInfo, Plan};
-use crate::run::channel::{self, Connection, Hello, Line, ToMaster, ToRank};
+use crate::auth::{self, Auth, Binding};
+use crate::run::channel::{self, Busy, Connection, Hello, Line, ToMaster, ToRank};
 use crate::run::signals;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -57,7 +58,13 @@ pub struct Coord {
     step: Step,
     n: usize,
     version: String,
-    hello: Vec<Option<(NodeInfo, serde_json::Value)>>,
+    hello: Vec<Option<NodeInfo>>,
+    /// Candidate port blocks each rank found taken on its node.
+    busy: Vec<Vec<Busy>>,
+    /// The step's candidate port blocks, in order of preference.
+    candidates: Vec<u16>,
+    /// The port the master listens on.
+    channel_port: u16,
     connected: Vec<bool>,
     stopped: Vec<bool>,
     last_seen: Vec<Instant>,
@@ -71,7 +78,7 @@ pub struct Coord {
     phase: Phase,
     rendezvous_deadline: Instant,
     next_progress: Instant,
-    master_settings: serde_json::Value,
+    master_digests: BTreeMap<String, String>,
     all_stopped_sent: bool,
 }
 
@@ -79,44 +86,31 @@ fn dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// Dotted keys whose values differ between two JSON objects (for mismatch messages).
-pub fn diff_keys(
-    a: &serde_json::Value,
-    b: &serde_json::Value,
-    prefix: &str,
-    out: &mut Vec<String>,
-) {
-    match (a, b) {
-        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for k in keys {
-                let p = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                match (x.get(k), y.get(k)) {
-                    (Some(va), Some(vb)) => diff_keys(va, vb, &p, out),
-                    _ => out.push(p),
-                }
-            }
-        }
-        _ if a != b => out.push(prefix.to_string()),
-        _ => {}
-    }
+/// Keys whose digests differ between two digest maps (for mismatch messages).
+pub fn diff_keys(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Vec<String> {
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 impl Coord {
-    pub fn new(settings: Settings, step: Step, now: Instant) -> Coord {
+    /// `channel_port`: where the master listens (one of the candidate blocks' first ports).
+    pub fn new(settings: Settings, step: Step, channel_port: u16, now: Instant) -> Coord {
         let n = step.nodes.len();
         let rendezvous = settings.timeouts.rendezvous;
-        let master_settings = settings.agreed();
+        let master_digests = settings.agreed_digests();
+        let candidates = plan::candidate_blocks(&step.job_id, &step.step_id, settings.port_range);
         Coord {
             settings,
             step,
             n,
             version: env!("CARGO_PKG_VERSION").to_string(),
             hello: vec![None; n],
+            busy: vec![Vec::new(); n],
+            candidates,
+            channel_port,
             connected: vec![false; n],
             stopped: vec![false; n],
             last_seen: vec![now; n],
@@ -128,7 +122,7 @@ impl Coord {
             phase: Phase::Rendezvous,
             rendezvous_deadline: now + rendezvous,
             next_progress: now + Duration::from_secs(5),
-            master_settings,
+            master_digests,
             all_stopped_sent: false,
         }
     }
@@ -158,6 +152,11 @@ impl Coord {
 
     pub fn stopping(&self) -> bool {
         self.phase == Phase::Stopping
+    }
+
+    /// Whether ranks may still join (the listener stays open only this long).
+    pub fn in_rendezvous(&self) -> bool {
+        self.phase == Phase::Rendezvous
     }
 
     /// Start the stop: broadcast, record, and mark the endpoint. Only the first cause counts.
@@ -230,7 +229,8 @@ impl Coord {
             version,
             digest,
             info,
-            settings,
+            settings_digests,
+            busy,
             ..
         } = hello;
         let rank = *node_rank;
@@ -265,8 +265,7 @@ impl Coord {
             return Ok((rank, acts));
         }
         if *digest != self.settings.digest {
-            let mut keys = Vec::new();
-            diff_keys(&self.master_settings, settings, "", &mut keys);
+            let keys = diff_keys(&self.master_digests, settings_digests);
             let keys = if keys.is_empty() {
                 "unknown".to_string()
             } else {
@@ -279,20 +278,57 @@ impl Coord {
             ));
             return Ok((rank, acts));
         }
-        self.hello[rank] = Some((info.clone(), settings.clone()));
+        self.hello[rank] = Some(info.clone());
+        self.busy[rank] = busy.iter().take(plan::CANDIDATE_BLOCKS).cloned().collect();
         if self.hello.iter().all(Option::is_some) {
             acts.extend(self.all_connected(now));
         }
         Ok((rank, acts))
     }
 
+    /// The first candidate block that no node found taken, or why there is none.
+    fn choose_block(&self) -> Result<u16, String> {
+        let taken = |base: u16| {
+            (0..self.n).find_map(|r| {
+                self.busy[r]
+                    .iter()
+                    .find(|b| b.base == base)
+                    .map(|b| format!("on {}: {}", self.node(r), b.why))
+            })
+        };
+        let mut why = Vec::new();
+        for &c in &self.candidates {
+            match taken(c) {
+                None => return Ok(c),
+                Some(w) => why.push(w),
+            }
+        }
+        Err(format!(
+            "every candidate port block of this step is taken ({}): {}",
+            self.candidates
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            why.join("; ")
+        ))
+    }
+
     fn all_connected(&mut self, now: Instant) -> Vec<Action> {
         let nodes: Vec<NodeInfo> = self
             .hello
             .iter()
-            .map(|h| h.as_ref().expect("all hello").0.clone())
+            .map(|h| h.clone().expect("all hello"))
             .collect();
-        let plan = match plan::build(&self.settings, &self.step, &nodes) {
+        let block = match self.choose_block() {
+            Ok(b) => b,
+            Err(why) => {
+                self.phase = Phase::Starting;
+                return self.stop(exit::LAUNCH_FAILURE, why, None);
+            }
+        };
+        let channel = (self.channel_port != block).then_some(self.channel_port);
+        let plan = match plan::build_in(&self.settings, &self.step, &nodes, block, channel) {
             Ok(p) => p,
             Err(e) => return self.stop(exit::USAGE, e.report().replace('\n', " "), None),
         };
@@ -312,6 +348,7 @@ impl Coord {
                 r,
                 ToRank::Welcome {
                     nodes: nodes.clone(),
+                    block,
                 },
             ));
         }
@@ -639,6 +676,10 @@ struct Shell {
     event_log: Option<std::fs::File>,
     t0: Instant,
     ready_at: Option<String>,
+    /// The API key file named by the endpoint file, and whether the launcher wrote it.
+    api_key_path: Option<String>,
+    wrote_api_key: bool,
+    refused: u64,
 }
 
 impl Shell {
@@ -657,6 +698,26 @@ impl Shell {
         }
         use std::io::Write as _;
         let _ = writeln!(f, "{obj}");
+    }
+
+    /// A connection that failed the handshake: logged and recorded (the first ones one by
+    /// one, then one line per hundred, so that a flood cannot fill the disk).
+    fn refused(&mut self, peer: std::net::SocketAddr, reason: &str) {
+        self.refused += 1;
+        let n = self.refused;
+        if n <= 20 || n.is_multiple_of(100) {
+            let more = if n > 20 {
+                format!(" ({n} refused so far)")
+            } else {
+                String::new()
+            };
+            tracing::warn!("dropped a connection from {peer}: {reason}{more}");
+            self.event(
+                "peer_refused",
+                None,
+                serde_json::json!({ "peer": peer.to_string(), "reason": reason, "count": n }),
+            );
+        }
     }
 
     fn endpoint(
@@ -686,7 +747,7 @@ impl Shell {
             node: self.step.master().to_string(),
             updated_at: now_rfc3339(),
             ready_at: self.ready_at.clone(),
-            api_key_path: None,
+            api_key_path: self.api_key_path.clone(),
             reason: reason.map(str::to_string),
             exit_code: code,
         };
@@ -700,11 +761,25 @@ impl Shell {
     }
 }
 
+/// The API key file the launcher writes next to the endpoint file (`endpoint.json` →
+/// `endpoint.api-key`).
+pub fn api_key_file(endpoint_file: &str) -> PathBuf {
+    PathBuf::from(endpoint_file).with_extension("api-key")
+}
+
 enum Inbound {
+    /// An authenticated hello. `accepted` is the master's answer, ready to send first if the
+    /// coordinator takes the rank; `reply` says what it decided.
     Hello {
         hello: Hello,
         tx: channel::Sender,
-        rank_tx: oneshot::Sender<Option<usize>>,
+        accepted: Line,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    /// A connection failed the handshake.
+    Refused {
+        peer: std::net::SocketAddr,
+        reason: String,
     },
     Msg(usize, ToMaster),
     Closed(usize),
@@ -715,7 +790,65 @@ pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.set_reuseaddr(true)?;
     sock.bind(std::net::SocketAddr::from(([0, 0, 0, 0], port)))?;
-    sock.listen(4096)
+    sock.listen(1024)
+}
+
+/// How long a new connection may take to say hello: a port scanner or a stray client is
+/// dropped after this.
+pub const HELLO_WITHIN: Duration = Duration::from_secs(10);
+/// Connections that have not authenticated yet, at most, in all and from one address.
+pub const MAX_UNAUTHENTICATED: usize = 256;
+pub const MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 16;
+
+/// Counts connections that have not authenticated, in all and per address.
+#[derive(Default)]
+struct Gate {
+    total: usize,
+    per: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// A place in the [`Gate`], given back when dropped (authenticated, or gone).
+struct Pass {
+    gate: std::sync::Arc<std::sync::Mutex<Gate>>,
+    ip: std::net::IpAddr,
+}
+
+impl Pass {
+    fn take(gate: &std::sync::Arc<std::sync::Mutex<Gate>>, ip: std::net::IpAddr) -> Option<Pass> {
+        let mut g = gate.lock().expect("gate lock");
+        let here = g.per.get(&ip).copied().unwrap_or(0);
+        if g.total >= MAX_UNAUTHENTICATED || here >= MAX_UNAUTHENTICATED_PER_ADDRESS {
+            return None;
+        }
+        g.total += 1;
+        g.per.insert(ip, here + 1);
+        Some(Pass {
+            gate: gate.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock().expect("gate lock");
+        g.total -= 1;
+        if let Some(n) = g.per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What every connection's handshake needs.
+struct Ctx {
+    auth: Auth,
+    job: String,
+    step: String,
+    job_nonce: String,
+    user_timeout: Duration,
 }
 
 /// Run the coordinator until every rank has stopped (or `done_wait` after the stop, when
@@ -724,6 +857,8 @@ pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     step: Step,
+    auth: Auth,
+    user_api_key: Option<String>,
     finished: oneshot::Sender<()>,
 ) {
     let event_log = settings.event_log.as_ref().and_then(|p| {
@@ -731,12 +866,17 @@ pub async fn serve(
         if let Some(d) = p.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
+        crate::private::open_append(&p)
             .map_err(|e| tracing::warn!("cannot open event log {}: {e}", p.display()))
             .ok()
+    });
+    let channel_port = listener.local_addr().map_or(0, |a| a.port());
+    let ctx = std::sync::Arc::new(Ctx {
+        auth,
+        job: step.job_id.clone(),
+        step: step.step_id.clone(),
+        job_nonce: auth::random_hex(),
+        user_timeout: settings.health.heartbeat_timeout,
     });
     let t0 = Instant::now();
     let mut shell = Shell {
@@ -745,31 +885,76 @@ pub async fn serve(
         event_log,
         t0,
         ready_at: None,
+        api_key_path: None,
+        wrote_api_key: false,
+        refused: 0,
     };
+    // the endpoint's API key: the user's own file, or one the launcher writes (0600)
+    if settings.auth {
+        match &settings.config.server.api_key_file {
+            Some(f) => shell.api_key_path = Some(f.clone()),
+            None => {
+                let b = Binding {
+                    job: &ctx.job,
+                    step: &ctx.step,
+                    node_rank: 0,
+                    node: "",
+                    master_nonce: "",
+                    job_nonce: &ctx.job_nonce,
+                    rank_nonce: "",
+                    hello: "",
+                };
+                let key = user_api_key.or_else(|| ctx.auth.master_job_key(&b).map(|k| k.api_key()));
+                let path = api_key_file(&settings.endpoint_file);
+                if let Some(key) = key {
+                    match crate::private::write_atomic(&path, key.as_bytes()) {
+                        Ok(()) => {
+                            shell.api_key_path = Some(path.display().to_string());
+                            shell.wrote_api_key = true;
+                        }
+                        Err(e) => tracing::warn!("cannot write the API key file {}: {e}", path.display()),
+                    }
+                }
+            }
+        }
+    }
     shell.event(
         "launcher_started",
         Some(step.master().to_string()),
-        serde_json::json!({ "nodes": step.nodes.len(), "job_id": step.job_id }),
+        serde_json::json!({ "nodes": step.nodes.len(), "job_id": step.job_id, "step_id": step.step_id, "auth": ctx.auth.method.name() }),
     );
     shell.endpoint(None, Status::Starting, None, None);
-    let mut coord = Coord::new(settings.clone(), step, t0);
+    let mut coord = Coord::new(settings.clone(), step, channel_port, t0);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Inbound>();
     let mut writers: BTreeMap<usize, channel::Sender> = BTreeMap::new();
     let mut cached: Option<(ToRank, Line)> = None;
 
-    // accept loop
+    // accept loop: open only during the rendezvous
     let accept_tx = in_tx.clone();
-    tokio::spawn(async move {
-        let mut conn_id = 0u64;
+    let actx = ctx.clone();
+    let mut acceptor = Some(tokio::spawn(async move {
+        let gate = std::sync::Arc::new(std::sync::Mutex::new(Gate::default()));
+        let mut backoff = Duration::from_millis(10);
         loop {
-            let Ok((sock, _peer)) = listener.accept().await else {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // out of descriptors, or the like: do not spin
+                    tracing::warn!("accepting a channel connection failed: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(10);
+            let Some(pass) = Pass::take(&gate, peer.ip()) else {
+                // too many unauthenticated connections: drop this one at once
+                drop(sock);
                 continue;
             };
-            conn_id += 1;
-            let tx = accept_tx.clone();
-            tokio::spawn(handle_conn(sock, conn_id, tx));
+            tokio::spawn(handle_conn(sock, peer, pass, actx.clone(), accept_tx.clone()));
         }
-    });
+    }));
 
     let tick = Duration::from_millis(250);
     let mut hb = tokio::time::interval(settings.health.heartbeat_interval);
@@ -778,20 +963,24 @@ pub async fn serve(
     loop {
         let acts = tokio::select! {
             Some(m) = in_rx.recv() => match m {
-                Inbound::Hello { hello, tx, rank_tx } => {
+                Inbound::Hello { hello, tx, accepted, reply } => {
                     match coord.on_hello(&hello, Instant::now()) {
                         Ok((rank, acts)) => {
+                            tx.send_line(accepted);
                             writers.insert(rank, tx);
-                            let _ = rank_tx.send(Some(rank));
+                            let _ = reply.send(Ok(rank));
                             acts
                         }
                         Err(reason) => {
-                            tracing::warn!("refused a connection: {reason}");
-                            tx.send(&ToRank::Stop { code: exit::USAGE, reason, node: None });
-                            let _ = rank_tx.send(None);
+                            tracing::warn!("refused {} (node rank {}): {reason}", hello.node, hello.node_rank);
+                            let _ = reply.send(Err(reason));
                             Vec::new()
                         }
                     }
+                }
+                Inbound::Refused { peer, reason } => {
+                    shell.refused(peer, &reason);
+                    Vec::new()
                 }
                 Inbound::Msg(rank, msg) => coord.on_message(rank, msg, Instant::now()),
                 Inbound::Closed(rank) => {
@@ -845,6 +1034,12 @@ pub async fn serve(
                 Action::AllStopped => done = true,
             }
         }
+        if !coord.in_rendezvous() {
+            // every rank is in (or the job is over): nobody else may connect
+            if let Some(a) = acceptor.take() {
+                a.abort();
+            }
+        }
         if coord.stopping() && stop_deadline.is_none() {
             let budget = settings.timeouts.teardown_budget + Duration::from_secs(2);
             stop_deadline = Some(tokio::time::Instant::now() + budget);
@@ -853,47 +1048,116 @@ pub async fn serve(
             break;
         }
     }
+    if let Some(a) = acceptor.take() {
+        a.abort();
+    }
+    if shell.wrote_api_key {
+        if let Some(p) = &shell.api_key_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     let _ = finished.send(());
 }
 
-/// How long a new connection may take to say hello: a port scanner or a stray client is
-/// dropped after this.
-const HELLO_WITHIN: Duration = Duration::from_secs(30);
-
-async fn handle_conn(sock: tokio::net::TcpStream, conn: u64, tx: mpsc::UnboundedSender<Inbound>) {
+/// One connection: the handshake, then its messages to the coordinator.
+async fn handle_conn(
+    sock: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    pass: Pass,
+    ctx: std::sync::Arc<Ctx>,
+    tx: mpsc::UnboundedSender<Inbound>,
+) {
+    channel::tune(&sock, ctx.user_timeout);
     let mut c = Connection::<ToMaster>::new(sock);
-    let nonce = format!(
-        "{:016x}{:08x}",
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        conn
-    );
+    let nonce = auth::random_hex();
     c.sender.send(&ToRank::Challenge {
         protocol: channel::PROTOCOL,
-        nonce,
+        nonce: nonce.clone(),
+        job_nonce: ctx.job_nonce.clone(),
     });
+    let refuse = |reason: String| {
+        let _ = tx.send(Inbound::Refused { peer, reason });
+    };
     let hello = match tokio::time::timeout(HELLO_WITHIN, c.recv()).await {
         Ok(Ok(ToMaster::Hello(h))) => *h,
-        _ => return,
+        Ok(Ok(_)) => return refuse("it spoke before saying hello".into()),
+        Ok(Err(e)) => return refuse(format!("no hello ({e})")),
+        Err(_) => {
+            return refuse(format!(
+                "it said nothing within {}s",
+                HELLO_WITHIN.as_secs()
+            ))
+        }
     };
+    let who = format!("it claims to be {} (node rank {})", hello.node, hello.node_rank);
+    if hello.protocol != channel::PROTOCOL {
+        return refuse(format!(
+            "{who} but speaks channel protocol {}, not {}",
+            hello.protocol,
+            channel::PROTOCOL
+        ));
+    }
+    if hello.job_id != ctx.job || hello.step_id != ctx.step {
+        return refuse(format!(
+            "{who} of job {} step {}, not of this step ({}.{})",
+            hello.job_id, hello.step_id, ctx.job, ctx.step
+        ));
+    }
+    let hd = hello.digest_without_proof();
+    let b = Binding {
+        job: &ctx.job,
+        step: &ctx.step,
+        node_rank: hello.node_rank,
+        node: &hello.node,
+        master_nonce: &nonce,
+        job_nonce: &ctx.job_nonce,
+        rank_nonce: &hello.nonce,
+        hello: &hd,
+    };
+    if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
+        return refuse(format!("{who} but failed authentication: {why}"));
+    }
+    let accepted = match ctx.auth.master_proof(&b, channel::ACCEPTED).await {
+        Ok(proof) => channel::encode(&ToRank::Accepted { proof }),
+        Err(e) => return refuse(format!("{who}; cannot answer it: {e}")),
+    };
+    drop(pass);
+    c.limit.set(channel::MAX_TO_MASTER);
     let (mut rx, sender, flush) = c.split();
-    let (rank_tx, rank_rx) = oneshot::channel();
+    let (reply, decided) = oneshot::channel();
     if tx
         .send(Inbound::Hello {
-            hello,
-            tx: sender,
-            rank_tx,
+            hello: hello.clone(),
+            tx: sender.clone(),
+            accepted,
+            reply,
         })
         .is_err()
     {
         return;
     }
-    let Ok(Some(rank)) = rank_rx.await else {
-        // refused: let the writer flush the Stop, then close
-        flush.wait(Duration::from_secs(2)).await;
-        return;
+    let rank = match decided.await {
+        Ok(Ok(rank)) => rank,
+        Ok(Err(reason)) => {
+            let b = Binding { hello: &hd, ..b };
+            let proof = ctx
+                .auth
+                .master_proof(&b, &channel::refused_outcome(exit::USAGE, &reason))
+                .await
+                .ok()
+                .flatten();
+            sender.send(&ToRank::Refused {
+                code: exit::USAGE,
+                reason,
+                proof,
+            });
+            drop(sender);
+            flush.wait(Duration::from_secs(2)).await;
+            return;
+        }
+        Err(_) => return,
     };
+    drop(sender);
     loop {
         match rx.recv().await {
             Ok(m) => {
@@ -942,7 +1206,8 @@ mod tests {
             })
             .collect();
         let now = Instant::now();
-        (Coord::new(s, step, now), infos, now)
+        let port = plan::block_base(&step.job_id, &step.step_id, s.port_range);
+        (Coord::new(s, step, port, now), infos, now)
     }
 
     fn hello(c: &Coord, info: &NodeInfo, rank: usize) -> Hello {
@@ -954,7 +1219,11 @@ mod tests {
             digest: c.settings.digest.clone(),
             info: info.clone(),
             proof: None,
-            settings: c.settings.agreed(),
+            job_id: c.step.job_id.clone(),
+            step_id: c.step.step_id.clone(),
+            settings_digests: c.settings.agreed_digests(),
+            busy: vec![],
+            nonce: "n".into(),
         }
     }
 
@@ -1141,7 +1410,8 @@ mod tests {
         let (mut c, infos, now) = setup(RAY2, 2, &[]);
         let mut h = hello(&c, &infos[1], 1);
         h.digest = "other".into();
-        h.settings["config"]["parallel"]["tensor"] = serde_json::json!(4);
+        h.settings_digests
+            .insert("config.parallel.tensor".into(), "other".into());
         let (_, acts) = c.on_hello(&h, now).unwrap();
         let reason = acts.iter().find_map(|a| match a {
             Action::Send(

@@ -2,12 +2,14 @@
 //!
 //! Owns: the rank's state machine and its async shell ([`rank`]), the master's coordinator
 //! ([`coordinator`]), the rank-to-rank [`channel`], children in their own sessions ([`proc`]),
+//! who holds which port here ([`ports`]),
 //! signals ([`signals`]) and the [`reaper`]. Reads the plan and the settings; never re-reads
 //! flags, the environment or the YAML, and decides nothing the plan already says (what starts
 //! when, how it is known to be up, which deadline covers it, in which stage it stops).
 
 pub mod channel;
 pub mod coordinator;
+pub mod ports;
 pub mod proc;
 pub mod rank;
 pub mod reaper;

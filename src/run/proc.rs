@@ -24,6 +24,16 @@ pub enum Output<'a> {
 /// Spawn `argv` with `env` added, in a new session. Must be called from a thread that lives
 /// as long as the child should (PDEATHSIG fires when the *thread* that forked exits): the
 /// launcher runs a current-thread runtime on the main thread.
+/// The user's umask, given back to children (`u32::MAX`: unchanged).
+static USER_UMASK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Make everything this process creates private (umask 077), remembering the user's umask
+/// for the children.
+pub fn private_umask() {
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    USER_UMASK.store(old.bits() as u32, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn spawn(
     argv: &[String],
     env: &BTreeMap<String, String>,
@@ -33,20 +43,21 @@ pub fn spawn(
     cmd.args(&argv[1..]).envs(env).stdin(Stdio::null());
     match out {
         Output::Log(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
+            let f = crate::private::open_append(path)?;
             let f2 = f.try_clone()?;
             cmd.stdout(f).stderr(f2);
         }
         Output::Inherit => {}
     }
     let parent = nix::unistd::getpid();
+    let umask = USER_UMASK.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, kill) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if umask != u32::MAX {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask as _));
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
             // The parent may have died between fork and prctl: then nobody would signal us.
             if nix::unistd::getppid() != parent {

@@ -16,8 +16,12 @@ use crate::input::gather::Gathered;
 use crate::input::settings::Settings;
 use crate::plan::lifecycle::{self, Ending, Kind, Output, Ready, Stage};
 use crate::plan::{self, NodeInfo, Plan};
+use crate::auth::{Auth, Binding, JobKey};
+use crate::input::gather::Security;
+use crate::private::{self, DirState};
 use crate::run::channel::{self, Connection, Hello, ToMaster, ToRank};
 use crate::run::coordinator;
+use crate::run::ports;
 use crate::run::proc;
 use crate::run::reaper::{Note, Reaper};
 use crate::run::signals::{self, Escalation, Shutdown};
@@ -68,6 +72,8 @@ pub enum Input {
     Connected,
     /// Gave up reaching the master (the rendezvous deadline passed); why, in words.
     Unreachable(String),
+    /// The (authenticated) master refused this rank: exit with `code`.
+    Refused { code: i32, reason: String },
     Signal(i32),
     FromMaster(ToRank),
     /// The connection to the master closed or carried something unreadable.
@@ -84,8 +90,9 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Send(ToMaster),
-    /// Build the plan from every rank's facts, then report `Input::Planned`.
-    BuildPlan(Vec<NodeInfo>),
+    /// Build the plan from every rank's facts and the chosen port block, then report
+    /// `Input::Planned`.
+    BuildPlan(Vec<NodeInfo>, u16),
     /// Start this rank's command of this kind.
     Start(Kind),
     /// Stop everything this rank started, stage by stage; report `Input::TornDown`.
@@ -104,8 +111,11 @@ pub enum Action {
 
 pub struct RankMachine {
     phase: Phase,
-    hello: Hello,
+    node: String,
     master: String,
+    /// How long the rendezvous may take once connected (`timeouts.rendezvous`).
+    rendezvous: Duration,
+    welcome_deadline: Option<Instant>,
     esc: Escalation,
     /// The first cause of the stop: (exit code, reason). Later causes do not change it.
     stopping: Option<(i32, String)>,
@@ -126,12 +136,21 @@ fn report_stop(code: i32, reason: &str, culprit: Option<&str>) -> Action {
 }
 
 impl RankMachine {
-    /// `hello` is what this rank says once connected; `master` the master's node name.
-    pub fn new(hello: Hello, master: String, heartbeat_timeout: Duration, now: Instant) -> Self {
+    /// `node` is this rank's node, `master` the master's; `rendezvous` how long to wait for
+    /// the Welcome once connected.
+    pub fn new(
+        node: String,
+        master: String,
+        heartbeat_timeout: Duration,
+        rendezvous: Duration,
+        now: Instant,
+    ) -> Self {
         RankMachine {
             phase: Phase::Connecting,
-            hello,
+            node,
             master,
+            rendezvous,
+            welcome_deadline: None,
             esc: Escalation::default(),
             stopping: None,
             master_closed: false,
@@ -150,7 +169,7 @@ impl RankMachine {
     }
 
     fn node(&self) -> &str {
-        &self.hello.node
+        &self.node
     }
 
     /// Decide to stop with this cause, unless a stop is already under way.
@@ -165,18 +184,30 @@ impl RankMachine {
 
     pub fn on(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match self.phase {
-            Phase::Connecting => self.connecting(input),
+            Phase::Connecting => self.connecting(input, now),
             Phase::Rendezvous => self.rendezvous(input, now),
             Phase::Running | Phase::Stopping => self.running(input, now),
         }
     }
 
-    fn connecting(&mut self, input: Input) -> Vec<Action> {
+    fn connecting(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match input {
+            // the handshake (hello and the master's proof) is done by then
             Input::Connected => {
                 self.phase = Phase::Rendezvous;
-                vec![Action::Send(ToMaster::Hello(Box::new(self.hello.clone())))]
+                self.last_master = now;
+                // a margin past the master's own deadline, so that its message (naming the missing
+                // nodes) arrives first
+                self.welcome_deadline = Some(now + self.rendezvous + self.heartbeat_timeout);
+                Vec::new()
             }
+            Input::Refused { code, reason } => vec![
+                Action::Error(format!("the master refused this rank: {reason}")),
+                Action::Exit {
+                    code,
+                    summary: None,
+                },
+            ],
             Input::Unreachable(why) => vec![
                 Action::Error(why),
                 Action::Exit {
@@ -211,7 +242,35 @@ impl RankMachine {
                     summary: None,
                 },
             ],
-            Input::FromMaster(ToRank::Welcome { nodes }) => vec![Action::BuildPlan(nodes)],
+            Input::FromMaster(ToRank::Welcome { nodes, block }) => {
+                vec![Action::BuildPlan(nodes, block)]
+            }
+            Input::Tick => {
+                let mut acts = vec![Action::Send(ToMaster::Heartbeat)];
+                let why = if self.welcome_deadline.is_some_and(|d| now >= d) {
+                    Some((exit::STARTUP_TIMEOUT, format!(
+                        "the master {} did not complete the rendezvous within {} of this rank joining (timeouts.rendezvous)",
+                        self.master,
+                        humantime::format_duration(self.rendezvous)
+                    )))
+                } else if now.duration_since(self.last_master) > self.heartbeat_timeout {
+                    Some((exit::PEER_FAILURE, format!(
+                        "the master {} went silent during the rendezvous: nothing for {} (health.heartbeat_timeout)",
+                        self.master,
+                        humantime::format_duration(self.heartbeat_timeout)
+                    )))
+                } else {
+                    None
+                };
+                if let Some((code, reason)) = why {
+                    acts.push(Action::Error(reason));
+                    acts.push(Action::Exit {
+                        code,
+                        summary: None,
+                    });
+                }
+                acts
+            }
             Input::FromMaster(ToRank::Stop { code, reason, node }) => vec![
                 report_stop(code, &reason, node.as_deref()),
                 Action::Exit {
@@ -219,6 +278,10 @@ impl RankMachine {
                     summary: None,
                 },
             ],
+            Input::FromMaster(_) => {
+                self.last_master = now;
+                Vec::new()
+            }
             Input::MasterLost(e) => {
                 self.master_closed = true;
                 vec![
@@ -238,6 +301,10 @@ impl RankMachine {
                 Vec::new()
             }
             Input::Planned(Err(report)) => vec![
+                Action::Send(ToMaster::Failed {
+                    code: exit::USAGE,
+                    reason: report.replace('\n', " "),
+                }),
                 Action::Error(report),
                 Action::Exit {
                     code: exit::USAGE,
@@ -369,7 +436,10 @@ impl RankMachine {
                     summary: Some(summary),
                 });
             }
-            Input::Connected | Input::Unreachable(_) | Input::Planned(_) => {}
+            Input::Connected
+            | Input::Unreachable(_)
+            | Input::Refused { .. }
+            | Input::Planned(_) => {}
         }
         acts
     }
@@ -398,6 +468,13 @@ fn leftover_candidates() -> BTreeSet<PathBuf> {
     out
 }
 
+/// The secrets this rank fills into its commands (from the handshake's job key).
+#[derive(Default, Clone)]
+struct Secrets {
+    api_key: Option<String>,
+    ray_token: Option<String>,
+}
+
 /// What the shell owns while the machine decides.
 struct Shell {
     settings: Settings,
@@ -415,6 +492,11 @@ struct Shell {
     kill_rx: watch::Receiver<bool>,
     leftovers_before: BTreeSet<PathBuf>,
     teardown: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    secrets: Secrets,
+    /// The channel port the master listens on, when it is not its block's first port.
+    channel_port: Option<u16>,
+    /// The private temp dir, once taken: what to remove at the end.
+    temp_dir: Option<(PathBuf, DirState)>,
 }
 
 impl Shell {
@@ -430,8 +512,8 @@ impl Shell {
                             s.send(&msg);
                         }
                     }
-                    Action::BuildPlan(nodes) => {
-                        queue.push_back(Input::Planned(self.build_plan(&nodes)))
+                    Action::BuildPlan(nodes, block) => {
+                        queue.push_back(Input::Planned(self.build_plan(&nodes, block)))
                     }
                     Action::Start(kind) => {
                         if let Err(ev) = self.start(kind) {
@@ -452,16 +534,33 @@ impl Shell {
         None
     }
 
-    fn build_plan(&mut self, nodes: &[NodeInfo]) -> Result<(), String> {
-        let plan = plan::build(&self.settings, &self.step, nodes).map_err(|e| e.report())?;
-        if let Err(e) = std::fs::create_dir_all(&self.log_dir) {
-            warn!("cannot create log dir {}: {e}", self.log_dir.display());
-        }
+    /// The plan from the Welcome; the log dir, and with Ray the private temp dir and the
+    /// token file in it.
+    fn build_plan(&mut self, nodes: &[NodeInfo], block: u16) -> Result<(), String> {
+        let plan = plan::build_in(&self.settings, &self.step, nodes, block, self.channel_port)
+            .map_err(|e| e.report())?;
+        private::own_dir(&self.log_dir).map_err(|e| {
+            format!("log_dir: {e}; use a log directory of your own (the default, ray-launch-{{job}}, is created 0700)")
+        })?;
         let mut reaper = Reaper::start(
-            &self.log_dir.join(format!("{}.reaper.log", self.node)),
+            &self.log_dir.join(format!("{}{}.reaper.log", self.node, self.settings.step_suffix)),
             self.settings.timeouts.shutdown_grace,
         );
-        reaper.tell(&Note::Dir(plan.ranks[self.me].temp_dir.clone()));
+        let rank = &plan.ranks[self.me];
+        if rank.commands.iter().any(|c| c.kind.is_ray()) {
+            let dir = PathBuf::from(&rank.temp_dir);
+            let state = private::private_dir(&dir).map_err(|e| {
+                format!("ray.temp_dir: {e}; give ray.temp_dir a path of its own, which ray-launch creates (0700) and removes, or make that directory yours with mode 0700 (then only what the job puts there is removed)")
+            })?;
+            if state == DirState::Created {
+                reaper.tell(&Note::Dir(rank.temp_dir.clone()));
+            }
+            self.temp_dir = Some((dir, state));
+            if let (Some(f), Some(token)) = (&rank.ray_token_file, &self.secrets.ray_token) {
+                private::write_atomic(Path::new(f), token.as_bytes())
+                    .map_err(|e| format!("cannot write the Ray token file {f}: {e}"))?;
+            }
+        }
         self.reaper = Some(reaper);
         self.plan = Some(plan);
         Ok(())
@@ -479,8 +578,34 @@ impl Shell {
                 ),
             });
         };
-        let log = (cmd.lifecycle.output == Output::LogFile)
-            .then(|| self.log_dir.join(format!("{}.{kind}.log", rank.node)));
+        let secret = |s: &plan::Secret| match s {
+            plan::Secret::ApiKey => self.secrets.api_key.clone().ok_or_else(|| Event::Failed {
+                code: exit::INTERNAL,
+                reason: format!("{kind} needs the job's API key, which this rank does not have"),
+            }),
+        };
+        let mut env = cmd.env.clone();
+        for (k, s) in &cmd.secret_env {
+            env.insert(k.clone(), secret(s)?);
+        }
+        let mut argv = cmd.argv.clone();
+        for (flag, s) in &cmd.secret_args {
+            argv.push(flag.clone());
+            argv.push(secret(s)?);
+        }
+        // the endpoints go first; what the user's shell had stays
+        for k in [crate::env_vars::NO_PROXY, crate::env_vars::NO_PROXY_LOWER] {
+            if let (Some(v), Ok(old)) = (env.get_mut(k), std::env::var(k)) {
+                if !old.is_empty() {
+                    v.push(',');
+                    v.push_str(&old);
+                }
+            }
+        }
+        let log = (cmd.lifecycle.output == Output::LogFile).then(|| {
+            self.log_dir
+                .join(format!("{}{}.{kind}.log", rank.node, self.settings.step_suffix))
+        });
         if let Some(l) = &log {
             let header = format!(
                 "=== ray-launch: starting {kind} on {} at {}\n=== {}\n",
@@ -488,17 +613,14 @@ impl Shell {
                 humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
                 cmd.shell()
             );
-            let _ = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(l)
+            let _ = private::open_append(l)
                 .and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
         }
         let out = match &log {
             Some(l) => proc::Output::Log(l),
             None => proc::Output::Inherit,
         };
-        let mut child = proc::spawn(&cmd.argv, &cmd.env, out).map_err(|e| Event::Failed {
+        let mut child = proc::spawn(&argv, &env, out).map_err(|e| Event::Failed {
             code: exit::LAUNCH_FAILURE,
             reason: format!("cannot start {kind} (`{}`): {e}", cmd.argv[0]),
         })?;
@@ -517,7 +639,10 @@ impl Shell {
                 let tail = log2
                     .as_deref()
                     .map(|l| proc::log_tail(l, 5))
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| t.chars().take(500).collect())
+                    .collect();
                 let _ = tx.send(Event::Exited {
                     kind,
                     status: desc,
@@ -545,6 +670,7 @@ impl Shell {
                 self.watchers.push(tokio::spawn(health(
                     kind,
                     url.clone(),
+                    pid,
                     h.interval,
                     h.failures,
                     tx,
@@ -572,104 +698,270 @@ impl Shell {
         for w in self.watchers.drain(..) {
             w.abort();
         }
-        let temp_dir = self
-            .plan
-            .as_ref()
-            .map(|p| p.ranks[self.me].temp_dir.clone())
-            .unwrap_or_default();
         self.teardown = Some(Box::pin(teardown(
             std::mem::take(&mut self.procs),
             self.settings.timeouts.shutdown_grace,
             self.kill_rx.clone(),
-            temp_dir,
+            self.temp_dir.take(),
             self.leftovers_before.clone(),
         )));
     }
 }
 
-enum Reached {
-    Stream(tokio::net::TcpStream),
+/// How joining the master ended.
+enum Joined {
+    Ok {
+        conn: Connection<ToRank>,
+        key: Option<JobKey>,
+        port: u16,
+    },
+    Refused {
+        code: i32,
+        reason: String,
+    },
     Signal(i32),
     GaveUp(String),
 }
 
-/// Connect to the master, retrying with back-off until the rendezvous deadline; a signal
-/// ends the attempt.
-async fn connect(
-    target: &str,
+/// One failed attempt: `loud` ones (something answered that is not this step's master) are
+/// logged every time, with the address.
+struct Failed {
+    why: String,
+    loud: bool,
+}
+
+fn quiet(why: String) -> Failed {
+    Failed { why, loud: false }
+}
+
+fn loud(why: String) -> Failed {
+    Failed { why, loud: true }
+}
+
+/// What a rank needs to join.
+struct JoinCtx<'a> {
+    hello: &'a Hello,
+    auth: &'a Auth,
+    user_timeout: Duration,
+}
+
+/// Connect to `target`, check its challenge, say hello with a proof, and check the master's
+/// answer. Only a verified `Accepted` joins; a verified `Refused` ends the rank.
+async fn attempt(target: &str, j: &JoinCtx<'_>) -> Result<(Connection<ToRank>, Option<JobKey>), Result<(i32, String), Failed>> {
+    let st = match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => return Err(Err(quiet(e.to_string()))),
+        Err(_) => return Err(Err(quiet("no answer within 3s".into()))),
+    };
+    channel::tune(&st, j.user_timeout);
+    // the challenge and the answer under the small limit, what follows (a Welcome) under the large
+    let mut c = Connection::<ToRank>::with_limit(
+        st,
+        channel::Limit::staged(channel::PRE_AUTH_LINE, 2, channel::MAX_TO_RANK),
+    );
+    let (master_nonce, job_nonce) = match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+        Ok(Ok(ToRank::Challenge {
+            protocol,
+            nonce,
+            job_nonce,
+        })) => {
+            if protocol != channel::PROTOCOL {
+                return Err(Err(loud(format!("{target} speaks launcher channel protocol {protocol}, this rank {}: use one ray-launch binary for the whole step", channel::PROTOCOL))));
+            }
+            (nonce, job_nonce)
+        }
+        Ok(Ok(_)) => return Err(Err(loud(format!("{target} did not start with a challenge: not a ray-launch master")))),
+        Ok(Err(e)) => return Err(Err(quiet(format!("{target} closed the connection ({e})")))),
+        Err(_) => return Err(Err(loud(format!("{target} sent no challenge within 10s: not a ray-launch master")))),
+    };
+    let mut h = j.hello.clone();
+    h.nonce = crate::auth::random_hex();
+    let hd = h.digest_without_proof();
+    let b = Binding {
+        job: &h.job_id,
+        step: &h.step_id,
+        node_rank: h.node_rank,
+        node: &h.node,
+        master_nonce: &master_nonce,
+        job_nonce: &job_nonce,
+        rank_nonce: &h.nonce,
+        hello: &hd,
+    };
+    h.proof = j
+        .auth
+        .rank_proof(&b)
+        .await
+        .map_err(|e| Err(loud(format!("cannot make this rank's proof: {e}"))))?;
+    let b = Binding { hello: &hd, ..b };
+    c.sender.send(&ToMaster::Hello(Box::new(h.clone())));
+    match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
+        Ok(Ok(ToRank::Accepted { proof })) => {
+            match j.auth.check_master(&b, channel::ACCEPTED, proof.as_deref()).await {
+                Ok(key) => Ok((c, key)),
+                Err(why) => Err(Err(loud(format!("{target} answered as the master, but {why}")))),
+            }
+        }
+        Ok(Ok(ToRank::Refused {
+            code,
+            reason,
+            proof,
+        })) => {
+            let outcome = channel::refused_outcome(code, &reason);
+            match j.auth.check_master(&b, &outcome, proof.as_deref()).await {
+                Ok(_) => Err(Ok((
+                    if (1..=255).contains(&code) { code } else { exit::INTERNAL },
+                    reason,
+                ))),
+                Err(why) => Err(Err(loud(format!(
+                    "{target} refused this rank, but {why}; ignored"
+                )))),
+            }
+        }
+        Ok(Ok(_)) => Err(Err(loud(format!("{target} answered the hello with something else: not this step's master")))),
+        Ok(Err(e)) => Err(Err(loud(format!("{target} closed the connection after the hello ({e}): another job's or step's launcher, or a master that could not verify this rank")))),
+        Err(_) => Err(Err(loud(format!("{target} did not answer the hello within 30s")))),
+    }
+}
+
+/// Join the master: try each candidate address in turn, with back-off, until the rendezvous
+/// deadline; a signal ends the attempt.
+async fn join(
+    targets: &[(String, u16)],
+    j: &JoinCtx<'_>,
     master: &str,
-    node: &str,
     rendezvous: Duration,
     sigs: &mut mpsc::UnboundedReceiver<i32>,
-) -> Reached {
+) -> Joined {
     let deadline = Instant::now() + rendezvous;
     let mut backoff = Duration::from_millis(100);
     let mut tries = 0u32;
+    let mut last = String::new();
     loop {
-        tries += 1;
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio::net::TcpStream::connect(target),
-        );
-        let err = tokio::select! {
-            r = attempt => match r {
-                Ok(Ok(st)) => return Reached::Stream(st),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer within 3s".to_string(),
-            },
-            Some(sig) = sigs.recv() => return Reached::Signal(sig),
-        };
+        for (addr, port) in targets {
+            tries += 1;
+            let target = format!("{addr}:{port}");
+            tokio::select! {
+                r = attempt(&target, j) => match r {
+                    Ok((conn, key)) => return Joined::Ok { conn, key, port: *port },
+                    Err(Ok((code, reason))) => return Joined::Refused { code, reason },
+                    Err(Err(f)) => {
+                        if f.loud {
+                            warn!("{}", f.why);
+                        }
+                        last = f.why;
+                    }
+                },
+                Some(sig) = sigs.recv() => return Joined::Signal(sig),
+            }
+        }
         if Instant::now() + backoff >= deadline {
-            return Reached::GaveUp(format!(
-                "cannot reach the master {master} at {target} within {} (timeouts.rendezvous; {tries} tries, last: {err}); is its launcher running, and is the address reachable from {node}?",
-                humantime::format_duration(rendezvous)
+            let shown: Vec<String> = targets.iter().map(|(a, p)| format!("{a}:{p}")).collect();
+            return Joined::GaveUp(format!(
+                "cannot join the master {master} at {} within {} (timeouts.rendezvous; {tries} tries, last: {last}); is its launcher running, and is the address reachable from {}?",
+                shown.join(" or "),
+                humantime::format_duration(rendezvous),
+                j.hello.node
             ));
         }
-        if tries == 1 || tries.is_multiple_of(20) {
-            info!("waiting for the master {master} at {target} ({err})");
+        if tries <= targets.len() as u32 || tries.is_multiple_of(20 * targets.len() as u32) {
+            info!("waiting for the master {master} ({last})");
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            Some(sig) = sigs.recv() => return Joined::Signal(sig),
+        }
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
+/// The ports from the config that do not come from the block (`ray.port`, `server.port`).
+fn fixed_ports(s: &Settings) -> Vec<u16> {
+    use crate::input::config::Auto;
+    [s.config.ray.port, s.config.server.port]
+        .into_iter()
+        .filter_map(|p| match p {
+            Auto::Value(v) => Some(v),
+            Auto::Auto => None,
+        })
+        .collect()
+}
+
 /// Run this rank until its exit code. `preview` is the plan from this node's own view (it
-/// gives the master's address and the channel port; the real plan comes with the Welcome).
-pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i32>) -> i32 {
+/// gives the master's address; the real plan comes with the Welcome).
+pub async fn run(
+    g: Gathered,
+    preview: Plan,
+    security: Security,
+    mut sigs: mpsc::UnboundedReceiver<i32>,
+) -> i32 {
     let me = g.step.self_rank.unwrap_or(0);
     let node = g.step.nodes[me].clone();
     let s = g.settings.clone();
-    let port = preview.channel.port;
+    let candidates = plan::candidate_blocks(&g.step.job_id, &g.step.step_id, s.port_range);
 
     // ---- the master also runs the coordinator; bind first so a port clash fails fast
     let mut coord_done: Option<oneshot::Receiver<()>> = None;
+    let mut channel_port = None;
     if me == 0 {
-        match coordinator::bind(port).await {
-            Ok(l) => {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(coordinator::serve(l, s.clone(), g.step.clone(), tx));
-                coord_done = Some(rx);
-            }
-            Err(e) => {
-                error!("cannot listen on the launcher channel port {port}: {e}; another job whose port block is the same (see ports.range), or a leftover launcher, holds it");
-                return exit::LAUNCH_FAILURE;
+        let mut taken = Vec::new();
+        for &c in &candidates {
+            match coordinator::bind(c).await {
+                Ok(l) => {
+                    let (tx, rx) = oneshot::channel();
+                    tokio::spawn(coordinator::serve(
+                        l,
+                        s.clone(),
+                        g.step.clone(),
+                        Auth::for_master(security.method.clone()),
+                        security.user_api_key.clone(),
+                        tx,
+                    ));
+                    coord_done = Some(rx);
+                    channel_port = Some(c);
+                    break;
+                }
+                Err(e) => taken.push(format!(
+                    "{c} ({e}; held by {})",
+                    ports::describe_holder(c).unwrap_or_else(|| "a socket that is not listening".into())
+                )),
             }
         }
+        if channel_port.is_none() {
+            error!("cannot listen on any of this step's launcher channel ports: {}; other jobs on this node hold them (see ports.range)", taken.join(", "));
+            return exit::LAUNCH_FAILURE;
+        }
+        if !taken.is_empty() {
+            warn!("launcher channel port(s) taken on this node: {}; using {}", taken.join(", "), channel_port.unwrap_or(0));
+        }
+    }
+    let busy = ports::busy_blocks(&candidates, &fixed_ports(&s));
+    for b in &busy {
+        info!("port block {} is not free here: {}", b.base, b.why);
     }
     let hello = Hello {
         protocol: channel::PROTOCOL,
+        job_id: g.step.job_id.clone(),
+        step_id: g.step.step_id.clone(),
         node: node.clone(),
         node_rank: me,
         version: env!("CARGO_PKG_VERSION").to_string(),
         digest: s.digest.clone(),
+        settings_digests: s.agreed_digests(),
         info: g.nodes[me].clone(),
+        busy,
+        nonce: String::new(),
         proof: None,
-        settings: s.agreed(),
     };
     let mut m = RankMachine::new(
-        hello,
+        node.clone(),
         preview.master.node.clone(),
         s.health.heartbeat_timeout,
+        s.timeouts.rendezvous,
         Instant::now(),
     );
     let (local_tx, mut local_rx) = mpsc::unbounded_channel::<Event>();
@@ -690,42 +982,55 @@ pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i
         kill_rx,
         leftovers_before: leftover_candidates(),
         teardown: None,
+        secrets: Secrets::default(),
+        channel_port: None,
+        temp_dir: None,
     };
 
-    // ---- connect, retrying until the rendezvous deadline
-    let target = if me == 0 {
-        format!("127.0.0.1:{port}")
-    } else {
-        format!("{}:{port}", preview.master.address)
+    // ---- join: the master's own rank over loopback, the others try each candidate port
+    let targets: Vec<(String, u16)> = match channel_port {
+        Some(p) => vec![("127.0.0.1".to_string(), p)],
+        None => candidates
+            .iter()
+            .map(|c| (preview.master.address.clone(), *c))
+            .collect(),
     };
-    let (mut from_master, flush) = match connect(
-        &target,
-        &preview.master.node,
-        &node,
-        s.timeouts.rendezvous,
-        &mut sigs,
-    )
-    .await
-    {
-        Reached::Stream(st) => {
-            let (rx, sender, flush) = Connection::<ToRank>::new(st).split();
-            sh.sender = Some(sender);
-            (rx, flush)
-        }
-        Reached::Signal(sig) => {
-            return finish(sh, &mut m, Input::Signal(sig)).await;
-        }
-        Reached::GaveUp(why) => {
-            return finish(sh, &mut m, Input::Unreachable(why)).await;
-        }
+    let auth = Auth::new(security.method.clone());
+    let j = JoinCtx {
+        hello: &hello,
+        auth: &auth,
+        user_timeout: s.health.heartbeat_timeout,
     };
+    let (mut from_master, flush) =
+        match join(&targets, &j, &preview.master.node, s.timeouts.rendezvous, &mut sigs).await {
+            Joined::Ok { conn, key, port } => {
+                if let Some(k) = key {
+                    sh.secrets = Secrets {
+                        api_key: Some(security.user_api_key.clone().unwrap_or_else(|| k.api_key())),
+                        ray_token: Some(k.ray_token()),
+                    };
+                }
+                sh.channel_port = (port != candidates[0]).then_some(port);
+                let (rx, sender, flush) = conn.split();
+                sh.sender = Some(sender);
+                (rx, flush)
+            }
+            Joined::Refused { code, reason } => {
+                return finish(sh, &mut m, Input::Refused { code, reason }).await;
+            }
+            Joined::Signal(sig) => {
+                return finish(sh, &mut m, Input::Signal(sig)).await;
+            }
+            Joined::GaveUp(why) => {
+                return finish(sh, &mut m, Input::Unreachable(why)).await;
+            }
+        };
     let mut next = Input::Connected;
     let mut hb = tokio::time::interval(s.health.heartbeat_interval);
     loop {
         if let Some(done) = sh.drive(&mut m, next) {
             return end(sh, done, Some(flush), coord_done).await;
         }
-        let ticking = matches!(m.phase(), Phase::Running | Phase::Stopping);
         next = tokio::select! {
             Some(sig) = sigs.recv() => Input::Signal(sig),
             r = from_master.recv(), if !m.master_closed() => match r {
@@ -733,7 +1038,7 @@ pub async fn run(g: Gathered, preview: Plan, mut sigs: mpsc::UnboundedReceiver<i
                 Err(e) => Input::MasterLost(e.to_string()),
             },
             Some(ev) = local_rx.recv() => Input::Local(ev),
-            _ = hb.tick(), if ticking => Input::Tick,
+            _ = hb.tick() => Input::Tick,
             _ = async { sh.teardown.as_mut().expect("guarded").await }, if sh.teardown.is_some() => {
                 sh.teardown = None;
                 Input::TornDown
@@ -804,6 +1109,7 @@ async fn watch_log(path: &Path, needle: &str) -> bool {
 async fn health(
     kind: Kind,
     url: String,
+    session: i32,
     every: Duration,
     failures: u32,
     tx: mpsc::UnboundedSender<Event>,
@@ -838,6 +1144,19 @@ async fn health(
     };
     while probe(&client).await.is_err() {
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Ready only if the engine itself answered: someone else may have bound the port first.
+    let port = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.port_or_known_default());
+    if let Some(port) = port {
+        if let Err(why) = ports::held_by_session(port, session) {
+            let _ = tx.send(Event::Failed {
+                code: exit::LAUNCH_FAILURE,
+                reason: why,
+            });
+            return;
+        }
     }
     let _ = tx.send(Event::Up(kind));
     let mut bad = 0;
@@ -877,7 +1196,7 @@ async fn teardown(
     procs: Vec<Running>,
     grace: Duration,
     kill: watch::Receiver<bool>,
-    temp_dir: String,
+    temp_dir: Option<(PathBuf, DirState)>,
     leftovers_before: BTreeSet<PathBuf>,
 ) {
     let t0 = Instant::now();
@@ -919,9 +1238,9 @@ async fn teardown(
             }
         }
     }
-    if Path::new(&temp_dir).exists() {
-        if let Err(e) = std::fs::remove_dir_all(&temp_dir) {
-            warn!("cannot remove {temp_dir}: {e}");
+    if let Some((dir, state)) = &temp_dir {
+        if let Err(e) = private::remove_created(dir, state) {
+            warn!("cannot remove what the job put in {}: {e}", dir.display());
         }
     }
     let uid = nix::unistd::getuid().as_raw();
@@ -943,32 +1262,14 @@ mod machine_tests {
     use super::*;
 
     const HB: Duration = Duration::from_secs(20);
-
-    fn hello() -> Hello {
-        Hello {
-            protocol: channel::PROTOCOL,
-            node: "node2".into(),
-            node_rank: 1,
-            version: "v".into(),
-            digest: "d".into(),
-            info: NodeInfo {
-                name: "node2".into(),
-                address: "10.0.0.2".into(),
-                interface: None,
-                cpus: 1,
-                object_store_bytes: 1,
-            },
-            proof: None,
-            settings: serde_json::json!({}),
-        }
-    }
+    const RDV: Duration = Duration::from_secs(300);
 
     /// A machine in the Running phase (connected, welcomed, planned) at `t0`.
     fn running(t0: Instant) -> RankMachine {
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
-        let acts = m.on(Input::FromMaster(ToRank::Welcome { nodes: vec![] }), t0);
-        assert_eq!(acts, [Action::BuildPlan(vec![])]);
+        let acts = m.on(Input::FromMaster(ToRank::Welcome { nodes: vec![], block: 20000 }), t0);
+        assert_eq!(acts, [Action::BuildPlan(vec![], 20000)]);
         assert!(m.on(Input::Planned(Ok(())), t0).is_empty());
         assert_eq!(m.phase(), Phase::Running);
         m
@@ -990,14 +1291,49 @@ mod machine_tests {
     }
 
     #[test]
-    fn hello_is_the_first_thing_said() {
+    fn the_rendezvous_has_a_deadline_and_watches_the_master() {
         let t0 = Instant::now();
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
-        assert_eq!(
-            m.on(Input::Connected, t0),
-            [Action::Send(ToMaster::Hello(Box::new(hello())))]
-        );
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        // the handshake said hello already
+        assert!(m.on(Input::Connected, t0).is_empty());
         assert_eq!(m.phase(), Phase::Rendezvous);
+        // heartbeats from the master keep it waiting; the Welcome deadline still holds
+        let mut t = t0;
+        while t < t0 + RDV + HB {
+            assert_eq!(exit_of(&m.on(Input::Tick, t)), None, "at {:?}", t - t0);
+            m.on(Input::FromMaster(ToRank::Heartbeat), t);
+            t += Duration::from_secs(5);
+        }
+        let acts = m.on(Input::Tick, t0 + RDV + HB);
+        assert_eq!(exit_of(&acts), Some(exit::STARTUP_TIMEOUT), "{acts:?}");
+        // a silent master is noticed sooner
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        m.on(Input::Connected, t0);
+        assert_eq!(exit_of(&m.on(Input::Tick, t0 + HB)), None);
+        assert_eq!(
+            exit_of(&m.on(Input::Tick, t0 + HB + Duration::from_secs(1))),
+            Some(exit::PEER_FAILURE)
+        );
+        // a verified refusal ends the rank with the master's code, before anything started
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let acts = m.on(
+            Input::Refused {
+                code: exit::USAGE,
+                reason: "connected twice".into(),
+            },
+            t0,
+        );
+        assert_eq!(exit_of(&acts), Some(exit::USAGE));
+    }
+
+    #[test]
+    fn a_plan_that_cannot_be_built_is_reported_to_the_master() {
+        let t0 = Instant::now();
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        m.on(Input::Connected, t0);
+        let acts = m.on(Input::Planned(Err("ray.temp_dir: taken".into())), t0);
+        assert!(acts.iter().any(|a| matches!(a, Action::Send(ToMaster::Failed { code: 2, reason }) if reason.contains("taken"))), "{acts:?}");
+        assert_eq!(exit_of(&acts), Some(exit::USAGE));
     }
 
     #[test]
@@ -1086,12 +1422,12 @@ mod machine_tests {
     fn a_signal_in_each_phase() {
         let t0 = Instant::now();
         // connecting: nothing was started, nothing to tell
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         let acts = m.on(Input::Signal(15), t0);
         assert!(!acts.iter().any(|a| matches!(a, Action::Send(_))));
         assert_eq!(exit_of(&acts), Some(143));
         // rendezvous: tell the master, exit at once
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
         let acts = m.on(Input::Signal(2), t0);
         assert_eq!(acts[0], Action::Send(ToMaster::Stopping { signal: 2 }));
@@ -1157,24 +1493,24 @@ mod machine_tests {
     #[test]
     fn a_stop_or_a_lost_master_during_the_rendezvous_exits_at_once() {
         let t0 = Instant::now();
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(stop(exit::USAGE, "settings differ"), t0)),
             Some(exit::USAGE)
         );
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(Input::MasterLost("closed".into()), t0)),
             Some(exit::PEER_FAILURE)
         );
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         assert_eq!(
             exit_of(&m.on(Input::Unreachable("cannot reach".into()), t0)),
             Some(exit::STARTUP_TIMEOUT)
         );
-        let mut m = RankMachine::new(hello(), "node1".into(), HB, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(Input::Planned(Err("bad".into())), t0)),
@@ -1265,7 +1601,7 @@ mod tests {
             procs,
             grace,
             kill,
-            "/nonexistent-rl".into(),
+            None,
             BTreeSet::new(),
         )
         .await;
@@ -1285,12 +1621,12 @@ mod tests {
         let sids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
         let (_kill_tx, kill_rx) = watch::channel(false);
         let temp = dir.path().join("temp");
-        std::fs::create_dir(&temp).unwrap();
+        let state = private::private_dir(&temp).unwrap();
         teardown(
             procs,
             Duration::from_secs(5),
             kill_rx,
-            temp.display().to_string(),
+            Some((temp.clone(), state)),
             BTreeSet::new(),
         )
         .await;

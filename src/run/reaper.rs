@@ -55,10 +55,7 @@ impl Reaper {
         let spawn = || -> std::io::Result<std::process::ChildStdin> {
             use std::os::unix::process::CommandExt as _;
             let exe = std::env::current_exe()?;
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)?;
+            let out = crate::private::open_append(log)?;
             let mut cmd = std::process::Command::new(exe);
             cmd.args([
                 "reap",

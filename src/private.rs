@@ -1,0 +1,222 @@
+//! Files and directories only the job's user can read: directories created 0700 (or refused
+//! when someone else made the path first), files 0600 written through a fresh temp file and a
+//! rename (never following a symlink someone planted), logs opened without following links,
+//! and removal of only what the job itself created.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::path::Path;
+
+/// What a private directory was when the job took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirState {
+    /// The launcher made it: remove it whole at the end.
+    Created,
+    /// The user's own 0700 directory: at the end remove only entries that were not there.
+    Existing(BTreeSet<OsString>),
+}
+
+fn me() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// Make `path` a directory only this user can enter. A path that exists must be a real
+/// directory (not a link) of this user with no access for others; anything else is refused
+/// with the reason (someone may have created it to watch or feed the job).
+pub fn private_dir(path: &Path) -> Result<DirState, String> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => return Ok(DirState::Created),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    }
+    let md = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let why = if md.file_type().is_symlink() {
+        Some("is a symbolic link".to_string())
+    } else if !md.is_dir() {
+        Some("exists and is not a directory".to_string())
+    } else if md.uid() != me() {
+        Some(format!(
+            "exists and belongs to uid {}, not to you (uid {})",
+            md.uid(),
+            me()
+        ))
+    } else if md.mode() & 0o077 != 0 {
+        Some(format!(
+            "exists with mode {:o}: other users can reach what the job puts there",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(format!("{} {why}", path.display()));
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| format!("cannot list {}: {e}", path.display()))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    Ok(DirState::Existing(entries))
+}
+
+/// A directory of this user for files that are private themselves (a log dir): created
+/// 0700; an existing one is taken if it is this user's and not a link.
+pub fn own_dir(path: &Path) -> Result<(), String> {
+    match private_dir(path) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let md = std::fs::symlink_metadata(path).map_err(|_| e.clone())?;
+            if md.is_dir() && !md.file_type().is_symlink() && md.uid() == me() {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Remove what the job put in `path`: all of it when the launcher created it, else only the
+/// entries that were not there before (and are this user's).
+pub fn remove_created(path: &Path, state: &DirState) -> std::io::Result<()> {
+    match state {
+        DirState::Created => match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        },
+        DirState::Existing(before) => {
+            let Ok(rd) = std::fs::read_dir(path) else {
+                return Ok(());
+            };
+            for e in rd.flatten() {
+                if before.contains(&e.file_name()) {
+                    continue;
+                }
+                let p = e.path();
+                let Ok(md) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if md.uid() != me() {
+                    continue;
+                }
+                if md.is_dir() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Write `data` to `path` atomically and privately (0600): a fresh temp file with an
+/// unpredictable name in the same directory, then a rename over `path` (which replaces a
+/// link there instead of following it).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".rl-")
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_data().ok();
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Open a log for appending: created 0600, never through a symbolic link.
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Mode bits of a path (for messages and tests).
+pub fn mode(path: &Path) -> Option<u32> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.mode() & 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_fresh_dir_is_private_and_removed_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b");
+        assert_eq!(private_dir(&p).unwrap(), DirState::Created);
+        assert_eq!(mode(&p), Some(0o700));
+        std::fs::write(p.join("x"), "1").unwrap();
+        remove_created(&p, &DirState::Created).unwrap();
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn an_existing_dir_keeps_what_was_there() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("mine");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(p.join("keep.txt"), "user data").unwrap();
+        let st = private_dir(&p).unwrap();
+        std::fs::create_dir(p.join("session_1")).unwrap();
+        std::fs::write(p.join("session_1/f"), "").unwrap();
+        remove_created(&p, &st).unwrap();
+        assert!(p.join("keep.txt").exists());
+        assert!(!p.join("session_1").exists());
+    }
+
+    #[test]
+    fn open_dirs_links_and_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(private_dir(&open).unwrap_err().contains("mode 755"));
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        assert!(private_dir(&link).unwrap_err().contains("symbolic link"));
+        let file = d.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(private_dir(&file).unwrap_err().contains("not a directory"));
+        // a log dir of ours with loose modes is taken (its files are 0600), a link is not
+        assert!(own_dir(&open).is_ok());
+        assert!(own_dir(&link).is_err());
+    }
+
+    #[test]
+    fn atomic_writes_are_private_and_replace_a_planted_link() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("victim");
+        std::fs::write(&target, "precious").unwrap();
+        let p = d.path().join("endpoint.json");
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        write_atomic(&p, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{}");
+        assert_eq!(mode(&p), Some(0o600));
+        // logs: 0600, and a planted link is refused
+        let log = d.path().join("x.log");
+        open_append(&log).unwrap();
+        assert_eq!(mode(&log), Some(0o600));
+        let l2 = d.path().join("y.log");
+        std::os::unix::fs::symlink(&target, &l2).unwrap();
+        assert!(open_append(&l2).is_err());
+    }
+}
