@@ -70,6 +70,14 @@ fn cases() -> Vec<Case> {
         c("relative temp dir", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  temp_dir: tmp/ray\n", "must be an absolute path"),
         c("temp dir too long", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  temp_dir: /scratch/users/somebody/with/a/long/path/{job}/{node}\n", "107-byte limit"),
         c("unknown placeholder", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nlog_dir: logs/{user}\n", "unknown placeholder `{user}`"),
+        c("temp dir is the root", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  temp_dir: /\n", "is a shared directory, not one for this job"),
+        c("temp dir is /tmp", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  temp_dir: /tmp\n", "is a shared directory"),
+        c("temp dir climbs out", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  temp_dir: /tmp/x/../..\n", "is a shared directory"),
+        c("huge duration", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\ntimeouts:\n  shutdown_grace: 10000000000000000000s\n", "is longer than ray-launch accepts"),
+        c("NUL in engine_args", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nengine_args: [\"--x\\0y\"]\n", "`engine_args` contains a NUL byte"),
+        c("secret_env not in env", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nsecret_env: [WANDB]\n", "names `WANDB`, which is not in `env`"),
+        c("api key with auth off", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nsecurity: {auth: off}\nserver: {api_key_file: /k}\n", "is set while `security.auth` is off"),
+        c("unknown auth", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nsecurity: {auth: kerberos}\n", "unknown variant `kerberos`"),
         c("object store text", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nray:\n  object_store_memory: lots\n", "a size such as `64GiB`"),
         c("empty executable", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nvllm:\n  executable: ''\n", "`vllm.executable` is empty"),
         // ---- config vs the step
@@ -86,6 +94,7 @@ fn cases() -> Vec<Case> {
         Case { name: "nodeid out of range", yaml: Some(OK), env: &[("SLURM_JOB_ID", "5"), ("SLURM_STEP_ID", "0"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_NODEID", "7")], args: &["check"], want: "SLURM_NODEID=7 is outside" },
         Case { name: "gpus not a number", yaml: Some(OK), env: &[("SLURM_GPUS_ON_NODE", "eight")], args: &["check"], want: "SLURM_GPUS_ON_NODE=`eight` is not a whole number" },
         Case { name: "bad job id", yaml: Some(OK), env: &[("SLURM_JOB_ID", "5;rm")], args: &["check"], want: "is not a job id" },
+        Case { name: "bad step id", yaml: Some(OK), env: &[("SLURM_JOB_ID", "5"), ("SLURM_STEP_ID", "0;x"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_NODEID", "0")], args: &["check"], want: "SLURM_STEP_ID=`0;x` is not a step id" },
         // ---- flags and hostlists
         Case { name: "no config", yaml: None, env: &[], args: &["check"], want: "no config given" },
         Case { name: "missing config file", yaml: None, env: &[], args: &["check", "--config", "/nonexistent.yaml"], want: "cannot read config /nonexistent.yaml" },

@@ -20,7 +20,12 @@ const RAY3: &str = "engine: vllm\nmodel: tiny\nserved_model_name: tiny-chat\npar
 fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
     let bed = Bed::new();
     let cfg = bed.config(RAY3, "");
-    let client = "cat \"$RAY_LAUNCH_ENDPOINT\" > client-saw.json; curl -sf --noproxy '*' \"$OPENAI_BASE_URL/models\" > models.json || exit 9; exit 3";
+    // no --noproxy: NO_PROXY from the launcher must keep the request off the (dead) proxy;
+    // without the key the endpoint refuses, with OPENAI_API_KEY it answers
+    let client = "cat \"$RAY_LAUNCH_ENDPOINT\" > client-saw.json; \
+        curl -s -o /dev/null -w '%{http_code}' \"$OPENAI_BASE_URL/models\" > nokey.txt; \
+        curl -sf -H \"Authorization: Bearer $OPENAI_API_KEY\" \"$OPENAI_BASE_URL/models\" > models.json || exit 9; \
+        python3 -c 'import os; print(os.environ[\"RAY_AUTH_MODE\"], os.path.exists(os.environ[\"RAY_AUTH_TOKEN_PATH\"]))' > ray-auth.txt; exit 3";
     let mut c = bed.srun(&[
         bin().to_str().unwrap(),
         "--config",
@@ -58,6 +63,12 @@ fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
     assert_eq!(saw["served_model_name"], "tiny-chat");
     let models = std::fs::read_to_string(bed.path("models.json")).unwrap();
     assert!(models.contains("tiny-chat"), "{models}");
+    assert_eq!(std::fs::read_to_string(bed.path("nokey.txt")).unwrap(), "401");
+    assert_eq!(std::fs::read_to_string(bed.path("ray-auth.txt")).unwrap().trim(), "token True");
+    // the key file the endpoint file names is private, and gone with the job
+    let kp = saw["api_key_path"].as_str().expect("api_key_path");
+    assert!(kp.ends_with("endpoint.api-key"), "{kp}");
+    assert!(!std::path::Path::new(kp).exists(), "the launcher removes its key file at the end");
     // the engine ran on the master only, as a driver of the 3-node Ray cluster
     let (argv, env) = bed.argv("node1", "vllm");
     assert!(
@@ -270,11 +281,11 @@ fn a_worker_that_cannot_reach_the_master_says_so_before_the_deadline() {
     let all = text(&out);
     eprintln!("{all}");
     assert!(
-        all.contains("cannot reach the master node1 at 10.77.0.11:"),
+        all.contains("cannot join the master node1 at 10.77.0.11:"),
         "{all}"
     );
     assert!(all.contains("within 4s (timeouts.rendezvous"), "{all}");
-    assert_eq!(all.matches("cannot reach the master").count(), 2);
+    assert_eq!(all.matches("cannot join the master").count(), 2);
     // both workers exit with the startup-timeout code (srun reports each task's code)
     assert_eq!(all.matches("Exited with exit code 3").count(), 2, "{all}");
     assert!(t0.elapsed() < Duration::from_secs(30));

@@ -296,11 +296,12 @@ impl Coord {
                     .map(|b| format!("on {}: {}", self.node(r), b.why))
             })
         };
-        let mut why = Vec::new();
+        let mut why: Vec<String> = Vec::new();
         for &c in &self.candidates {
             match taken(c) {
                 None => return Ok(c),
-                Some(w) => why.push(w),
+                Some(w) if !why.contains(&w) => why.push(w),
+                Some(_) => {}
             }
         }
         Err(format!(
@@ -950,6 +951,10 @@ pub async fn serve(
             let Some(pass) = Pass::take(&gate, peer.ip()) else {
                 // too many unauthenticated connections: drop this one at once
                 drop(sock);
+                let _ = accept_tx.send(Inbound::Refused {
+                    peer,
+                    reason: format!("too many connections that have not authenticated ({MAX_UNAUTHENTICATED_PER_ADDRESS} from one address, {MAX_UNAUTHENTICATED} in all)"),
+                });
                 continue;
             };
             tokio::spawn(handle_conn(sock, peer, pass, actx.clone(), accept_tx.clone()));

@@ -1064,15 +1064,17 @@ async fn end(
     if let Some(r) = sh.reaper.as_mut() {
         r.tell(&Note::Done);
     }
-    if summary.is_some() {
-        if let Some(done) = coord_done {
-            let wait = sh.settings.timeouts.teardown_budget + Duration::from_secs(3);
-            let _ = tokio::time::timeout(wait, done).await;
-        }
-    }
+    // what is queued for the master goes out, and the connection closes (so the coordinator
+    // counts this rank as done)
     drop(sh.sender.take());
     if let Some(f) = flush {
         f.wait(Duration::from_secs(2)).await;
+    }
+    // the master's rank lets the coordinator finish: it may still have a stop to broadcast
+    // (this rank's own failure, say) and every other rank's teardown to wait for
+    if let Some(done) = coord_done {
+        let wait = sh.settings.timeouts.teardown_budget + Duration::from_secs(3);
+        let _ = tokio::time::timeout(wait, done).await;
     }
     if let Some(s) = summary {
         info!("{s}");

@@ -71,14 +71,24 @@ impl Bed {
     /// Write a config: `base` plus `extra` YAML; `timeouts` default to a short grace unless
     /// `extra` sets them. @STANDIN@ and @RECORD@ are replaced by the stand-in dir and the work dir.
     pub fn config(&self, base: &str, extra: &str) -> PathBuf {
+        self.config_ray(base, "", extra)
+    }
+
+    /// [`Bed::config`] with more keys in the `ray:` map (`ray_fields`, e.g. `temp_dir: /x`).
+    pub fn config_ray(&self, base: &str, ray_fields: &str, extra: &str) -> PathBuf {
         let standin = root().join("tests/standin");
+        let ray_fields = if ray_fields.is_empty() {
+            String::new()
+        } else {
+            format!(", {ray_fields}")
+        };
         let timeouts = if extra.contains("timeouts:") {
             ""
         } else {
             "timeouts: {shutdown_grace: 5s, kill_wait: 30s}\n"
         };
         let yaml = format!(
-            "{base}\nray: {{executable: {ray}, object_store_memory: 200MiB}}\n{timeouts}{extra}\n",
+            "{base}\nray: {{executable: {ray}, object_store_memory: 200MiB{ray_fields}}}\n{timeouts}{extra}\n",
             ray = root().join(".venv/bin/ray").display()
         )
         .replace("@STANDIN@", &standin.display().to_string())

@@ -8,7 +8,9 @@ Accepts the command lines ray-launch builds for `vllm serve ...` and
   (`--master-port` / the port of `--dist-init-addr`) and answers /health only once every other
   rank (`--nnodes`) has joined it; ranks > 0 write their record *before* they join, so a test
   that sees the leader healthy finds every record (exit 1 if the rendezvous fails within 60 s);
-- unless `--headless`: serves /health, /v1/models and /v1/completions on --host/--port.
+- unless `--headless`: serves /health, /v1/models and /v1/completions on --host/--port; with
+  an API key (`--api-key`, or VLLM_API_KEY as vLLM reads it) /v1/* answers 401 without
+  `Authorization: Bearer KEY`, and /health stays open, as in vLLM.
 Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES.
 """
 import json, os, signal, socket, sys, time
@@ -30,7 +32,9 @@ signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 node = socket.gethostname()
 rec = os.environ.get("STANDIN_RECORD_DIR")
 if rec:
-    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "NCCL_", "GLOO_", "RAY_ADDRESS", "HF_", "STANDIN_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "NCCL_", "GLOO_", "RAY_ADDRESS", "RAY_AUTH", "HF_", "STANDIN_"))}
+    if "VLLM_API_KEY" in env:
+        env["VLLM_API_KEY"] = "<set>"  # the record is no place for the key either
     with open(os.path.join(rec, f"{node}.{flavour}.json"), "w") as f:
         json.dump({"argv": sys.argv[1:], "env": env, "pid": os.getpid()}, f)
 
@@ -102,6 +106,7 @@ if "--headless" in args or (flavour == "sglang" and node_rank > 0):
         time.sleep(1)
 
 served = opt("--served-model-name", model)
+api_key = opt("--api-key") or os.environ.get("VLLM_API_KEY")
 
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
@@ -115,7 +120,17 @@ class H(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def authorized(self):
+        if api_key is None or not self.path.startswith("/v1"):
+            return True
+        if self.headers.get("Authorization", "") == f"Bearer {api_key}":
+            return True
+        self.reply(401, {"error": "Unauthorized"})
+        return False
+
     def do_GET(self):
+        if not self.authorized():
+            return
         if self.path == "/health":
             self.reply(200, {})
         elif self.path == "/v1/models":
@@ -126,8 +141,12 @@ class H(BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length", 0))
         self.rfile.read(n)
+        if not self.authorized():
+            return
         self.reply(200, {"choices": [{"text": " stand-in", "index": 0}], "model": served})
 
 host, port = opt("--host", "0.0.0.0"), int(opt("--port", "8000"))
+# a slow engine (tests: a squatter may take the port in the meantime)
+time.sleep(float(os.environ.get("STANDIN_BIND_DELAY", "0")))
 print(f"standin: serving {served} on {host}:{port}", flush=True)
 ThreadingHTTPServer((host, port), H).serve_forever()
