@@ -330,8 +330,12 @@ async fn run_with_input(program: &str, args: &[String], input: &[u8]) -> Result<
     .map_err(|_| format!("{program} did not answer within {}s", MUNGE_WITHIN.as_secs()))?
     .map_err(|e| format!("{program}: {e}"))?;
     if !out.status.success() {
+        // unmunge says why on stdout (`STATUS: Replayed credential (17)`), munge on stderr
+        let so = String::from_utf8_lossy(&out.stdout);
+        let status = so.lines().find_map(|l| l.strip_prefix("STATUS:")).map(str::trim);
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{program}: {}", err.trim()));
+        let why = status.map(str::to_string).unwrap_or_else(|| err.trim().to_string());
+        return Err(format!("{program}: {why}"));
     }
     Ok(out.stdout)
 }
@@ -354,17 +358,22 @@ async fn unmunge(cred: &str) -> Result<(u32, String), String> {
     }
     let out = run_with_input(
         "unmunge",
-        &["--numeric".into(), "--keys=UID".into()],
+        &["--keys=STATUS,UID".into()],
         cred.as_bytes(),
     )
     .await
     .map_err(|e| format!("its munge credential does not decode ({e})"))?;
     let text = String::from_utf8_lossy(&out);
     let (meta, payload) = text.split_once("\n\n").unwrap_or((&text, ""));
+    // `UID:             alice (1001)`
     let uid = meta
         .lines()
         .find_map(|l| l.strip_prefix("UID:"))
-        .and_then(|v| v.trim().parse::<u32>().ok())
+        .and_then(|v| {
+            let v = v.trim();
+            let n = v.rsplit_once('(').map_or(v, |(_, r)| r.trim_end_matches(')'));
+            n.trim().parse::<u32>().ok()
+        })
         .ok_or("unmunge printed no UID")?;
     Ok((uid, payload.to_string()))
 }

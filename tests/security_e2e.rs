@@ -111,6 +111,18 @@ fn job_out(bed: &Bed, name: &str) -> String {
     std::fs::read_to_string(bed.path(&format!("{name}.out"))).unwrap_or_default()
 }
 
+/// Cancels its jobs when dropped (a failed assertion must not leave a job running).
+struct Jobs(Vec<String>);
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            let ids: Vec<&str> = self.0.iter().map(String::as_str).collect();
+            cancel(&ids);
+        }
+    }
+}
+
 /// scancel the jobs and wait until Slurm has none of them left.
 fn cancel(jobs: &[&str]) {
     let _ = slurm("scancel").args(jobs).status();
@@ -191,6 +203,7 @@ fn a_foreign_user_on_the_channel_is_refused_and_named_and_the_job_serves() {
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let job = sbatch(&bed, "rl-sec", &format!("srun --kill-on-bad-exit=0 {}", wrapper.display()), true);
+    let _guard = Jobs(vec![job.clone()]);
     // squeue shows the pending job to everyone, so its ports are predictable: a fake master
     // takes the first channel port before the job runs
     let cand = ray_launch::plan::candidate_blocks(&job, "0", (20000, 32767));
@@ -402,6 +415,7 @@ fn two_jobs_and_two_steps_of_one_job_serve_side_by_side() {
         &format!("export RAY_LAUNCH_SECRET=the-users-own-secret-0123456789\nsrun --kill-on-bad-exit=0 {rl} --config {} --endpoint-file ep-b.json", b_cfg.display()),
         false,
     );
+    let _guard = Jobs(vec![a.clone(), b.clone()]);
     let dir_a = bed.path(&format!("ray-launch-{a}"));
     let eps = [
         (dir_a.join("endpoint.json"), "rl-two-a"),

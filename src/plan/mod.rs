@@ -23,9 +23,10 @@ pub const SCHEMA: u32 = 1;
 /// Ports per job block. Offsets inside a block are fixed (see [`Ports::for_block`]).
 pub use crate::input::config::PORT_BLOCK;
 
-/// Linux `sun_path` is 108 bytes with the NUL. Ray's longest socket path under the temp dir
-/// is `/session_2026-11-22_03-04-47_123456_1234567/sockets/plasma_store` (64 bytes).
-pub const MAX_TEMP_DIR_LEN: usize = 107 - 64;
+/// Linux `sun_path` is 108 bytes with the NUL. Ray's longest socket path under its temp dir
+/// is `/session_2026-11-22_03-04-47_123456_1234567/sockets/plasma_store` (64 bytes), and
+/// Ray's temp dir is `ray` inside the job's private one (4 bytes).
+pub const MAX_TEMP_DIR_LEN: usize = 107 - 64 - 4;
 
 pub use crate::input::gather::NodeInfo;
 
@@ -498,6 +499,12 @@ impl Slot<'_> {
         c
     }
 
+    /// Ray's own temp dir: inside the private one, because Ray makes its temp dir 0777
+    /// ("so that others can use it"); the private parent keeps others out.
+    fn ray_dir(&self) -> String {
+        format!("{}/ray", self.temp_dir)
+    }
+
     /// Where this node's Ray token file lives.
     fn token_file(&self) -> String {
         format!("{}/auth_token", self.temp_dir)
@@ -578,7 +585,7 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
         format!("--num-cpus={}", n.cpus),
         format!("--num-gpus={}", j.s.gpus_per_node),
         format!("--object-store-memory={}", n.object_store_bytes),
-        format!("--temp-dir={}", x.temp_dir),
+        format!("--temp-dir={}", x.ray_dir()),
         "--disable-usage-stats".into(),
         format!("--node-manager-port={}", ports.node_manager),
         format!("--object-manager-port={}", ports.object_manager),

@@ -55,13 +55,6 @@ def hello(job, step, node, rank, proof):
 
 def flood(host, port, job, step):
     out = {}
-    idle = []
-    for _ in range(500):
-        try:
-            idle.append(socket.create_connection((host, port), timeout=5))
-        except OSError:
-            pass
-    out["idle_opened"] = len(idle)
 
     def conn():
         s = socket.create_connection((host, port), timeout=5)
@@ -69,6 +62,7 @@ def flood(host, port, job, step):
         return s, ch
 
     results = {}
+    # first the forged handshakes, one connection each; then the flood
     # garbage instead of a hello
     s, ch = conn()
     results["challenge_seen"] = bool(ch and ch.get("type") == "challenge")
@@ -99,6 +93,14 @@ def flood(host, port, job, step):
         pass
     results["oversized_closed"] = closed(s)
     out.update(results)
+    # then a flood of idle connections
+    idle = []
+    for _ in range(500):
+        try:
+            idle.append(socket.create_connection((host, port), timeout=5))
+        except OSError:
+            pass
+    out["idle_opened"] = len(idle)
     # how many of the idle ones the master dropped (the rest time out after 10 s)
     time.sleep(12)
     dropped = 0

@@ -163,6 +163,13 @@ impl Drop for Bed {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
+            std::thread::sleep(Duration::from_millis(500));
+            for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("rl-") && !n.starts_with("rl-e2e-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
     }
 }
