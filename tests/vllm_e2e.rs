@@ -56,24 +56,28 @@ fn serve_cpu(bed: &Bed, name: &str) -> Child {
     }
 }
 
+/// One completion with the key from the endpoint file's `api_key_path` (and a check that the
+/// real vLLM refuses a request without it).
 fn complete(bed: &Bed) -> serde_json::Value {
     let ep = endpoint_status(&bed.path("endpoint.json")).unwrap();
     let url = format!("{}/completions", ep["url"].as_str().unwrap());
-    let o = Command::new("curl")
-        .args([
-            "-sf",
-            "--noproxy",
-            "*",
-            "-m",
-            "120",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#,
-            &url,
-        ])
-        .output()
-        .unwrap();
+    let key = std::fs::read_to_string(ep["api_key_path"].as_str().expect("api_key_path")).unwrap();
+    let req = |auth: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "--noproxy", "*", "-m", "120", "-H", "Content-Type: application/json"]);
+        if let Some(k) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        c.args(["-w", "\n%{http_code}", "-d", r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#, &url]);
+        c.output().unwrap()
+    };
+    let o = req(None);
+    assert!(String::from_utf8_lossy(&o.stdout).ends_with("\n401"), "without the key: {}", String::from_utf8_lossy(&o.stdout));
+    let o = req(Some(&key));
+    let body = String::from_utf8_lossy(&o.stdout).to_string();
+    let (body, code) = body.rsplit_once('\n').unwrap_or((&body, ""));
+    assert_eq!(code, "200", "with the key: {body}");
+    let o = std::process::Output { stdout: body.as_bytes().to_vec(), ..o };
     assert!(
         o.status.success(),
         "completion failed: {}",
@@ -174,21 +178,28 @@ fn client_mode_with_the_real_engine_returns_the_clients_code() {
     let bed = Bed::new();
     let client = root().join("tests/clients/complete.py");
     let out = run_limited(
-        srun_cpu(
-            &bed,
-            "rl-vllm-client",
-            &[
-                py.to_str().unwrap(),
-                client.to_str().unwrap(),
-                "the cat sat",
-            ],
-        ),
+        {
+            let mut c = srun_cpu(
+                &bed,
+                "rl-vllm-client",
+                &[
+                    py.to_str().unwrap(),
+                    client.to_str().unwrap(),
+                    "the cat sat",
+                ],
+            );
+            // a site proxy that does not exist: NO_PROXY must keep the SDK off it
+            c.env("http_proxy", "http://proxy.invalid:3128")
+                .env("HTTP_PROXY", "http://proxy.invalid:3128");
+            c
+        },
         Duration::from_secs(400),
     );
     let all = text(&out);
     eprintln!("{all}");
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(all.contains("completion (16 tokens)"), "{all}");
+    assert!(all.contains("a wrong key is refused (401)"), "{all}");
     assert_eq!(exits(&all).values().copied().collect::<Vec<_>>(), [0, 0]);
     eprintln!("phases: {}", phases(&bed));
 }
