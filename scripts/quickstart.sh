@@ -39,7 +39,9 @@ echo "ready: $URL"
 cat "$RAY_LAUNCH_ENDPOINT_FILE"
 say "a request: POST $URL/completions"
 R0=$(now)
+KEY=$(python3 -c 'import json,sys; print(open(json.load(open(sys.argv[1]))["api_key_path"]).read())' "$RAY_LAUNCH_ENDPOINT_FILE")
 ANSWER=$(curl -sf --noproxy '*' -m 120 "$URL/completions" -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer $KEY" \
     -d '{"model": "tiny", "prompt": "the cat sat on the", "max_tokens": 16}')
 R1=$(now)
 echo "$ANSWER" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer (random weights, so gibberish):", repr(r["choices"][0]["text"])); print("tokens:", r["usage"]["completion_tokens"])'

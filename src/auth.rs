@@ -224,8 +224,9 @@ impl Auth {
             (_, None) => Err("no proof in its hello".into()),
             (Method::Secret(k) | Method::Local(k), Some(p)) => {
                 let ok = unhex(p).is_some_and(|p| ct_eq(&p, &hmac(k, &t)));
-                ok.then_some(())
-                    .ok_or_else(|| "its proof does not verify (another user, job or step, or a replay)".into())
+                ok.then_some(()).ok_or_else(|| {
+                    "its proof does not verify (another user, job or step, or a replay)".into()
+                })
             }
             (Method::Munge, Some(p)) => {
                 let (uid, payload) = unmunge(p).await?;
@@ -244,7 +245,11 @@ impl Auth {
     }
 
     /// The master's answer proof for `outcome` (`accepted` or the refusal).
-    pub async fn master_proof(&self, b: &Binding<'_>, outcome: &str) -> Result<Option<String>, String> {
+    pub async fn master_proof(
+        &self,
+        b: &Binding<'_>,
+        outcome: &str,
+    ) -> Result<Option<String>, String> {
         let t = b.transcript("master", outcome);
         match &self.method {
             Method::Off => Ok(None),
@@ -327,14 +332,24 @@ async fn run_with_input(program: &str, args: &[String], input: &[u8]) -> Result<
         child.wait_with_output().await
     })
     .await
-    .map_err(|_| format!("{program} did not answer within {}s", MUNGE_WITHIN.as_secs()))?
+    .map_err(|_| {
+        format!(
+            "{program} did not answer within {}s",
+            MUNGE_WITHIN.as_secs()
+        )
+    })?
     .map_err(|e| format!("{program}: {e}"))?;
     if !out.status.success() {
         // unmunge says why on stdout (`STATUS: Replayed credential (17)`), munge on stderr
         let so = String::from_utf8_lossy(&out.stdout);
-        let status = so.lines().find_map(|l| l.strip_prefix("STATUS:")).map(str::trim);
+        let status = so
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS:"))
+            .map(str::trim);
         let err = String::from_utf8_lossy(&out.stderr);
-        let why = status.map(str::to_string).unwrap_or_else(|| err.trim().to_string());
+        let why = status
+            .map(str::to_string)
+            .unwrap_or_else(|| err.trim().to_string());
         return Err(format!("{program}: {why}"));
     }
     Ok(out.stdout)
@@ -356,13 +371,9 @@ async fn unmunge(cred: &str) -> Result<(u32, String), String> {
     if cred.len() > 8192 || !cred.starts_with("MUNGE:") {
         return Err("its proof is not a munge credential".into());
     }
-    let out = run_with_input(
-        "unmunge",
-        &["--keys=STATUS,UID".into()],
-        cred.as_bytes(),
-    )
-    .await
-    .map_err(|e| format!("its munge credential does not decode ({e})"))?;
+    let out = run_with_input("unmunge", &["--keys=STATUS,UID".into()], cred.as_bytes())
+        .await
+        .map_err(|e| format!("its munge credential does not decode ({e})"))?;
     let text = String::from_utf8_lossy(&out);
     let (meta, payload) = text.split_once("\n\n").unwrap_or((&text, ""));
     // `UID:             alice (1001)`
@@ -371,7 +382,9 @@ async fn unmunge(cred: &str) -> Result<(u32, String), String> {
         .find_map(|l| l.strip_prefix("UID:"))
         .and_then(|v| {
             let v = v.trim();
-            let n = v.rsplit_once('(').map_or(v, |(_, r)| r.trim_end_matches(')'));
+            let n = v
+                .rsplit_once('(')
+                .map_or(v, |(_, r)| r.trim_end_matches(')'));
             n.trim().parse::<u32>().ok()
         })
         .ok_or("unmunge printed no UID")?;
@@ -453,9 +466,15 @@ mod tests {
         let p = a.rank_proof(&b).await.unwrap();
         assert!(a.check_rank(&b, p.as_deref()).await.is_ok());
         // another step, rank, nonce, secret, or no proof at all: refused
-        let other_step = Binding { step: "1", ..b.clone() };
+        let other_step = Binding {
+            step: "1",
+            ..b.clone()
+        };
         assert!(a.check_rank(&other_step, p.as_deref()).await.is_err());
-        let other_rank = Binding { node_rank: 2, ..b.clone() };
+        let other_rank = Binding {
+            node_rank: 2,
+            ..b.clone()
+        };
         assert!(a.check_rank(&other_rank, p.as_deref()).await.is_err());
         assert!(a.check_rank(&binding("r2"), p.as_deref()).await.is_err());
         let stranger = Auth::new(Method::Secret(b"another secret!!".to_vec()));
@@ -468,7 +487,10 @@ mod tests {
         let key = a.check_master(&b, "accepted", mp.as_deref()).await.unwrap();
         assert_eq!(key, m.master_job_key(&b));
         assert!(a.check_master(&b, "refused", mp.as_deref()).await.is_err());
-        assert!(stranger.check_master(&b, "accepted", mp.as_deref()).await.is_err());
+        assert!(stranger
+            .check_master(&b, "accepted", mp.as_deref())
+            .await
+            .is_err());
         // a rank's proof is not a master's answer
         assert!(a.check_master(&b, "", p.as_deref()).await.is_err());
     }

@@ -249,9 +249,13 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
         StepKind::Local => "no Slurm step: a single-node run on this machine".to_string(),
         StepKind::Preview => "preview".to_string(),
     };
+    let security = crate::input::gather::security(&g.settings, &g.step)?;
     println!(
-        "ok: {} is valid ({where_}; {} node(s), {} replica(s))",
-        g.settings.config_path, plan.nodes, plan.replicas
+        "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",
+        g.settings.config_path,
+        plan.nodes,
+        plan.replicas,
+        security.method.name()
     );
     Ok(exit::SUCCESS)
 }

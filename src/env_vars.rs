@@ -42,6 +42,8 @@ pub const SLURMD_NODENAME: &str = "SLURMD_NODENAME";
 pub const SLURM_GPUS_ON_NODE: &str = "SLURM_GPUS_ON_NODE";
 pub const SLURM_CPUS_ON_NODE: &str = "SLURM_CPUS_ON_NODE";
 pub const SLURM_MEM_PER_NODE: &str = "SLURM_MEM_PER_NODE";
+/// Ports Slurm reserved for the step (`srun --resv-ports`, with `MpiParams=ports=` set).
+pub const SLURM_STEP_RESV_PORTS: &str = "SLURM_STEP_RESV_PORTS";
 pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 
 // ---- set by ray-launch on the processes it starts

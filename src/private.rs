@@ -127,9 +127,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".rl-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".rl-").tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_data().ok();
     tmp.persist(path).map_err(|e| e.error)?;
@@ -148,7 +146,9 @@ pub fn open_append(path: &Path) -> std::io::Result<File> {
 
 /// Mode bits of a path (for messages and tests).
 pub fn mode(path: &Path) -> Option<u32> {
-    std::fs::symlink_metadata(path).ok().map(|m| m.mode() & 0o7777)
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| m.mode() & 0o7777)
 }
 
 #[cfg(test)]

@@ -63,12 +63,23 @@ fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
     assert_eq!(saw["served_model_name"], "tiny-chat");
     let models = std::fs::read_to_string(bed.path("models.json")).unwrap();
     assert!(models.contains("tiny-chat"), "{models}");
-    assert_eq!(std::fs::read_to_string(bed.path("nokey.txt")).unwrap(), "401");
-    assert_eq!(std::fs::read_to_string(bed.path("ray-auth.txt")).unwrap().trim(), "token True");
+    assert_eq!(
+        std::fs::read_to_string(bed.path("nokey.txt")).unwrap(),
+        "401"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bed.path("ray-auth.txt"))
+            .unwrap()
+            .trim(),
+        "token True"
+    );
     // the key file the endpoint file names is private, and gone with the job
     let kp = saw["api_key_path"].as_str().expect("api_key_path");
     assert!(kp.ends_with("endpoint.api-key"), "{kp}");
-    assert!(!std::path::Path::new(kp).exists(), "the launcher removes its key file at the end");
+    assert!(
+        !std::path::Path::new(kp).exists(),
+        "the launcher removes its key file at the end"
+    );
     // the engine ran on the master only, as a driver of the 3-node Ray cluster
     let (argv, env) = bed.argv("node1", "vllm");
     assert!(

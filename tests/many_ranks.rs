@@ -78,7 +78,10 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                     sock,
                     channel::Limit::staged(channel::PRE_AUTH_LINE, 2, channel::MAX_TO_RANK),
                 );
-                let Ok(ToRank::Challenge { nonce, job_nonce, .. }) = c.recv().await else {
+                let Ok(ToRank::Challenge {
+                    nonce, job_nonce, ..
+                }) = c.recv().await
+                else {
                     // dropped at once: too many unauthenticated connections from here
                     retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(20)).await;

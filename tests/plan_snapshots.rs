@@ -152,11 +152,37 @@ fn two_jobs_get_different_ports() {
         .map(|st| plan::block_base("4242", &st.to_string(), range))
         .collect();
     let distinct: std::collections::BTreeSet<u16> = steps.iter().copied().collect();
-    assert_eq!(distinct.len(), 4, "two steps of one job never share a block: {steps:?}");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "two steps of one job never share a block: {steps:?}"
+    );
+    // srun --resv-ports: Slurm's reserved ports win when they hold a whole block
+    assert_eq!(plan::reserved_block("33000-33255"), Some(33000));
+    assert_eq!(plan::reserved_block("33000-33300,34000"), Some(33000));
+    assert_eq!(
+        plan::reserved_block("33000-33015"),
+        None,
+        "too few for a block"
+    );
+    assert_eq!(plan::reserved_block("x-y"), None);
+    let mut st = Step::preview(vec!["n1".into()], "4242".into());
+    st.resv_ports = Some("33000-33255".into());
+    assert_eq!(plan::step_blocks(&st, range), [33000]);
+    st.resv_ports = Some("33000-33007".into());
+    assert_eq!(
+        plan::step_blocks(&st, range),
+        plan::candidate_blocks("4242", "0", range)
+    );
     let c = plan::candidate_blocks("4242", "0", range);
     assert_eq!(c.len(), plan::CANDIDATE_BLOCKS);
-    assert_eq!(c.iter().collect::<std::collections::BTreeSet<_>>().len(), c.len());
-    assert!(c.iter().all(|b| *b >= range.0 && b + plan::PORT_BLOCK - 1 <= range.1));
+    assert_eq!(
+        c.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        c.len()
+    );
+    assert!(c
+        .iter()
+        .all(|b| *b >= range.0 && b + plan::PORT_BLOCK - 1 <= range.1));
     // every port of a block lies inside the block
     for p in [
         a.ray_gcs,

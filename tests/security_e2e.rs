@@ -32,7 +32,13 @@ fn as_nobody(node: Option<usize>, args: &[&str]) -> Command {
         None => Command::new("setpriv"),
     };
     c.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"]);
-    c.args(args.iter().map(|a| if *a == "python3" { "/usr/bin/python3" } else { a }));
+    c.args(args.iter().map(|a| {
+        if *a == "python3" {
+            "/usr/bin/python3"
+        } else {
+            a
+        }
+    }));
     c.current_dir("/");
     c
 }
@@ -51,18 +57,26 @@ fn attack_script(bed: &Bed) -> String {
 fn kill_on_node(n: usize, needle: &str) {
     for (node, pid, cmd) in node_procs() {
         if node == format!("node{n}") && cmd.contains(needle) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
 
 /// The host pid of node `n`'s init (tini), whose namespaces are the node's.
 fn node_init(n: usize) -> i32 {
-    let o = Command::new("ip").args(["netns", "pids", &format!("sl-n{n}")]).output().unwrap();
+    let o = Command::new("ip")
+        .args(["netns", "pids", &format!("sl-n{n}")])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .filter_map(|p| p.parse::<i32>().ok())
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "tini"))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "tini")
+        })
         .unwrap_or_else(|| panic!("no tini on node{n}"))
 }
 
@@ -72,7 +86,10 @@ fn sbatch(bed: &Bed, name: &str, script: &str, hold: bool) -> String {
     std::fs::write(&p, format!("#!/bin/bash\n{script}\n")).unwrap();
     let mut c = slurm("sbatch");
     c.args(["--parsable", "-N3", "--ntasks-per-node=1", "-J", name])
-        .arg(format!("--output={}", bed.path(&format!("{name}.out")).display()))
+        .arg(format!(
+            "--output={}",
+            bed.path(&format!("{name}.out")).display()
+        ))
         .arg(format!("--chdir={}", bed.dir.path().display()));
     if hold {
         c.arg("--hold");
@@ -133,7 +150,10 @@ fn cancel(jobs: &[&str]) {
         if !jobs.iter().any(|j| left.lines().any(|l| l.trim() == *j)) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "jobs {jobs:?} still queued: {left}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "jobs {jobs:?} still queued: {left}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -141,7 +161,16 @@ fn cancel(jobs: &[&str]) {
 /// HTTP status of GET `url`, with `Authorization: Bearer key` if given.
 fn http(url: &str, key: Option<&str>) -> String {
     let mut c = Command::new("curl");
-    c.args(["-s", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", url]);
+    c.args([
+        "-s",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        url,
+    ]);
     if let Some(k) = key {
         c.args(["-H", &format!("Authorization: Bearer {k}")]);
     }
@@ -173,7 +202,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn launcher_pid(n: usize) -> Option<i32> {
     node_procs()
         .into_iter()
-        .find(|(node, _, c)| *node == format!("node{n}") && c.starts_with("ray-launch:") && c.contains("--config"))
+        .find(|(node, _, c)| {
+            *node == format!("node{n}") && c.starts_with("ray-launch:") && c.contains("--config")
+        })
         .map(|(_, p, _)| p)
 }
 
@@ -198,20 +229,42 @@ fn a_foreign_user_on_the_channel_is_refused_and_named_and_the_job_serves() {
     let wrapper = bed.path("late-workers.sh");
     std::fs::write(
         &wrapper,
-        format!("#!/bin/bash\nif [ \"$SLURM_NODEID\" != 0 ]; then sleep 6; fi\nexec {} --config {}\n", bin().display(), cfg.display()),
+        format!(
+            "#!/bin/bash\nif [ \"$SLURM_NODEID\" != 0 ]; then sleep 6; fi\nexec {} --config {}\n",
+            bin().display(),
+            cfg.display()
+        ),
     )
     .unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let job = sbatch(&bed, "rl-sec", &format!("srun --kill-on-bad-exit=0 {}", wrapper.display()), true);
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let job = sbatch(
+        &bed,
+        "rl-sec",
+        &format!("srun --kill-on-bad-exit=0 {}", wrapper.display()),
+        true,
+    );
     let _guard = Jobs(vec![job.clone()]);
     // squeue shows the pending job to everyone, so its ports are predictable: a fake master
     // takes the first channel port before the job runs
     let cand = ray_launch::plan::candidate_blocks(&job, "0", (20000, 32767));
-    let mut fake = as_nobody(Some(1), &["python3", &attack_script(&bed), "fake-master", &cand[0].to_string(), "25"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut fake = as_nobody(
+        Some(1),
+        &[
+            "python3",
+            &attack_script(&bed),
+            "fake-master",
+            &cand[0].to_string(),
+            "25",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     scontrol(&["release", &job]);
     // the real master listens on the next candidate; the foreign user floods and forges there
@@ -228,23 +281,40 @@ fn a_foreign_user_on_the_channel_is_refused_and_named_and_the_job_serves() {
     let ep = wait_ready(&bed, &ep_path, "rl-sec", Duration::from_secs(120));
     let flood = wait_limited(&mut { flood }, Duration::from_secs(60));
     let summary: serde_json::Value = serde_json::from_str(
-        text(&flood).lines().rfind(|l| l.starts_with('{')).unwrap_or("{}"),
+        text(&flood)
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or("{}"),
     )
     .unwrap_or_else(|e| panic!("{e}: {}", text(&flood)));
     eprintln!("attacker saw: {summary}");
     assert_eq!(summary["challenge_seen"], true, "{summary}");
-    for k in ["garbage_closed", "forged_proof_closed", "foreign_uid_closed", "replay_closed", "other_job_closed", "oversized_closed"] {
+    for k in [
+        "garbage_closed",
+        "forged_proof_closed",
+        "foreign_uid_closed",
+        "replay_closed",
+        "other_job_closed",
+        "oversized_closed",
+    ] {
         assert_eq!(summary[k], true, "{k}: {summary}");
     }
     let dropped = summary["idle_dropped"].as_u64().unwrap();
-    assert!(dropped >= 450, "idle connections are dropped, not kept: {summary}");
+    assert!(
+        dropped >= 450,
+        "idle connections are dropped, not kept: {summary}"
+    );
     // the master stays small
     let master = launcher_pid(1).expect("the master's launcher");
     let rss = rss_kib(master);
     eprintln!("master launcher RSS after the flood: {} KiB", rss);
     assert!(rss < 100 * 1024, "{rss} KiB");
     // every rank is in: the channel is closed to newcomers
-    assert!(std::net::TcpStream::connect_timeout(&format!("10.77.0.11:{}", cand[1]).parse().unwrap(), Duration::from_secs(2)).is_err());
+    assert!(std::net::TcpStream::connect_timeout(
+        &format!("10.77.0.11:{}", cand[1]).parse().unwrap(),
+        Duration::from_secs(2)
+    )
+    .is_err());
     // the API key: 401 without, 200 with the key from api_key_path; vLLM's /health is open
     let url = ep["url"].as_str().unwrap().to_string();
     let key = std::fs::read_to_string(ep["api_key_path"].as_str().unwrap()).unwrap();
@@ -259,8 +329,13 @@ fn a_foreign_user_on_the_channel_is_refused_and_named_and_the_job_serves() {
             .find(|(node, _, c)| *node == format!("node{n}") && c.starts_with("raylet:"))
             .map(|(_, p, _)| p)
             .unwrap_or_else(|| panic!("no raylet on node{n}"));
-        let env = String::from_utf8_lossy(&std::fs::read(format!("/proc/{raylet}/environ")).unwrap()).to_string();
-        assert!(env.split('\0').any(|v| v == "RAY_AUTH_MODE=token"), "node{n}");
+        let env =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{raylet}/environ")).unwrap())
+                .to_string();
+        assert!(
+            env.split('\0').any(|v| v == "RAY_AUTH_MODE=token"),
+            "node{n}"
+        );
         let tf = env
             .split('\0')
             .find_map(|v| v.strip_prefix("RAY_AUTH_TOKEN_PATH="))
@@ -284,34 +359,68 @@ fn a_foreign_user_on_the_channel_is_refused_and_named_and_the_job_serves() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["event"] == "peer_refused")
         .collect();
-    let reasons: Vec<String> = refused.iter().map(|e| format!("{} {}", e["peer"], e["reason"])).collect();
+    let reasons: Vec<String> = refused
+        .iter()
+        .map(|e| format!("{} {}", e["peer"], e["reason"]))
+        .collect();
     eprintln!("refused: {reasons:#?}");
-    for want in ["from uid 65534", "Replayed credential", "of job 999999 step 0", "no hello (unreadable message", "no hello (message longer"] {
-        assert!(reasons.iter().any(|r| r.contains(want)), "no refusal with `{want}` in {reasons:#?}");
+    for want in [
+        "from uid 65534",
+        "Replayed credential",
+        "of job 999999 step 0",
+        "no hello (unreadable message",
+        "no hello (message longer",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "no refusal with `{want}` in {reasons:#?}"
+        );
     }
-    assert!(refused.iter().all(|e| e["peer"].as_str().unwrap().starts_with("10.77.0.1:")), "{reasons:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|e| e["peer"].as_str().unwrap().starts_with("10.77.0.1:")),
+        "{reasons:?}"
+    );
     let fake_out = wait_limited(&mut fake, Duration::from_secs(40));
     eprintln!("fake master: {}", text(&fake_out));
     cancel(&[&job]);
     let out = job_out(&bed, "rl-sec");
     eprintln!("{out}");
     assert!(
-        out.contains(&format!("10.77.0.11:{} answered as the master, but", cand[0])),
+        out.contains(&format!(
+            "10.77.0.11:{} answered as the master, but",
+            cand[0]
+        )),
         "the workers name the fake master: {out}"
     );
     assert!(out.contains(&format!("using {}", cand[1])), "{out}");
     // no secret in anything the job wrote, nor in the plan
     let plan = Command::new(bin())
-        .args(["plan", "--config", cfg.to_str().unwrap(), "--nodelist", "node[1-3]", "--format", "json"])
+        .args([
+            "plan",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--nodelist",
+            "node[1-3]",
+            "--format",
+            "json",
+        ])
         .output()
         .unwrap();
-    let mut haystacks = vec![("plan".to_string(), text(&plan)), ("job output".to_string(), out)];
+    let mut haystacks = vec![
+        ("plan".to_string(), text(&plan)),
+        ("job output".to_string(), out),
+    ];
     for f in files(bed.dir.path()) {
         let name = f.display().to_string();
         if name.ends_with("job.yaml") || name.ends_with(".vllm.json") {
             continue; // the config itself, and the stand-in's own records
         }
-        haystacks.push((name, String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string()));
+        haystacks.push((
+            name,
+            String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string(),
+        ));
     }
     assert!(text(&plan).contains("<secret>") && text(&plan).contains("visible"));
     for (name, h) in &haystacks {
@@ -336,16 +445,31 @@ fn a_squatter_on_the_engine_port_is_named_and_the_job_never_says_ready() {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.as_mut().unwrap()), &mut line).unwrap();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
         (c, line.trim().to_string())
     };
     // 1. there before the job: the bind test finds it, nothing starts
-    let cfg = bed.config(MP3, &format!("server: {{port: {PORT}}}\nevent_log: events.jsonl"));
+    let cfg = bed.config(
+        MP3,
+        &format!("server: {{port: {PORT}}}\nevent_log: events.jsonl"),
+    );
     let (mut sq, pid) = start_squatter();
-    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap()]), Duration::from_secs(60));
+    let out = run_limited(
+        bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
     let all = text(&out);
     eprintln!("{all}");
-    assert!(all.contains(&format!("port {PORT} is held by pid {pid} (python3), uid 65534")), "{all}");
+    assert!(
+        all.contains(&format!(
+            "port {PORT} is held by pid {pid} (python3), uid 65534"
+        )),
+        "{all}"
+    );
     assert_eq!(out.status.code(), Some(6), "{all}");
     assert!(!all.contains("started engine"), "nothing started: {all}");
     // 2. it takes the port after the bind test, while the engine is slow to bind
@@ -353,7 +477,12 @@ fn a_squatter_on_the_engine_port_is_named_and_the_job_never_says_ready() {
     let _ = sq.wait();
     let _ = std::fs::remove_file(bed.path("events.jsonl"));
     std::fs::remove_dir_all(endpoint_file(bed.dir.path()).parent().unwrap()).unwrap();
-    let cfg = bed.config(MP3, &format!("server: {{port: {PORT}}}\nevent_log: events.jsonl\nenv: {{STANDIN_BIND_DELAY: 8}}"));
+    let cfg = bed.config(
+        MP3,
+        &format!(
+            "server: {{port: {PORT}}}\nevent_log: events.jsonl\nenv: {{STANDIN_BIND_DELAY: 8}}"
+        ),
+    );
     let mut c = bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
@@ -367,7 +496,10 @@ fn a_squatter_on_the_engine_port_is_named_and_the_job_never_says_ready() {
         if let Some(l) = found.filter(|l| l.exists()) {
             break l;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "the engine never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the engine never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let (mut sq, pid) = start_squatter();
@@ -397,9 +529,15 @@ fn two_jobs_and_two_steps_of_one_job_serve_side_by_side() {
         std::fs::rename(&p, &to).unwrap();
         to
     };
-    let ray_cfg = keep(bed.config(RAY3, "env: {STANDIN_EXPECT_NODES: 3}"), "ray.yaml");
+    let ray_cfg = keep(
+        bed.config(RAY3, "env: {STANDIN_EXPECT_NODES: 3}"),
+        "ray.yaml",
+    );
     let mp = keep(bed.config(MP3, ""), "mp.yaml");
-    let b_cfg = keep(bed.config(&format!("{MP3}\nsecurity: {{auth: secret}}"), ""), "b.yaml");
+    let b_cfg = keep(
+        bed.config(&format!("{MP3}\nsecurity: {{auth: secret}}"), ""),
+        "b.yaml",
+    );
     let rl = bin().display().to_string();
     // job A: two steps at once (a Ray cluster and an mp engine) on the same three nodes
     let a = sbatch(
@@ -430,15 +568,23 @@ fn two_jobs_and_two_steps_of_one_job_serve_side_by_side() {
         assert_eq!(http(&format!("{url}/models"), Some(&key)), "200", "{url}");
         seen.push((url, key));
     }
-    eprintln!("endpoints: {:?}", seen.iter().map(|s| &s.0).collect::<Vec<_>>());
+    eprintln!(
+        "endpoints: {:?}",
+        seen.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
     let urls: std::collections::BTreeSet<&String> = seen.iter().map(|s| &s.0).collect();
     assert_eq!(urls.len(), 3, "three endpoints, three ports");
     let keys: std::collections::BTreeSet<&String> = seen.iter().map(|s| &s.1).collect();
     assert_eq!(keys.len(), 3, "each step has its own key");
     // one step's key opens no other step's endpoint
-    assert_eq!(http(&format!("{}/models", seen[2].0), Some(&seen[0].1)), "401");
+    assert_eq!(
+        http(&format!("{}/models", seen[2].0), Some(&seen[0].1)),
+        "401"
+    );
     // separate logs for the two steps of job A
-    assert!(dir_a.join("node1.engine.log").exists() && dir_a.join("node1-step1.engine.log").exists());
+    assert!(
+        dir_a.join("node1.engine.log").exists() && dir_a.join("node1-step1.engine.log").exists()
+    );
     let b_out = job_out(&bed, "rl-two-b");
     assert!(b_out.contains("auth secret"), "{b_out}");
     cancel(&[&a, &b]);
@@ -460,22 +606,58 @@ fn a_users_own_temp_dir_keeps_its_files_and_an_open_one_is_refused() {
         &format!("temp_dir: '{}-{{node_rank}}'", mine.display()),
         "env: {STANDIN_EXPECT_NODES: 3}",
     );
-    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(120));
+    let out = run_limited(
+        bed.srun(&[
+            bin().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "true",
+        ]),
+        Duration::from_secs(120),
+    );
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     for n in 0..3 {
         let d = PathBuf::from(format!("{}-{n}", mine.display()));
-        let left: Vec<String> = std::fs::read_dir(&d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        assert_eq!(left, ["keep.txt"], "only the user's file stays in {}", d.display());
+        let left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            ["keep.txt"],
+            "only the user's file stays in {}",
+            d.display()
+        );
     }
     // a directory others can enter is refused before anything starts; its file survives
     let open = PathBuf::from(format!("{}-0", mine.display()));
     std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = run_limited(bed.srun(&[bin().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--", "true"]), Duration::from_secs(60));
+    let out = run_limited(
+        bed.srun(&[
+            bin().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "true",
+        ]),
+        Duration::from_secs(60),
+    );
     let all = text(&out);
     eprintln!("{all}");
-    assert!(all.contains(&format!("ray.temp_dir: {} exists with mode 755", open.display())), "{all}");
+    assert!(
+        all.contains(&format!(
+            "ray.temp_dir: {} exists with mode 755",
+            open.display()
+        )),
+        "{all}"
+    );
     assert_eq!(out.status.code(), Some(2), "{all}");
     assert!(!all.contains("started ray-head"), "{all}");
-    assert_eq!(std::fs::read_to_string(open.join("keep.txt")).unwrap(), "the user's own file");
+    assert_eq!(
+        std::fs::read_to_string(open.join("keep.txt")).unwrap(),
+        "the user's own file"
+    );
 }

@@ -64,20 +64,41 @@ fn complete(bed: &Bed) -> serde_json::Value {
     let key = std::fs::read_to_string(ep["api_key_path"].as_str().expect("api_key_path")).unwrap();
     let req = |auth: Option<&str>| {
         let mut c = Command::new("curl");
-        c.args(["-s", "--noproxy", "*", "-m", "120", "-H", "Content-Type: application/json"]);
+        c.args([
+            "-s",
+            "--noproxy",
+            "*",
+            "-m",
+            "120",
+            "-H",
+            "Content-Type: application/json",
+        ]);
         if let Some(k) = auth {
             c.args(["-H", &format!("Authorization: Bearer {k}")]);
         }
-        c.args(["-w", "\n%{http_code}", "-d", r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#, &url]);
+        c.args([
+            "-w",
+            "\n%{http_code}",
+            "-d",
+            r#"{"model":"tiny","prompt":"hello world","max_tokens":16}"#,
+            &url,
+        ]);
         c.output().unwrap()
     };
     let o = req(None);
-    assert!(String::from_utf8_lossy(&o.stdout).ends_with("\n401"), "without the key: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).ends_with("\n401"),
+        "without the key: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let o = req(Some(&key));
     let body = String::from_utf8_lossy(&o.stdout).to_string();
     let (body, code) = body.rsplit_once('\n').unwrap_or((&body, ""));
     assert_eq!(code, "200", "with the key: {body}");
-    let o = std::process::Output { stdout: body.as_bytes().to_vec(), ..o };
+    let o = std::process::Output {
+        stdout: body.as_bytes().to_vec(),
+        ..o
+    };
     assert!(
         o.status.success(),
         "completion failed: {}",

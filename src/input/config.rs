@@ -678,7 +678,11 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
     }
     if let Some(f) = &c.server.api_key_file {
         if f.trim().is_empty() || f.contains('\0') {
-            return Err(l.key_error("server.api_key_file", "is not a path", "give the path of a 0600 file holding the key"));
+            return Err(l.key_error(
+                "server.api_key_file",
+                "is not a path",
+                "give the path of a 0600 file holding the key",
+            ));
         }
         if c.security.auth == AuthSetting::Off {
             return Err(l.key_error(
@@ -847,7 +851,14 @@ pub fn teardown_budget(c: &Config) -> Duration {
 }
 
 /// Placeholders allowed in `env` values, filled per node by the plan.
-pub const ENV_PLACEHOLDERS: &[&str] = &["job", "step", "node", "node_rank", "replica", "replica_rank"];
+pub const ENV_PLACEHOLDERS: &[&str] = &[
+    "job",
+    "step",
+    "node",
+    "node_rank",
+    "replica",
+    "replica_rank",
+];
 
 /// The longest duration any key takes (a month: longer than any Slurm time limit here).
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -43,8 +43,11 @@ pub fn security(s: &Settings, step: &Step) -> Result<Security> {
     let secret = || -> Result<Option<Vec<u8>>> {
         if let Ok(v) = std::env::var(ev::RAY_LAUNCH_SECRET) {
             if v.trim().len() < 16 {
-                return Err(Error::usage(format!("{} holds fewer than 16 characters", ev::RAY_LAUNCH_SECRET))
-                    .hint("use a long random value, e.g. `head -c 32 /dev/urandom | base64`"));
+                return Err(Error::usage(format!(
+                    "{} holds fewer than 16 characters",
+                    ev::RAY_LAUNCH_SECRET
+                ))
+                .hint("use a long random value, e.g. `head -c 32 /dev/urandom | base64`"));
             }
             return Ok(Some(v.trim().as_bytes().to_vec()));
         }
@@ -97,8 +100,10 @@ pub fn security(s: &Settings, step: &Step) -> Result<Security> {
                     .hint("the key must be printable text")
             })?;
             if key.contains(|c: char| c.is_control() || c.is_whitespace()) {
-                return Err(Error::usage(format!("server.api_key_file: {f} holds more than one word"))
-                    .hint("put only the key in the file"));
+                return Err(Error::usage(format!(
+                    "server.api_key_file: {f} holds more than one word"
+                ))
+                .hint("put only the key in the file"));
             }
             Some(key)
         }

@@ -175,11 +175,19 @@ impl Settings {
     /// A short digest of each agreed leaf value, by dotted key (`config.parallel.tensor`):
     /// what the Hello carries, so the master names differing keys without seeing values.
     pub fn agreed_digests(&self) -> std::collections::BTreeMap<String, String> {
-        fn walk(v: &serde_json::Value, key: String, out: &mut std::collections::BTreeMap<String, String>) {
+        fn walk(
+            v: &serde_json::Value,
+            key: String,
+            out: &mut std::collections::BTreeMap<String, String>,
+        ) {
             match v {
                 serde_json::Value::Object(m) if !m.is_empty() => {
                     for (k, x) in m {
-                        let p = if key.is_empty() { k.clone() } else { format!("{key}.{k}") };
+                        let p = if key.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{key}.{k}")
+                        };
                         walk(x, p, out);
                     }
                 }

@@ -38,6 +38,8 @@ pub struct Step {
     pub cuda_visible_devices: Option<String>,
     pub cpus_on_node: Option<u32>,
     pub mem_per_node_mb: Option<u64>,
+    /// `SLURM_STEP_RESV_PORTS` as Slurm wrote it (`12000-12255`), when srun reserved ports.
+    pub resv_ports: Option<String>,
 }
 
 /// Expand Slurm's `N(xR)` lists: `2(x3),1` → [2, 2, 2, 1].
@@ -94,6 +96,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
     let cpus_on_node = num(ev::SLURM_CPUS_ON_NODE)?.map(|g| g as u32);
     let mem_per_node_mb = num(ev::SLURM_MEM_PER_NODE)?;
     let cuda_visible_devices = get(ev::CUDA_VISIBLE_DEVICES);
+    let resv_ports = get(ev::SLURM_STEP_RESV_PORTS).filter(|v| !v.trim().is_empty());
 
     let Some(job_id) = job_id else {
         return Ok(Step {
@@ -106,6 +109,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             cuda_visible_devices,
             cpus_on_node,
             mem_per_node_mb,
+            resv_ports: None,
         });
     };
     if job_id.trim().is_empty()
@@ -126,7 +130,12 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         ));
     };
     let step_id = step_id.trim().to_string();
-    if step_id.is_empty() || step_id.len() > 32 || !step_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if step_id.is_empty()
+        || step_id.len() > 32
+        || !step_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
         return Err(env_error(
             format!("SLURM_STEP_ID=`{step_id}` is not a step id"),
             "this variable comes from srun: do not set it by hand",
@@ -223,6 +232,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         cuda_visible_devices,
         cpus_on_node,
         mem_per_node_mb,
+        resv_ports,
     })
 }
 
@@ -239,6 +249,7 @@ impl Step {
             cuda_visible_devices: None,
             cpus_on_node: None,
             mem_per_node_mb: None,
+            resv_ports: None,
         }
     }
 

@@ -99,7 +99,12 @@ impl Serialize for Command {
 }
 
 impl Command {
-    fn new(kind: Kind, argv: Vec<String>, env: BTreeMap<String, String>, lifecycle: Lifecycle) -> Command {
+    fn new(
+        kind: Kind,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        lifecycle: Lifecycle,
+    ) -> Command {
         Command {
             kind,
             argv,
@@ -116,7 +121,11 @@ impl Command {
         self.env
             .iter()
             .map(|(k, v)| {
-                let v = if self.masked.contains(k) { MASK } else { v.as_str() };
+                let v = if self.masked.contains(k) {
+                    MASK
+                } else {
+                    v.as_str()
+                };
                 (k.as_str(), v)
             })
             .collect()
@@ -129,7 +138,11 @@ impl Command {
             .iter()
             .map(|(k, v)| format!("{k}={}", quote(v)))
             .collect();
-        parts.extend(self.secret_env.keys().map(|k| format!("{k}={}", quote(MASK))));
+        parts.extend(
+            self.secret_env
+                .keys()
+                .map(|k| format!("{k}={}", quote(MASK))),
+        );
         parts.extend(self.argv.iter().map(|a| quote(a)));
         for (flag, _) in &self.secret_args {
             parts.push(quote(flag));
@@ -210,6 +223,29 @@ fn fnv(s: &str) -> u64 {
 /// job the next ones; other ids hash.
 pub fn block_base(job_id: &str, step_id: &str, range: (u16, u16)) -> u16 {
     candidate_blocks(job_id, step_id, range)[0]
+}
+
+/// The first port of `SLURM_STEP_RESV_PORTS` when it holds a whole block (`12000-12255`, or a
+/// list whose first range is that long): Slurm reserved those ports for this step.
+pub fn reserved_block(resv: &str) -> Option<u16> {
+    let first = resv.split(',').next()?.trim();
+    let (lo, hi) = match first.split_once('-') {
+        Some((a, b)) => (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?),
+        None => {
+            let p = first.parse::<u16>().ok()?;
+            (p, p)
+        }
+    };
+    (hi >= lo && (hi - lo) as u32 + 1 >= PORT_BLOCK as u32).then_some(lo)
+}
+
+/// The blocks this step may use, in order: the ports Slurm reserved for it when they hold a
+/// block, else the step's candidates in `range`.
+pub fn step_blocks(step: &Step, range: (u16, u16)) -> Vec<u16> {
+    match step.resv_ports.as_deref().and_then(reserved_block) {
+        Some(b) => vec![b],
+        None => candidate_blocks(&step.job_id, &step.step_id, range),
+    }
 }
 
 /// The step's candidate blocks, in order (distinct while the range holds enough blocks).
@@ -493,7 +529,14 @@ impl Slot<'_> {
     }
 
     /// A command with the user's `env` on top of `env`, and the secret names masked.
-    fn command(&self, j: &Job<'_>, kind: Kind, argv: Vec<String>, env: BTreeMap<String, String>, lifecycle: Lifecycle) -> Command {
+    fn command(
+        &self,
+        j: &Job<'_>,
+        kind: Kind,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        lifecycle: Lifecycle,
+    ) -> Command {
         let mut c = Command::new(kind, argv, self.with_user(env), lifecycle);
         c.masked = j.s.secret_env.clone();
         c
@@ -635,7 +678,8 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
             ),
         );
         if j.s.auth {
-            cmd.secret_env.insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+            cmd.secret_env
+                .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
         }
         commands.push(cmd);
     }
@@ -700,7 +744,8 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
         match c.engine {
             // vLLM reads VLLM_API_KEY: the key stays out of /proc/PID/cmdline
             Engine::Vllm => {
-                cmd.secret_env.insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+                cmd.secret_env
+                    .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
             }
             // SGLang reads only --api-key
             Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
@@ -752,14 +797,15 @@ fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
     }
     let mut cmd = x.command(j, Kind::Client, s.client.clone(), env, Lifecycle::client());
     if s.auth {
-        cmd.secret_env.insert(ev::OPENAI_API_KEY.into(), Secret::ApiKey);
+        cmd.secret_env
+            .insert(ev::OPENAI_API_KEY.into(), Secret::ApiKey);
     }
     cmd
 }
 
 /// The plan with the step's first candidate port block (a preview, or before the rendezvous).
 pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
-    build_in(s, step, nodes, block_base(&step.job_id, &step.step_id, s.port_range), None)
+    build_in(s, step, nodes, step_blocks(step, s.port_range)[0], None)
 }
 
 /// The plan with the port block the master chose (`block`) and the channel port it listens

@@ -422,7 +422,10 @@ mod tests {
         tokio::spawn(async move {
             let _ = aw.write_all(&vec![b'x'; 1 << 20]).await;
         });
-        assert!(matches!(r.recv::<ToMaster>().await, Err(RecvError::TooLong)));
+        assert!(matches!(
+            r.recv::<ToMaster>().await,
+            Err(RecvError::TooLong)
+        ));
         assert!(r.buf.capacity() < 64 << 10);
     }
 

@@ -11,13 +11,13 @@
 //! engine on the leader → (`/health` 200) → replica ready; without Ray every engine starts at
 //! once. When every replica is ready the endpoint file says `ready`, and the client starts.
 
+use crate::auth::{self, Auth, Binding};
 use crate::endpoint::{EndpointFile, Status};
 use crate::exit;
 use crate::input::settings::Settings;
 use crate::input::slurm::Step;
 use crate::plan::lifecycle::{self, Deadline, Ending, Kind, Ready, StartAfter};
 use crate::plan::{self, NodeInfo, Plan};
-use crate::auth::{self, Auth, Binding};
 use crate::run::channel::{self, Busy, Connection, Hello, Line, ToMaster, ToRank};
 use crate::run::signals;
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,7 +101,7 @@ impl Coord {
         let n = step.nodes.len();
         let rendezvous = settings.timeouts.rendezvous;
         let master_digests = settings.agreed_digests();
-        let candidates = plan::candidate_blocks(&step.job_id, &step.step_id, settings.port_range);
+        let candidates = plan::step_blocks(&step, settings.port_range);
         Coord {
             settings,
             step,
@@ -772,7 +772,7 @@ enum Inbound {
     /// An authenticated hello. `accepted` is the master's answer, ready to send first if the
     /// coordinator takes the rank; `reply` says what it decided.
     Hello {
-        hello: Hello,
+        hello: Box<Hello>,
         tx: channel::Sender,
         accepted: Line,
         reply: oneshot::Sender<Result<usize, String>>,
@@ -913,7 +913,9 @@ pub async fn serve(
                             shell.api_key_path = Some(path.display().to_string());
                             shell.wrote_api_key = true;
                         }
-                        Err(e) => tracing::warn!("cannot write the API key file {}: {e}", path.display()),
+                        Err(e) => {
+                            tracing::warn!("cannot write the API key file {}: {e}", path.display())
+                        }
                     }
                 }
             }
@@ -957,7 +959,13 @@ pub async fn serve(
                 });
                 continue;
             };
-            tokio::spawn(handle_conn(sock, peer, pass, actx.clone(), accept_tx.clone()));
+            tokio::spawn(handle_conn(
+                sock,
+                peer,
+                pass,
+                actx.clone(),
+                accept_tx.clone(),
+            ));
         }
     }));
 
@@ -1094,7 +1102,10 @@ async fn handle_conn(
             ))
         }
     };
-    let who = format!("it claims to be {} (node rank {})", hello.node, hello.node_rank);
+    let who = format!(
+        "it claims to be {} (node rank {})",
+        hello.node, hello.node_rank
+    );
     if hello.protocol != channel::PROTOCOL {
         return refuse(format!(
             "{who} but speaks channel protocol {}, not {}",
@@ -1132,7 +1143,7 @@ async fn handle_conn(
     let (reply, decided) = oneshot::channel();
     if tx
         .send(Inbound::Hello {
-            hello: hello.clone(),
+            hello: Box::new(hello.clone()),
             tx: sender.clone(),
             accepted,
             reply,

@@ -170,12 +170,18 @@ mod tests {
         assert_eq!(ls[0].uid, nix::unistd::getuid().as_raw());
         assert!(holders(ls[0].inode).contains(&(std::process::id() as i32)));
         let who = describe_holder(port).unwrap();
-        assert!(who.contains(&format!("pid {}", std::process::id())), "{who}");
+        assert!(
+            who.contains(&format!("pid {}", std::process::id())),
+            "{who}"
+        );
         // our own session holds it; another session does not
         let me = session_of(std::process::id() as i32).unwrap();
         assert!(held_by_session(port, me).is_ok());
         let err = held_by_session(port, me + 1_000_000).unwrap_err();
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         assert!(!bindable(port) || cfg!(target_os = "macos"));
         drop(l);
         assert!(describe_holder(port).is_none());

@@ -11,13 +11,13 @@
 //! process we started, wait up to `timeouts.shutdown_grace` for its whole session to be gone,
 //! then SIGKILL the session. A second signal (after the duplicate window) SIGKILLs everything.
 
+use crate::auth::{Auth, Binding, JobKey};
 use crate::exit;
 use crate::input::gather::Gathered;
+use crate::input::gather::Security;
 use crate::input::settings::Settings;
 use crate::plan::lifecycle::{self, Ending, Kind, Output, Ready, Stage};
 use crate::plan::{self, NodeInfo, Plan};
-use crate::auth::{Auth, Binding, JobKey};
-use crate::input::gather::Security;
 use crate::private::{self, DirState};
 use crate::run::channel::{self, Connection, Hello, ToMaster, ToRank};
 use crate::run::coordinator;
@@ -73,7 +73,10 @@ pub enum Input {
     /// Gave up reaching the master (the rendezvous deadline passed); why, in words.
     Unreachable(String),
     /// The (authenticated) master refused this rank: exit with `code`.
-    Refused { code: i32, reason: String },
+    Refused {
+        code: i32,
+        reason: String,
+    },
     Signal(i32),
     FromMaster(ToRank),
     /// The connection to the master closed or carried something unreadable.
@@ -543,7 +546,10 @@ impl Shell {
             format!("log_dir: {e}; use a log directory of your own (the default, ray-launch-{{job}}, is created 0700)")
         })?;
         let mut reaper = Reaper::start(
-            &self.log_dir.join(format!("{}{}.reaper.log", self.node, self.settings.step_suffix)),
+            &self.log_dir.join(format!(
+                "{}{}.reaper.log",
+                self.node, self.settings.step_suffix
+            )),
             self.settings.timeouts.shutdown_grace,
         );
         let rank = &plan.ranks[self.me];
@@ -603,8 +609,10 @@ impl Shell {
             }
         }
         let log = (cmd.lifecycle.output == Output::LogFile).then(|| {
-            self.log_dir
-                .join(format!("{}{}.{kind}.log", rank.node, self.settings.step_suffix))
+            self.log_dir.join(format!(
+                "{}{}.{kind}.log",
+                rank.node, self.settings.step_suffix
+            ))
         });
         if let Some(l) = &log {
             let header = format!(
@@ -747,7 +755,10 @@ struct JoinCtx<'a> {
 
 /// Connect to `target`, check its challenge, say hello with a proof, and check the master's
 /// answer. Only a verified `Accepted` joins; a verified `Refused` ends the rank.
-async fn attempt(target: &str, j: &JoinCtx<'_>) -> Result<(Connection<ToRank>, Option<JobKey>), Result<(i32, String), Failed>> {
+async fn attempt(
+    target: &str,
+    j: &JoinCtx<'_>,
+) -> Result<(Connection<ToRank>, Option<JobKey>), Result<(i32, String), Failed>> {
     let st = match tokio::time::timeout(
         Duration::from_secs(3),
         tokio::net::TcpStream::connect(target),
@@ -764,7 +775,9 @@ async fn attempt(target: &str, j: &JoinCtx<'_>) -> Result<(Connection<ToRank>, O
         st,
         channel::Limit::staged(channel::PRE_AUTH_LINE, 2, channel::MAX_TO_RANK),
     );
-    let (master_nonce, job_nonce) = match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+    let (master_nonce, job_nonce) = match tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+    {
         Ok(Ok(ToRank::Challenge {
             protocol,
             nonce,
@@ -775,9 +788,17 @@ async fn attempt(target: &str, j: &JoinCtx<'_>) -> Result<(Connection<ToRank>, O
             }
             (nonce, job_nonce)
         }
-        Ok(Ok(_)) => return Err(Err(loud(format!("{target} did not start with a challenge: not a ray-launch master")))),
+        Ok(Ok(_)) => {
+            return Err(Err(loud(format!(
+                "{target} did not start with a challenge: not a ray-launch master"
+            ))))
+        }
         Ok(Err(e)) => return Err(Err(quiet(format!("{target} closed the connection ({e})")))),
-        Err(_) => return Err(Err(loud(format!("{target} sent no challenge within 10s: not a ray-launch master")))),
+        Err(_) => {
+            return Err(Err(loud(format!(
+                "{target} sent no challenge within 10s: not a ray-launch master"
+            ))))
+        }
     };
     let mut h = j.hello.clone();
     h.nonce = crate::auth::random_hex();
@@ -902,7 +923,7 @@ pub async fn run(
     let me = g.step.self_rank.unwrap_or(0);
     let node = g.step.nodes[me].clone();
     let s = g.settings.clone();
-    let candidates = plan::candidate_blocks(&g.step.job_id, &g.step.step_id, s.port_range);
+    let candidates = plan::step_blocks(&g.step, s.port_range);
 
     // ---- the master also runs the coordinator; bind first so a port clash fails fast
     let mut coord_done: Option<oneshot::Receiver<()>> = None;
@@ -927,7 +948,8 @@ pub async fn run(
                 }
                 Err(e) => taken.push(format!(
                     "{c} ({e}; held by {})",
-                    ports::describe_holder(c).unwrap_or_else(|| "a socket that is not listening".into())
+                    ports::describe_holder(c)
+                        .unwrap_or_else(|| "a socket that is not listening".into())
                 )),
             }
         }
@@ -936,7 +958,11 @@ pub async fn run(
             return exit::LAUNCH_FAILURE;
         }
         if !taken.is_empty() {
-            warn!("launcher channel port(s) taken on this node: {}; using {}", taken.join(", "), channel_port.unwrap_or(0));
+            warn!(
+                "launcher channel port(s) taken on this node: {}; using {}",
+                taken.join(", "),
+                channel_port.unwrap_or(0)
+            );
         }
     }
     let busy = ports::busy_blocks(&candidates, &fixed_ports(&s));
@@ -1001,30 +1027,37 @@ pub async fn run(
         auth: &auth,
         user_timeout: s.health.heartbeat_timeout,
     };
-    let (mut from_master, flush) =
-        match join(&targets, &j, &preview.master.node, s.timeouts.rendezvous, &mut sigs).await {
-            Joined::Ok { conn, key, port } => {
-                if let Some(k) = key {
-                    sh.secrets = Secrets {
-                        api_key: Some(security.user_api_key.clone().unwrap_or_else(|| k.api_key())),
-                        ray_token: Some(k.ray_token()),
-                    };
-                }
-                sh.channel_port = (port != candidates[0]).then_some(port);
-                let (rx, sender, flush) = conn.split();
-                sh.sender = Some(sender);
-                (rx, flush)
+    let (mut from_master, flush) = match join(
+        &targets,
+        &j,
+        &preview.master.node,
+        s.timeouts.rendezvous,
+        &mut sigs,
+    )
+    .await
+    {
+        Joined::Ok { conn, key, port } => {
+            if let Some(k) = key {
+                sh.secrets = Secrets {
+                    api_key: Some(security.user_api_key.clone().unwrap_or_else(|| k.api_key())),
+                    ray_token: Some(k.ray_token()),
+                };
             }
-            Joined::Refused { code, reason } => {
-                return finish(sh, &mut m, Input::Refused { code, reason }).await;
-            }
-            Joined::Signal(sig) => {
-                return finish(sh, &mut m, Input::Signal(sig)).await;
-            }
-            Joined::GaveUp(why) => {
-                return finish(sh, &mut m, Input::Unreachable(why)).await;
-            }
-        };
+            sh.channel_port = (port != candidates[0]).then_some(port);
+            let (rx, sender, flush) = conn.split();
+            sh.sender = Some(sender);
+            (rx, flush)
+        }
+        Joined::Refused { code, reason } => {
+            return finish(sh, &mut m, Input::Refused { code, reason }).await;
+        }
+        Joined::Signal(sig) => {
+            return finish(sh, &mut m, Input::Signal(sig)).await;
+        }
+        Joined::GaveUp(why) => {
+            return finish(sh, &mut m, Input::Unreachable(why)).await;
+        }
+    };
     let mut next = Input::Connected;
     let mut hb = tokio::time::interval(s.health.heartbeat_interval);
     loop {
@@ -1270,7 +1303,13 @@ mod machine_tests {
     fn running(t0: Instant) -> RankMachine {
         let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
         m.on(Input::Connected, t0);
-        let acts = m.on(Input::FromMaster(ToRank::Welcome { nodes: vec![], block: 20000 }), t0);
+        let acts = m.on(
+            Input::FromMaster(ToRank::Welcome {
+                nodes: vec![],
+                block: 20000,
+            }),
+            t0,
+        );
         assert_eq!(acts, [Action::BuildPlan(vec![], 20000)]);
         assert!(m.on(Input::Planned(Ok(())), t0).is_empty());
         assert_eq!(m.phase(), Phase::Running);
@@ -1599,14 +1638,7 @@ mod tests {
         kill: watch::Receiver<bool>,
     ) -> Duration {
         let t0 = Instant::now();
-        teardown(
-            procs,
-            grace,
-            kill,
-            None,
-            BTreeSet::new(),
-        )
-        .await;
+        teardown(procs, grace, kill, None, BTreeSet::new()).await;
         t0.elapsed()
     }
 
