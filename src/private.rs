@@ -84,6 +84,66 @@ pub fn own_dir(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The file in a temp dir the launcher created whose `flock` says a live launcher owns it.
+pub const LOCK_FILE: &str = ".ray-launch.lock";
+
+/// An exclusive `flock` on a created dir's [`LOCK_FILE`], held for the launcher's lifetime (the
+/// kernel drops it when the launcher dies, however it dies).
+pub struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+/// Take the lock of a dir the launcher just created. The lock file is made under another name
+/// and renamed into place once locked, so nobody ever sees it unlocked while we live.
+pub fn lock_dir(dir: &Path) -> std::io::Result<DirLock> {
+    let tmp = dir.join(format!(".ray-launch.lock.{}", std::process::id()));
+    let f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| std::io::Error::from(e))?;
+    std::fs::rename(&tmp, dir.join(LOCK_FILE))?;
+    Ok(DirLock(lock))
+}
+
+/// Remove this user's temp dirs next to `dir` that a launcher created and that no live launcher
+/// holds (left when a launcher was SIGKILLed before its cleanup, as srun does to every task
+/// when a batch job is cancelled). Returns what was removed.
+pub fn remove_stale_siblings(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Some(parent) = dir.parent() else {
+        return out;
+    };
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if !md.is_dir() || md.uid() != me() {
+            continue;
+        }
+        let lock = p.join(LOCK_FILE);
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&lock)
+        else {
+            continue;
+        };
+        if let Ok(held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            // nobody holds it: its launcher is gone
+            if std::fs::remove_dir_all(&p).is_ok() {
+                out.push(p);
+            }
+            drop(held);
+        }
+    }
+    out
+}
+
 /// Remove what the job put in `path`: all of it when the launcher created it, else only the
 /// entries that were not there before (and are this user's).
 pub fn remove_created(path: &Path, state: &DirState) -> std::io::Result<()> {
@@ -198,6 +258,23 @@ mod tests {
         // a log dir of ours with loose modes is taken (its files are 0600), a link is not
         assert!(own_dir(&open).is_ok());
         assert!(own_dir(&link).is_err());
+    }
+
+    #[test]
+    fn stale_dirs_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let live = d.path().join("rl-1.0-0");
+        let stale = d.path().join("rl-2.0-0");
+        let users = d.path().join("rl-3.0-0");
+        for p in [&live, &stale, &users] {
+            private_dir(p).unwrap();
+        }
+        let _held = lock_dir(&live).unwrap();
+        drop(lock_dir(&stale).unwrap()); // its launcher died
+        std::fs::write(users.join("keep"), "").unwrap(); // no lock file: not ours to judge
+        let removed = remove_stale_siblings(&d.path().join("rl-4.0-0"));
+        assert_eq!(removed, [stale.clone()]);
+        assert!(live.join(LOCK_FILE).exists() && users.join("keep").exists() && !stale.exists());
     }
 
     #[test]

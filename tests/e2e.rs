@@ -156,6 +156,86 @@ fn serve(bed: &Bed, cfg: &Path) -> (Child, PathBuf) {
     (child, ep)
 }
 
+/// The everyday case: `sbatch` a script whose `srun ray-launch` serves, then `scancel` the
+/// job (which also signals the batch script's srun). No process and no file of the job may
+/// remain on any node; a stale temp dir of a launcher that was SIGKILLed is removed by the
+/// next launcher on that node.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn sbatch_then_scancel_leaves_no_process_and_no_file() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "");
+    // a stale temp dir, as a SIGKILLed launcher leaves it: created and locked by a launcher
+    // that is gone (the lock file is the launcher's own marker)
+    let stale = std::path::PathBuf::from("/tmp/rl-999999.0-0");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(stale.join(".ray-launch.lock"), "").unwrap();
+    std::fs::create_dir(stale.join("ray")).unwrap();
+    let script = bed.path("serve.sbatch");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nsrun --kill-on-bad-exit=0 {} --config {}\n",
+            bin().display(),
+            cfg.display()
+        ),
+    )
+    .unwrap();
+    let out = slurm("sbatch")
+        .args([
+            "--parsable",
+            "-N3",
+            "--ntasks-per-node=1",
+            "-J",
+            "rl-sbatch",
+        ])
+        .arg(format!("--output={}", bed.path("job.out").display()))
+        .arg(format!("--chdir={}", bed.dir.path().display()))
+        .arg(&script)
+        .output()
+        .unwrap();
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!job.is_empty(), "{}", text(&out));
+    let ep = bed.path(&format!("ray-launch-{job}/endpoint.json"));
+    let t0 = Instant::now();
+    while !endpoint_status(&ep).is_some_and(|v| v["status"] == "ready") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "not ready: {}",
+            std::fs::read_to_string(bed.path("job.out")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !stale.exists(),
+        "the stale dir of a dead launcher is removed"
+    );
+    let t1 = Instant::now();
+    assert!(slurm("scancel").arg(&job).status().unwrap().success());
+    loop {
+        let q = slurm("squeue").args(["-h", "-j", &job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "job {job} still queued"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
+    eprintln!(
+        "{log}\nscancel -> job gone: {:.1}s",
+        t1.elapsed().as_secs_f64()
+    );
+    assert!(
+        log.contains("removed /tmp/rl-999999.0-0: left by a launcher of yours that is gone"),
+        "{log}"
+    );
+    // Bed's drop: no process in any node's namespace, no temp dir, no vllm_dist file
+}
+
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn scancel_stops_every_rank_with_the_signal_code_and_leaves_nothing() {

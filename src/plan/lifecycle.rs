@@ -97,8 +97,11 @@ impl Deadline {
     }
 }
 
-/// Teardown stages, in order: every command of a stage is stopped (SIGTERM, the grace, then
-/// SIGKILL of its session) before the next stage begins.
+/// Teardown stages, in order: every command of a stage is stopped before the next stage
+/// begins. The client and the engine get SIGTERM, then the grace, then SIGKILL of their
+/// sessions; Ray's daemons hold no user data once the engine is gone, so their sessions are
+/// SIGKILLed at once (SIGTERM, which Slurm also sends them directly, sometimes makes them hang
+/// for the whole grace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
@@ -109,6 +112,11 @@ pub enum Stage {
 
 impl Stage {
     pub const ORDER: [Stage; 3] = [Stage::Client, Stage::Engine, Stage::Ray];
+
+    /// Whether the stage gets SIGTERM and the grace before SIGKILL.
+    pub fn graceful(self) -> bool {
+        !matches!(self, Stage::Ray)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

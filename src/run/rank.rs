@@ -7,9 +7,11 @@
 //! `now` in, [`Action`]s out. [`run`] is the thin async shell around it: it owns the
 //! connection, the children, the reaper and the teardown, and does what the actions say.
 //!
-//! Teardown follows the plan's stages (client, engine, Ray). Each stage: SIGTERM to the
-//! process we started, wait up to `timeouts.shutdown_grace` for its whole session to be gone,
-//! then SIGKILL the session. A second signal (after the duplicate window) SIGKILLs everything.
+//! Teardown follows the plan's stages (client, engine, Ray). The client and the engine:
+//! SIGTERM to the process we started, wait up to `timeouts.shutdown_grace` for its whole
+//! session to be gone, then SIGKILL the session. Ray's daemons (once the engine is gone):
+//! SIGKILL of their sessions at once. A second signal (after the duplicate window) SIGKILLs
+//! everything.
 
 use crate::auth::{Auth, Binding, JobKey};
 use crate::exit;
@@ -500,6 +502,8 @@ struct Shell {
     channel_port: Option<u16>,
     /// The private temp dir, once taken: what to remove at the end.
     temp_dir: Option<(PathBuf, DirState)>,
+    /// The lock on a temp dir this launcher created.
+    dir_lock: Option<private::DirLock>,
 }
 
 impl Shell {
@@ -555,11 +559,22 @@ impl Shell {
         let rank = &plan.ranks[self.me];
         if rank.commands.iter().any(|c| c.kind.is_ray()) {
             let dir = PathBuf::from(&rank.temp_dir);
+            for p in private::remove_stale_siblings(&dir) {
+                info!(
+                    "removed {}: left by a launcher of yours that is gone",
+                    p.display()
+                );
+            }
             let state = private::private_dir(&dir).map_err(|e| {
                 format!("ray.temp_dir: {e}; give ray.temp_dir a path of its own, which ray-launch creates (0700) and removes, or make that directory yours with mode 0700 (then only what the job puts there is removed)")
             })?;
             if state == DirState::Created {
                 reaper.tell(&Note::Dir(rank.temp_dir.clone()));
+                // held until this process is gone: a later launcher then knows it is stale
+                self.dir_lock = Some(
+                    private::lock_dir(&dir)
+                        .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?,
+                );
             }
             self.temp_dir = Some((dir, state));
             if let (Some(f), Some(token)) = (&rank.ray_token_file, &self.secrets.ray_token) {
@@ -1011,6 +1026,7 @@ pub async fn run(
         secrets: Secrets::default(),
         channel_port: None,
         temp_dir: None,
+        dir_lock: None,
     };
 
     // ---- join: the master's own rank over loopback, the others try each candidate port
@@ -1244,7 +1260,7 @@ async fn teardown(
             continue;
         }
         let sids: Vec<i32> = group.iter().map(|p| p.pid).collect();
-        let graceful = if *kill.borrow() {
+        let graceful = if *kill.borrow() || !stage.graceful() {
             false
         } else {
             // Signal the process we started, not its whole group: Ray's gcs_server can hang
@@ -1262,7 +1278,7 @@ async fn teardown(
                 .iter()
                 .map(|s| proc::kill_session(*s, Signal::SIGKILL))
                 .sum();
-            if n > 0 {
+            if n > 0 && stage.graceful() {
                 warn!("{}: {n} process(es) still running after SIGTERM (the grace of {} passed, or what it started was left orphaned): sent SIGKILL", stage.as_str(), humantime::format_duration(grace));
             }
             if !proc::wait_sessions(&sids, Duration::from_secs(3), Duration::from_secs(3)).await {
@@ -1669,7 +1685,9 @@ mod tests {
             .lines()
             .map(|l| l.split(' ').next().unwrap().to_string())
             .collect();
-        assert_eq!(order, ["client", "engine", "ray-head"]);
+        // the client and the engine stop gracefully, in order; Ray's daemons are SIGKILLed
+        // (they never see a SIGTERM), last
+        assert_eq!(order, ["client", "engine"]);
         assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
         assert!(!temp.exists(), "the temp dir is removed");
     }
