@@ -273,7 +273,7 @@ mod tests {
         drop(lock_dir(&stale).unwrap()); // its launcher died
         std::fs::write(users.join("keep"), "").unwrap(); // no lock file: not ours to judge
         let removed = remove_stale_siblings(&d.path().join("rl-4.0-0"));
-        assert_eq!(removed, [stale.clone()]);
+        assert_eq!(removed, std::slice::from_ref(&stale));
         assert!(live.join(LOCK_FILE).exists() && users.join("keep").exists() && !stale.exists());
     }
 
