@@ -166,11 +166,11 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The secret method's job key: HKDF(secret, salt = job nonce, info = job and step).
-fn secret_job_key(secret: &[u8], b: &Binding<'_>) -> JobKey {
-    let hk = hkdf::Hkdf::<Sha256>::new(Some(b.job_nonce.as_bytes()), secret);
+fn secret_job_key(secret: &[u8], job: &str, step: &str, job_nonce: &str) -> JobKey {
+    let hk = hkdf::Hkdf::<Sha256>::new(Some(job_nonce.as_bytes()), secret);
     let mut out = [0u8; 32];
     hk.expand(
-        format!("ray-launch/1 job key {} {}", b.job, b.step).as_bytes(),
+        format!("ray-launch/1 job key {job} {step}").as_bytes(),
         &mut out,
     )
     .expect("32 bytes is a valid HKDF length");
@@ -229,13 +229,7 @@ impl Auth {
                 })
             }
             (Method::Munge, Some(p)) => {
-                let (uid, payload) = unmunge(p).await?;
-                if uid != self.uid {
-                    return Err(format!(
-                        "its munge credential is from uid {uid}, not this job's user (uid {})",
-                        self.uid
-                    ));
-                }
+                let payload = self.unmunge_own(p).await?;
                 if !ct_eq(payload.as_bytes(), hex(&t).as_bytes()) {
                     return Err("its munge credential is for another job, step, rank or connection (a replay?)".into());
                 }
@@ -276,19 +270,13 @@ impl Auth {
             (_, None) => Err("its answer carries no proof".into()),
             (Method::Secret(k) | Method::Local(k), Some(p)) => {
                 if unhex(p).is_some_and(|p| ct_eq(&p, &hmac(k, &t))) {
-                    Ok(Some(secret_job_key(k, b)))
+                    Ok(Some(secret_job_key(k, b.job, b.step, b.job_nonce)))
                 } else {
                     Err("its proof does not verify: not this job's master".into())
                 }
             }
             (Method::Munge, Some(p)) => {
-                let (uid, payload) = unmunge(p).await?;
-                if uid != self.uid {
-                    return Err(format!(
-                        "its munge credential is from uid {uid}, not this job's user (uid {})",
-                        self.uid
-                    ));
-                }
+                let payload = self.unmunge_own(p).await?;
                 let (th, kh) = payload.split_once(':').unwrap_or((&payload, ""));
                 if !ct_eq(th.as_bytes(), hex(&t).as_bytes()) {
                     return Err("its munge credential is for another job, step or connection: not this job's master".into());
@@ -302,12 +290,24 @@ impl Auth {
     }
 
     /// The job key as the master knows it (for its own processes: the API key file).
-    pub fn master_job_key(&self, b: &Binding<'_>) -> Option<JobKey> {
+    pub fn master_job_key(&self, job: &str, step: &str, job_nonce: &str) -> Option<JobKey> {
         match &self.method {
             Method::Off => None,
             Method::Munge => self.master_key.clone(),
-            Method::Secret(k) | Method::Local(k) => Some(secret_job_key(k, b)),
+            Method::Secret(k) | Method::Local(k) => Some(secret_job_key(k, job, step, job_nonce)),
         }
+    }
+
+    /// Decode a munge credential that must come from this user: its payload.
+    async fn unmunge_own(&self, cred: &str) -> Result<String, String> {
+        let (uid, payload) = unmunge(cred).await?;
+        if uid != self.uid {
+            return Err(format!(
+                "its munge credential is from uid {uid}, not this job's user (uid {})",
+                self.uid
+            ));
+        }
+        Ok(payload)
     }
 }
 
@@ -485,7 +485,7 @@ mod tests {
         let m = Auth::for_master(a.method.clone());
         let mp = m.master_proof(&b, "accepted").await.unwrap();
         let key = a.check_master(&b, "accepted", mp.as_deref()).await.unwrap();
-        assert_eq!(key, m.master_job_key(&b));
+        assert_eq!(key, m.master_job_key(b.job, b.step, b.job_nonce));
         assert!(a.check_master(&b, "refused", mp.as_deref()).await.is_err());
         assert!(stranger
             .check_master(&b, "accepted", mp.as_deref())

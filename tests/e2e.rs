@@ -384,16 +384,7 @@ fn a_worker_that_cannot_reach_the_master_says_so_before_the_deadline() {
 
 /// Run a 3-node step whose client is `true`: it starts, becomes ready, and stops with 0.
 fn run_to_completion(bed: &Bed, cfg: &Path) -> String {
-    let out = run_limited(
-        bed.srun(&[
-            bin().to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--",
-            "true",
-        ]),
-        Duration::from_secs(60),
-    );
+    let out = bed.run_client(cfg, &["true"], Duration::from_secs(60));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     all

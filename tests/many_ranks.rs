@@ -4,7 +4,7 @@
 //! SIGTERM stops all of them with 143. All come from one address, so the coordinator's cap on
 //! unauthenticated connections per address makes most of them retry, as real ranks do.
 //! Prints how long each phase took.
-use ray_launch::auth::{self, Auth, Binding, Method};
+use ray_launch::auth::{self, Auth, Method};
 use ray_launch::cli;
 use ray_launch::input::config;
 use ray_launch::input::settings::{self, Overrides};
@@ -43,7 +43,6 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
         s.clone(),
         step.clone(),
         Auth::for_master(Method::Secret(secret.clone())),
-        None,
         done_tx,
     ));
     let digests = s.agreed_digests();
@@ -102,18 +101,12 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                     proof: None,
                 };
                 let hd = h.digest_without_proof();
-                let b = Binding {
-                    job: "123",
-                    step: "0",
-                    node_rank: rank,
-                    node: &name,
-                    master_nonce: &nonce,
-                    job_nonce: &job_nonce,
-                    rank_nonce: &h.nonce.clone(),
-                    hello: &hd,
-                };
-                h.proof = me.rank_proof(&b).await.unwrap();
-                c.sender.send(&ToMaster::Hello(Box::new(h)));
+                h.proof = me
+                    .rank_proof(&h.binding(&hd, &nonce, &job_nonce))
+                    .await
+                    .unwrap();
+                let b = h.binding(&hd, &nonce, &job_nonce);
+                c.sender.send(&ToMaster::Hello(Box::new(h.clone())));
                 match c.recv().await {
                     Ok(ToRank::Accepted { proof }) => {
                         me.check_master(&b, channel::ACCEPTED, proof.as_deref())

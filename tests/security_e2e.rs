@@ -606,16 +606,7 @@ fn a_users_own_temp_dir_keeps_its_files_and_an_open_one_is_refused() {
         &format!("temp_dir: '{}-{{node_rank}}'", mine.display()),
         "env: {STANDIN_EXPECT_NODES: 3}",
     );
-    let out = run_limited(
-        bed.srun(&[
-            bin().to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--",
-            "true",
-        ]),
-        Duration::from_secs(120),
-    );
+    let out = bed.run_client(&cfg, &["true"], Duration::from_secs(120));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     for n in 0..3 {
@@ -635,16 +626,7 @@ fn a_users_own_temp_dir_keeps_its_files_and_an_open_one_is_refused() {
     // a directory others can enter is refused before anything starts; its file survives
     let open = PathBuf::from(format!("{}-0", mine.display()));
     std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = run_limited(
-        bed.srun(&[
-            bin().to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--",
-            "true",
-        ]),
-        Duration::from_secs(60),
-    );
+    let out = bed.run_client(&cfg, &["true"], Duration::from_secs(60));
     let all = text(&out);
     eprintln!("{all}");
     assert!(

@@ -69,6 +69,26 @@ impl Hello {
         let bytes = serde_json::to_vec(&h).expect("serializes");
         crate::auth::hex(&Sha256::digest(bytes))
     }
+
+    /// What this hello's proof and the master's answer are bound to, on both ends; `digest` is
+    /// [`Hello::digest_without_proof`], the nonces are the master's Challenge's.
+    pub fn binding<'a>(
+        &'a self,
+        digest: &'a str,
+        master_nonce: &'a str,
+        job_nonce: &'a str,
+    ) -> crate::auth::Binding<'a> {
+        crate::auth::Binding {
+            job: &self.job_id,
+            step: &self.step_id,
+            node_rank: self.node_rank,
+            node: &self.node,
+            master_nonce,
+            job_nonce,
+            rank_nonce: &self.nonce,
+            hello: digest,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -11,7 +11,7 @@
 //! engine on the leader → (`/health` 200) → replica ready; without Ray every engine starts at
 //! once. When every replica is ready the endpoint file says `ready`, and the client starts.
 
-use crate::auth::{self, Auth, Binding};
+use crate::auth::{self, Auth};
 use crate::endpoint::{EndpointFile, Status};
 use crate::exit;
 use crate::input::settings::Settings;
@@ -859,7 +859,6 @@ pub async fn serve(
     settings: Settings,
     step: Step,
     auth: Auth,
-    user_api_key: Option<String>,
     finished: oneshot::Sender<()>,
 ) {
     let event_log = settings.event_log.as_ref().and_then(|p| {
@@ -895,17 +894,10 @@ pub async fn serve(
         match &settings.config.server.api_key_file {
             Some(f) => shell.api_key_path = Some(f.clone()),
             None => {
-                let b = Binding {
-                    job: &ctx.job,
-                    step: &ctx.step,
-                    node_rank: 0,
-                    node: "",
-                    master_nonce: "",
-                    job_nonce: &ctx.job_nonce,
-                    rank_nonce: "",
-                    hello: "",
-                };
-                let key = user_api_key.or_else(|| ctx.auth.master_job_key(&b).map(|k| k.api_key()));
+                let key = ctx
+                    .auth
+                    .master_job_key(&ctx.job, &ctx.step, &ctx.job_nonce)
+                    .map(|k| k.api_key());
                 let path = api_key_file(&settings.endpoint_file);
                 if let Some(key) = key {
                     match crate::private::write_atomic(&path, key.as_bytes()) {
@@ -1120,16 +1112,7 @@ async fn handle_conn(
         ));
     }
     let hd = hello.digest_without_proof();
-    let b = Binding {
-        job: &ctx.job,
-        step: &ctx.step,
-        node_rank: hello.node_rank,
-        node: &hello.node,
-        master_nonce: &nonce,
-        job_nonce: &ctx.job_nonce,
-        rank_nonce: &hello.nonce,
-        hello: &hd,
-    };
+    let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
     if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
         return refuse(format!("{who} but failed authentication: {why}"));
     }
@@ -1155,7 +1138,6 @@ async fn handle_conn(
     let rank = match decided.await {
         Ok(Ok(rank)) => rank,
         Ok(Err(reason)) => {
-            let b = Binding { hello: &hd, ..b };
             let proof = ctx
                 .auth
                 .master_proof(&b, &channel::refused_outcome(exit::USAGE, &reason))

@@ -79,13 +79,20 @@ fn comm(pid: i32) -> String {
 /// Who holds `port` here, in words (`pid 123 (python3), uid 1001`), or `None` if no one
 /// listens on it.
 pub fn describe_holder(port: u16) -> Option<String> {
-    let ls = listeners(port);
-    let l = ls.first()?;
-    let pids = holders(l.inode);
-    Some(match pids.first() {
+    listeners(port).first().map(|l| name(l, &holders(l.inode)))
+}
+
+/// A listener's holder in words, from the pids that hold its socket.
+fn name(l: &Listener, pids: &[i32]) -> String {
+    match pids.first() {
         Some(pid) => format!("pid {pid} ({}), uid {}", comm(*pid), l.uid),
         None => format!("a process of uid {} (not visible to this user)", l.uid),
-    })
+    }
+}
+
+/// Who holds a port that cannot be bound, in words (a socket bound but not listening, too).
+pub fn holder(port: u16) -> String {
+    describe_holder(port).unwrap_or_else(|| "a socket that is not listening".into())
 }
 
 /// Whether `port` can be bound here now (as the servers bind it: SO_REUSEADDR, all addresses).
@@ -110,19 +117,14 @@ pub fn block_ports(base: u16) -> impl Iterator<Item = u16> {
 /// blocks with a port someone holds, and what holds it.
 pub fn busy_blocks(candidates: &[u16], fixed: &[u16]) -> Vec<Busy> {
     let mut out = Vec::new();
-    let fixed_busy: Option<(u16, String)> = fixed.iter().find(|p| !bindable(**p)).map(|p| {
-        (
-            *p,
-            describe_holder(*p).unwrap_or_else(|| "a socket that is not listening".into()),
-        )
-    });
+    let fixed_busy = fixed
+        .iter()
+        .find(|p| !bindable(**p))
+        .map(|p| (*p, holder(*p)));
     for &base in candidates {
-        let taken = block_ports(base).find(|p| !bindable(*p)).map(|p| {
-            (
-                p,
-                describe_holder(p).unwrap_or_else(|| "a socket that is not listening".into()),
-            )
-        });
+        let taken = block_ports(base)
+            .find(|p| !bindable(*p))
+            .map(|p| (p, holder(p)));
         if let Some((p, who)) = taken.or_else(|| fixed_busy.clone()) {
             out.push(Busy {
                 base,
@@ -146,10 +148,7 @@ pub fn held_by_session(port: u16, sid: i32) -> Result<(), String> {
         if pids.iter().any(|p| session_of(*p) == Some(sid)) {
             return Ok(());
         }
-        foreign.insert(match pids.first() {
-            Some(pid) => format!("pid {pid} ({}), uid {}", comm(*pid), l.uid),
-            None => format!("a process of uid {} that this user cannot see", l.uid),
-        });
+        foreign.insert(name(l, &pids));
     }
     Err(format!(
         "port {port} answers, but it is held by {}, not by the engine (session {sid}): another process squats the engine's port",

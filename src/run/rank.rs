@@ -13,7 +13,7 @@
 //! SIGKILL of their sessions at once. A second signal (after the duplicate window) SIGKILLs
 //! everything.
 
-use crate::auth::{Auth, Binding, JobKey};
+use crate::auth::{Auth, JobKey};
 use crate::exit;
 use crate::input::gather::Gathered;
 use crate::input::gather::Security;
@@ -746,19 +746,14 @@ enum Joined {
     GaveUp(String),
 }
 
-/// One failed attempt: `loud` ones (something answered that is not this step's master) are
-/// logged every time, with the address.
-struct Failed {
-    why: String,
-    loud: bool,
-}
-
-fn quiet(why: String) -> Failed {
-    Failed { why, loud: false }
-}
-
-fn loud(why: String) -> Failed {
-    Failed { why, loud: true }
+/// How one attempt to join ended, short of joining.
+enum Failed {
+    /// Nothing useful answered (refused, closed early): retried without a word.
+    Quiet(String),
+    /// Something answered that is not this step's master: logged each time, with its address.
+    Loud(String),
+    /// The (verified) master refused this rank: exit with this code.
+    Refused(i32, String),
 }
 
 /// What a rank needs to join.
@@ -773,7 +768,8 @@ struct JoinCtx<'a> {
 async fn attempt(
     target: &str,
     j: &JoinCtx<'_>,
-) -> Result<(Connection<ToRank>, Option<JobKey>), Result<(i32, String), Failed>> {
+) -> Result<(Connection<ToRank>, Option<JobKey>), Failed> {
+    use Failed::{Loud, Quiet};
     let st = match tokio::time::timeout(
         Duration::from_secs(3),
         tokio::net::TcpStream::connect(target),
@@ -781,8 +777,8 @@ async fn attempt(
     .await
     {
         Ok(Ok(st)) => st,
-        Ok(Err(e)) => return Err(Err(quiet(e.to_string()))),
-        Err(_) => return Err(Err(quiet("no answer within 3s".into()))),
+        Ok(Err(e)) => return Err(Quiet(e.to_string())),
+        Err(_) => return Err(Quiet("no answer within 3s".into())),
     };
     channel::tune(&st, j.user_timeout);
     // the challenge and the answer under the small limit, what follows (a Welcome) under the large
@@ -799,47 +795,37 @@ async fn attempt(
             job_nonce,
         })) => {
             if protocol != channel::PROTOCOL {
-                return Err(Err(loud(format!("{target} speaks launcher channel protocol {protocol}, this rank {}: use one ray-launch binary for the whole step", channel::PROTOCOL))));
+                return Err(Loud(format!("{target} speaks launcher channel protocol {protocol}, this rank {}: use one ray-launch binary for the whole step", channel::PROTOCOL)));
             }
             (nonce, job_nonce)
         }
         Ok(Ok(_)) => {
-            return Err(Err(loud(format!(
+            return Err(Loud(format!(
                 "{target} did not start with a challenge: not a ray-launch master"
-            ))))
+            )))
         }
-        Ok(Err(e)) => return Err(Err(quiet(format!("{target} closed the connection ({e})")))),
+        Ok(Err(e)) => return Err(Quiet(format!("{target} closed the connection ({e})"))),
         Err(_) => {
-            return Err(Err(loud(format!(
+            return Err(Loud(format!(
                 "{target} sent no challenge within 10s: not a ray-launch master"
-            ))))
+            )))
         }
     };
     let mut h = j.hello.clone();
     h.nonce = crate::auth::random_hex();
     let hd = h.digest_without_proof();
-    let b = Binding {
-        job: &h.job_id,
-        step: &h.step_id,
-        node_rank: h.node_rank,
-        node: &h.node,
-        master_nonce: &master_nonce,
-        job_nonce: &job_nonce,
-        rank_nonce: &h.nonce,
-        hello: &hd,
-    };
     h.proof = j
         .auth
-        .rank_proof(&b)
+        .rank_proof(&h.binding(&hd, &master_nonce, &job_nonce))
         .await
-        .map_err(|e| Err(loud(format!("cannot make this rank's proof: {e}"))))?;
-    let b = Binding { hello: &hd, ..b };
+        .map_err(|e| Loud(format!("cannot make this rank's proof: {e}")))?;
     c.sender.send(&ToMaster::Hello(Box::new(h.clone())));
+    let b = h.binding(&hd, &master_nonce, &job_nonce);
     match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
         Ok(Ok(ToRank::Accepted { proof })) => {
             match j.auth.check_master(&b, channel::ACCEPTED, proof.as_deref()).await {
                 Ok(key) => Ok((c, key)),
-                Err(why) => Err(Err(loud(format!("{target} answered as the master, but {why}")))),
+                Err(why) => Err(Loud(format!("{target} answered as the master, but {why}"))),
             }
         }
         Ok(Ok(ToRank::Refused {
@@ -849,18 +835,20 @@ async fn attempt(
         })) => {
             let outcome = channel::refused_outcome(code, &reason);
             match j.auth.check_master(&b, &outcome, proof.as_deref()).await {
-                Ok(_) => Err(Ok((
+                Ok(_) => Err(Failed::Refused(
                     if (1..=255).contains(&code) { code } else { exit::INTERNAL },
                     reason,
-                ))),
-                Err(why) => Err(Err(loud(format!(
+                )),
+                Err(why) => Err(Loud(format!(
                     "{target} refused this rank, but {why}; ignored"
-                )))),
+                ))),
             }
         }
-        Ok(Ok(_)) => Err(Err(loud(format!("{target} answered the hello with something else: not this step's master")))),
-        Ok(Err(e)) => Err(Err(loud(format!("{target} closed the connection after the hello ({e}): another job's or step's launcher, or a master that could not verify this rank")))),
-        Err(_) => Err(Err(loud(format!("{target} did not answer the hello within 30s")))),
+        Ok(Ok(_)) => Err(Loud(format!(
+            "{target} answered the hello with something else: not this step's master"
+        ))),
+        Ok(Err(e)) => Err(Loud(format!("{target} closed the connection after the hello ({e}): another job's or step's launcher, or a master that could not verify this rank"))),
+        Err(_) => Err(Loud(format!("{target} did not answer the hello within 30s"))),
     }
 }
 
@@ -884,13 +872,12 @@ async fn join(
             tokio::select! {
                 r = attempt(&target, j) => match r {
                     Ok((conn, key)) => return Joined::Ok { conn, key, port: *port },
-                    Err(Ok((code, reason))) => return Joined::Refused { code, reason },
-                    Err(Err(f)) => {
-                        if f.loud {
-                            warn!("{}", f.why);
-                        }
-                        last = f.why;
+                    Err(Failed::Refused(code, reason)) => return Joined::Refused { code, reason },
+                    Err(Failed::Loud(why)) => {
+                        warn!("{why}");
+                        last = why;
                     }
+                    Err(Failed::Quiet(why)) => last = why,
                 },
                 Some(sig) = sigs.recv() => return Joined::Signal(sig),
             }
@@ -954,18 +941,13 @@ pub async fn run(
                         s.clone(),
                         g.step.clone(),
                         Auth::for_master(security.method.clone()),
-                        security.user_api_key.clone(),
                         tx,
                     ));
                     coord_done = Some(rx);
                     channel_port = Some(c);
                     break;
                 }
-                Err(e) => taken.push(format!(
-                    "{c} ({e}; held by {})",
-                    ports::describe_holder(c)
-                        .unwrap_or_else(|| "a socket that is not listening".into())
-                )),
+                Err(e) => taken.push(format!("{c} ({e}; held by {})", ports::holder(c))),
             }
         }
         if channel_port.is_none() {

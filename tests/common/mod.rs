@@ -106,6 +106,19 @@ impl Bed {
         c
     }
 
+    /// `srun ray-launch --config CFG -- CLIENT...` on the three nodes, to its end (at most `limit`).
+    pub fn run_client(&self, cfg: &Path, client: &[&str], limit: Duration) -> Output {
+        let mut args = vec![
+            bin().display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+            "--".into(),
+        ];
+        args.extend(client.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_limited(self.srun(&args), limit)
+    }
+
     pub fn record(&self, node: &str, flavour: &str) -> serde_json::Value {
         let p = self.path(&format!("{node}.{flavour}.json"));
         let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
