@@ -172,6 +172,28 @@ fn sbatch_then_scancel_leaves_no_process_and_no_file() {
     std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     std::fs::write(stale.join(".ray-launch.lock"), "").unwrap();
     std::fs::create_dir(stale.join("ray")).unwrap();
+    let job = sbatch_serve(&bed, &cfg, &[]);
+    assert!(
+        !stale.exists(),
+        "the stale dir of a dead launcher is removed"
+    );
+    let t1 = Instant::now();
+    assert!(slurm("scancel").arg(&job).status().unwrap().success());
+    wait_gone(&job, Duration::from_secs(60));
+    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
+    eprintln!(
+        "{log}\nscancel -> job gone: {:.1}s",
+        t1.elapsed().as_secs_f64()
+    );
+    assert!(
+        log.contains("removed /tmp/rl-999999.0-0: left by a launcher of yours that is gone"),
+        "{log}"
+    );
+    // Bed's drop: no process in any node's namespace, no temp dir, no vllm_dist file
+}
+
+/// sbatch a 3-node job whose `srun` serves `cfg` (output to job.out); its id, once ready.
+fn sbatch_serve(bed: &Bed, cfg: &std::path::Path, sbatch_args: &[&str]) -> String {
     let script = bed.path("serve.sbatch");
     std::fs::write(
         &script,
@@ -190,6 +212,7 @@ fn sbatch_then_scancel_leaves_no_process_and_no_file() {
             "-J",
             "rl-sbatch",
         ])
+        .args(sbatch_args)
         .arg(format!("--output={}", bed.path("job.out").display()))
         .arg(format!("--chdir={}", bed.dir.path().display()))
         .arg(&script)
@@ -207,33 +230,78 @@ fn sbatch_then_scancel_leaves_no_process_and_no_file() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    job
+}
+
+/// Until `job` has left the queue (at most `limit`).
+fn wait_gone(job: &str, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let q = slurm("squeue").args(["-h", "-j", job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(t0.elapsed() < limit, "job {job} still queued");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn the_time_limit_of_an_sbatch_job_leaves_no_process_and_no_file() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "");
+    let job = sbatch_serve(&bed, &cfg, &["--time=1"]);
+    // Slurm checks time limits about every 30 s: the job ends 60-90 s after it started
+    wait_gone(&job, Duration::from_secs(180));
+    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
+    eprintln!("{log}");
+    assert!(log.contains("received SIGTERM: stopping"), "{log}");
     assert!(
-        !stale.exists(),
-        "the stale dir of a dead launcher is removed"
+        log.contains("all processes of this job on node1 are gone; exit 143"),
+        "{log}"
+    );
+    // Bed's drop: no process in any node's namespace, no temp dir
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_worker_whose_launcher_is_stopped_ends_the_step_through_slurm() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "");
+    let job = sbatch_serve(&bed, &cfg, &[]);
+    let pid = pid_on(3, "ray-launch").expect("node3's launcher");
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    // the others stop on the heartbeat timeout (4 s by default); the master then ends the
+    // step through Slurm: SIGCONT + SIGTERM, and the resumed launcher cleans node3 itself
+    wait_gone(&job, Duration::from_secs(60));
+    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
+    eprintln!(
+        "{log}\nSIGSTOP of node3's launcher -> job gone: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        log.contains("node3 went silent: no heartbeat for 4s"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("ending step {job}.0 through Slurm")),
+        "{log}"
+    );
+    assert!(
+        log.contains("all processes of this job on node3 are gone"),
+        "{log}"
     );
     let t1 = Instant::now();
-    assert!(slurm("scancel").arg(&job).status().unwrap().success());
-    loop {
-        let q = slurm("squeue").args(["-h", "-j", &job]).output().unwrap();
-        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
-            break;
-        }
+    while !node_procs().is_empty() {
         assert!(
-            t1.elapsed() < Duration::from_secs(60),
-            "job {job} still queued"
+            t1.elapsed() < Duration::from_secs(30),
+            "left on the nodes: {:#?}",
+            node_procs()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
-    eprintln!(
-        "{log}\nscancel -> job gone: {:.1}s",
-        t1.elapsed().as_secs_f64()
-    );
-    assert!(
-        log.contains("removed /tmp/rl-999999.0-0: left by a launcher of yours that is gone"),
-        "{log}"
-    );
-    // Bed's drop: no process in any node's namespace, no temp dir, no vllm_dist file
 }
 
 #[test]

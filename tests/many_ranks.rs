@@ -4,14 +4,16 @@
 //! SIGTERM stops all of them with 143. All come from one address, so the coordinator's cap on
 //! unauthenticated connections per address makes most of them retry, as real ranks do.
 //! Prints how long each phase took.
-use ray_launch::auth::{self, Auth, Method};
+#[path = "common/fake_rank.rs"]
+mod fake_rank;
+
+use ray_launch::auth::{Auth, Method};
 use ray_launch::cli;
 use ray_launch::input::config;
 use ray_launch::input::settings::{self, Overrides};
 use ray_launch::input::slurm::Step;
 use ray_launch::plan::lifecycle::Kind;
-use ray_launch::plan::NodeInfo;
-use ray_launch::run::channel::{self, ToMaster, ToRank};
+use ray_launch::run::channel::{ToMaster, ToRank};
 use ray_launch::run::coordinator;
 use std::time::{Duration, Instant};
 
@@ -60,63 +62,15 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
             retries.clone(),
         );
         tokio::spawn(async move {
-            let info = NodeInfo {
-                name: name.clone(),
-                address: format!("10.{}.{}.{}", rank / 65536, rank / 256 % 256, rank % 256),
-                interface: Some("ib0".into()),
-                cpus: 64,
-                object_store_bytes: 1 << 30,
+            let who = fake_rank::Who {
+                job: "123".into(),
+                rank,
+                name,
+                digest,
+                digests,
+                secret,
             };
-            let me = Auth::new(Method::Secret(secret));
-            let mut c = loop {
-                let Ok(sock) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                let mut c = channel::Connection::<ToRank>::with_limit(
-                    sock,
-                    channel::Limit::staged(channel::PRE_AUTH_LINE, 2, channel::MAX_TO_RANK),
-                );
-                let Ok(ToRank::Challenge {
-                    nonce, job_nonce, ..
-                }) = c.recv().await
-                else {
-                    // dropped at once: too many unauthenticated connections from here
-                    retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                let mut h = channel::Hello {
-                    protocol: channel::PROTOCOL,
-                    job_id: "123".into(),
-                    step_id: "0".into(),
-                    node: name.clone(),
-                    node_rank: rank,
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    digest: digest.clone(),
-                    settings_digests: digests.clone(),
-                    info: info.clone(),
-                    busy: vec![],
-                    nonce: auth::random_hex(),
-                    proof: None,
-                };
-                let hd = h.digest_without_proof();
-                h.proof = me
-                    .rank_proof(&h.binding(&hd, &nonce, &job_nonce))
-                    .await
-                    .unwrap();
-                let b = h.binding(&hd, &nonce, &job_nonce);
-                c.sender.send(&ToMaster::Hello(Box::new(h.clone())));
-                match c.recv().await {
-                    Ok(ToRank::Accepted { proof }) => {
-                        me.check_master(&b, channel::ACCEPTED, proof.as_deref())
-                            .await
-                            .expect("the master's proof verifies");
-                        break c;
-                    }
-                    other => panic!("rank {rank}: {other:?}"),
-                }
-            };
+            let mut c = fake_rank::join(port, None, &who, &retries).await;
             loop {
                 match c.recv().await {
                     Ok(ToRank::Welcome { nodes, .. }) => {

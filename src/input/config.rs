@@ -333,8 +333,8 @@ impl Default for Health {
         Health {
             interval: Dur(Duration::from_secs(5)),
             failures: 3,
-            heartbeat_interval: Dur(Duration::from_secs(2)),
-            heartbeat_timeout: Dur(Duration::from_secs(20)),
+            heartbeat_interval: Dur(Duration::from_secs(1)),
+            heartbeat_timeout: Dur(Duration::from_secs(4)),
         }
     }
 }

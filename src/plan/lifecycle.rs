@@ -144,6 +144,10 @@ pub struct Lifecycle {
     pub deadline: Option<Deadline>,
     pub stage: Stage,
     pub output: Output,
+    /// Processes the command starts that are watched on their own once it is up (by name,
+    /// in its session): their death is the command's failure at once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub daemons: Vec<String>,
 }
 
 impl Lifecycle {
@@ -156,12 +160,14 @@ impl Lifecycle {
             deadline: Some(Deadline::WorkerJoin),
             stage: Stage::Ray,
             output: Output::LogFile,
+            daemons: vec!["gcs_server".into(), "raylet".into()],
         }
     }
 
     pub fn ray_worker() -> Lifecycle {
         Lifecycle {
             start_after: StartAfter::HeadUp,
+            daemons: vec!["raylet".into()],
             ..Lifecycle::ray_head()
         }
     }
@@ -176,6 +182,7 @@ impl Lifecycle {
             deadline: Some(Deadline::EngineReady),
             stage: Stage::Engine,
             output: Output::LogFile,
+            daemons: Vec::new(),
         }
     }
 
@@ -187,6 +194,7 @@ impl Lifecycle {
             deadline: Some(Deadline::WorkerJoin),
             stage: Stage::Engine,
             output: Output::LogFile,
+            daemons: Vec::new(),
         }
     }
 
@@ -197,6 +205,7 @@ impl Lifecycle {
             deadline: None,
             stage: Stage::Client,
             output: Output::Job,
+            daemons: Vec::new(),
         }
     }
 }

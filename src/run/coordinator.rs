@@ -68,6 +68,10 @@ pub struct Coord {
     connected: Vec<bool>,
     stopped: Vec<bool>,
     last_seen: Vec<Instant>,
+    /// Ranks given up on: connected but silent past the heartbeat timeout. Their node's
+    /// processes can only be ended through Slurm (`Coord::abandoned`).
+    silent: Vec<usize>,
+    last_tick: Option<Instant>,
     up: Vec<BTreeSet<Kind>>,
     /// Started, not yet up: (rank, kind, deadline, which deadline).
     pending: Vec<(usize, Kind, Instant, Deadline)>,
@@ -114,6 +118,8 @@ impl Coord {
             connected: vec![false; n],
             stopped: vec![false; n],
             last_seen: vec![now; n],
+            silent: Vec::new(),
+            last_tick: None,
             up: vec![BTreeSet::new(); n],
             pending: Vec::new(),
             joined: Vec::new(),
@@ -591,8 +597,8 @@ impl Coord {
 
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         let mut acts = Vec::new();
+        self.forgive_own_stall(now);
         match self.phase {
-            Phase::Stopping => return acts,
             Phase::Rendezvous => {
                 let missing = self.missing();
                 if now >= self.rendezvous_deadline {
@@ -641,23 +647,66 @@ impl Coord {
                         Some(r),
                     );
                 }
-                let limit = self.settings.health.heartbeat_timeout;
-                if let Some(r) = (0..self.n)
-                    .find(|r| self.connected[*r] && now.duration_since(self.last_seen[*r]) > limit)
-                {
+                if let Some(r) = self.newly_silent(now) {
                     let node = self.node(r);
                     return self.stop(
                         exit::PEER_FAILURE,
                         format!(
                             "{node} went silent: no heartbeat for {} (health.heartbeat_timeout)",
-                            dur(limit)
+                            dur(self.settings.health.heartbeat_timeout)
                         ),
                         Some(r),
                     );
                 }
             }
+            Phase::Stopping => {
+                // a node that freezes during the teardown is not waited for either
+                while let Some(r) = self.newly_silent(now) {
+                    acts.push(Action::Warn(format!(
+                        "{} went silent while stopping: not waiting for it",
+                        self.node(r)
+                    )));
+                }
+                acts.extend(self.check_all_stopped());
+            }
         }
         acts
+    }
+
+    /// Time a peer's silence only while this process was running: when the clock jumped past
+    /// a heartbeat interval since the last tick (this launcher was stopped, or starved of CPU),
+    /// the gap is not the peers' fault, and what they sent meanwhile may still be unread.
+    fn forgive_own_stall(&mut self, now: Instant) {
+        if let Some(prev) = self.last_tick.replace(now) {
+            let stall = now
+                .saturating_duration_since(prev)
+                .saturating_sub(self.settings.health.heartbeat_interval);
+            if !stall.is_zero() {
+                for t in &mut self.last_seen {
+                    *t = (*t + stall).min(now);
+                }
+            }
+        }
+    }
+
+    /// The first connected, unstopped rank silent past the heartbeat timeout, now given up
+    /// on: it gets no more messages and the stop does not wait for it.
+    fn newly_silent(&mut self, now: Instant) -> Option<usize> {
+        let limit = self.settings.health.heartbeat_timeout;
+        let r = (0..self.n).find(|r| {
+            self.connected[*r]
+                && !self.stopped[*r]
+                && now.duration_since(self.last_seen[*r]) > limit
+        })?;
+        self.connected[r] = false;
+        self.silent.push(r);
+        Some(r)
+    }
+
+    /// The nodes given up on as silent: their launcher is alive (its connection is open) but
+    /// frozen or cut off, so whatever it started there is still running.
+    pub fn abandoned(&self) -> Vec<String> {
+        self.silent.iter().map(|r| self.node(*r)).collect()
     }
 
     pub fn plan(&self) -> Option<&Plan> {
@@ -966,7 +1015,17 @@ pub async fn serve(
     let mut ticker = tokio::time::interval(tick);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     loop {
+        // heartbeats out first, then what arrived, then the clock: a queued message counts
+        // before a rank's silence is judged
         let acts = tokio::select! {
+            biased;
+            _ = hb.tick() => {
+                let hb = channel::encode(&ToRank::Heartbeat);
+                for w in writers.values() {
+                    w.send_line(hb.clone());
+                }
+                Vec::new()
+            }
             Some(m) = in_rx.recv() => match m {
                 Inbound::Hello { hello, tx, accepted, reply } => {
                     match coord.on_hello(&hello, Instant::now()) {
@@ -999,13 +1058,6 @@ pub async fn serve(
                     break;
                 }
                 coord.on_tick(Instant::now())
-            }
-            _ = hb.tick() => {
-                let hb = channel::encode(&ToRank::Heartbeat);
-                for w in writers.values() {
-                    w.send_line(hb.clone());
-                }
-                Vec::new()
             }
         };
         let mut done = false;
@@ -1056,12 +1108,62 @@ pub async fn serve(
     if let Some(a) = acceptor.take() {
         a.abort();
     }
+    let abandoned = coord.abandoned();
+    if !abandoned.is_empty() {
+        end_step_through_slurm(&shell.step, &abandoned, settings.timeouts.teardown_budget);
+    }
     if shell.wrote_api_key {
         if let Some(p) = &shell.api_key_path {
             let _ = std::fs::remove_file(p);
         }
     }
     let _ = finished.send(());
+}
+
+/// What a frozen or cut-off node started can only be stopped through Slurm. A helper in its
+/// own session (it outlives this launcher) sends the step's tasks SIGCONT and SIGTERM (a
+/// stopped launcher resumes, finds the master gone and tears down as usual, files included),
+/// and after `grace` `scancel JOB.STEP`, which SIGKILLs what is left of the step. Outside
+/// Slurm there is no step to end: the user is told.
+pub(crate) fn end_step_through_slurm(step: &Step, nodes: &[String], grace: Duration) {
+    let who = nodes.join(", ");
+    if step.kind != crate::input::slurm::StepKind::Srun {
+        tracing::error!("{who} went silent; what the job started there may still run");
+        return;
+    }
+    let id = format!("{}.{}", step.job_id, step.step_id);
+    tracing::warn!(
+        "{who} went silent with the job's processes still running there: ending step {id} through Slurm (SIGCONT and SIGTERM to its tasks, SIGKILL after {})",
+        humantime::format_duration(grace)
+    );
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"scancel -Q -s CONT "$1"; scancel -Q -s TERM "$1"; sleep "$2"; scancel -Q "$1""#,
+        "sh",
+        &id,
+        &grace.as_secs().max(1).to_string(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    match cmd.spawn() {
+        Ok(mut c) => {
+            std::thread::spawn(move || c.wait());
+        }
+        Err(e) => tracing::error!(
+            "cannot run scancel ({e}); the processes on {who} may run until the job ends"
+        ),
+    }
 }
 
 /// One connection: the handshake, then its messages to the coordinator.
@@ -1397,10 +1499,52 @@ mod tests {
             ToMaster::Up {
                 name: Kind::RayHead,
             },
-            now + Duration::from_secs(15),
+            now + Duration::from_secs(19),
         );
         let acts = c.on_tick(now + Duration::from_secs(21));
         assert!(acts.iter().any(|a| matches!(a, Action::Send(_, ToRank::Stop { code, reason, .. }) if *code == exit::PEER_FAILURE && reason.contains("node2 went silent"))), "{acts:?}");
+    }
+
+    #[test]
+    fn a_stall_of_the_master_itself_is_not_a_peers_silence() {
+        let (mut c, infos, now) = setup(RAY2, 2, &[]);
+        hello_all(&mut c, &infos, now);
+        let stops = |acts: &[Action]| {
+            acts.iter().find_map(|a| match a {
+                Action::Send(_, ToRank::Stop { reason, .. }) => Some(reason.clone()),
+                _ => None,
+            })
+        };
+        let tick = Duration::from_millis(250);
+        let mut t = now;
+        for _ in 0..8 {
+            t += tick;
+            c.on_message(0, ToMaster::Heartbeat, t);
+            c.on_message(1, ToMaster::Heartbeat, t);
+            assert_eq!(stops(&c.on_tick(t)), None);
+        }
+        // the master was stopped (or starved) for a minute: its peers were not silent
+        t += Duration::from_secs(60);
+        assert_eq!(stops(&c.on_tick(t)), None);
+        // node2 then stays silent while the master runs: stopped once 4 s (the default) of
+        // silence were seen, one interval (1 s) of the stall included
+        let from = t;
+        let mut stopped = None;
+        for _ in 0..40 {
+            t += tick;
+            c.on_message(0, ToMaster::Heartbeat, t);
+            if let Some(r) = stops(&c.on_tick(t)) {
+                stopped = Some((t - from, r));
+                break;
+            }
+        }
+        let (after, reason) = stopped.expect("node2's silence is seen");
+        assert!(reason.contains("node2 went silent"), "{reason}");
+        assert!(
+            after > Duration::from_secs(3) && after <= Duration::from_millis(3500),
+            "{after:?}"
+        );
+        assert_eq!(c.abandoned(), ["node2"]);
     }
 
     #[test]

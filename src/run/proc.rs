@@ -173,3 +173,71 @@ pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
         .collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
+
+/// The members of session `sid` whose command name (`/proc/PID/comm`) is one of `names`.
+pub fn session_named(sid: i32, names: &[&str]) -> Vec<(i32, String)> {
+    session_members(sid)
+        .into_iter()
+        .filter_map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+            let comm = comm.trim_end();
+            names.contains(&comm).then(|| (p, comm.to_string()))
+        })
+        .collect()
+}
+
+/// A handle on a process this launcher did not fork (a daemon in one of its sessions): a
+/// pidfd, which the kernel makes readable when the process exits. No polling, and no mix-up
+/// with a later process that reuses the pid.
+pub struct PidFd(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl PidFd {
+    pub fn open(pid: i32) -> std::io::Result<PidFd> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd is new and ours alone.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd lives.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }?;
+        Ok(PidFd(fd))
+    }
+
+    /// Until the process has exited.
+    pub async fn exited(&self) {
+        let _ = self.0.readable().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pidfd_wakes_when_the_process_exits_and_not_before() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let fd = PidFd::open(c.id() as i32).unwrap();
+        let t0 = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), fd.exited())
+            .await
+            .expect("woken when sleep exits");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        c.wait().unwrap();
+        assert!(
+            PidFd::open(c.id() as i32).is_err(),
+            "a reaped pid has no pidfd"
+        );
+    }
+}

@@ -125,7 +125,11 @@ pub struct RankMachine {
     /// The first cause of the stop: (exit code, reason). Later causes do not change it.
     stopping: Option<(i32, String)>,
     master_closed: bool,
+    /// The master went silent while the job ran: what it started is still running there.
+    master_silent: bool,
     last_master: Instant,
+    last_tick: Option<Instant>,
+    heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
 }
 
@@ -146,6 +150,7 @@ impl RankMachine {
     pub fn new(
         node: String,
         master: String,
+        heartbeat_interval: Duration,
         heartbeat_timeout: Duration,
         rendezvous: Duration,
         now: Instant,
@@ -159,6 +164,9 @@ impl RankMachine {
             esc: Escalation::default(),
             stopping: None,
             master_closed: false,
+            master_silent: false,
+            last_tick: None,
+            heartbeat_interval,
             last_master: now,
             heartbeat_timeout,
         }
@@ -169,6 +177,10 @@ impl RankMachine {
     }
 
     /// Whether the connection to the master is gone (nothing more will come from it).
+    pub fn master_silent(&self) -> bool {
+        self.master_silent
+    }
+
     pub fn master_closed(&self) -> bool {
         self.master_closed
     }
@@ -409,10 +421,18 @@ impl RankMachine {
                 }
             }
             Input::Tick => {
+                // time the master's silence only while this process ran (see Coord)
+                if let Some(prev) = self.last_tick.replace(now) {
+                    let stall = now
+                        .saturating_duration_since(prev)
+                        .saturating_sub(self.heartbeat_interval);
+                    self.last_master = (self.last_master + stall).min(now);
+                }
                 acts.push(Action::Send(ToMaster::Heartbeat));
                 if self.stopping.is_none()
                     && now.duration_since(self.last_master) > self.heartbeat_timeout
                 {
+                    self.master_silent = true;
                     let reason = format!(
                         "the master {} went silent: nothing for {} (health.heartbeat_timeout)",
                         self.master,
@@ -656,8 +676,11 @@ impl Shell {
         );
         let tx = self.local_tx.clone();
         let log2 = log.clone();
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended2 = ended.clone();
         tokio::spawn(async move {
             if let Ok(status) = child.wait().await {
+                ended2.store(true, std::sync::atomic::Ordering::SeqCst);
                 let (desc, code) = proc::describe(&status);
                 let tail = log2
                     .as_deref()
@@ -682,9 +705,11 @@ impl Shell {
                     log.clone().expect("a log-line command logs to a file"),
                     text.clone(),
                 );
+                let daemons = cmd.lifecycle.daemons.clone();
                 self.watchers.push(tokio::spawn(async move {
                     if watch_log(&l, &text).await {
                         let _ = tx.send(Event::Up(kind));
+                        watch_daemons(kind, pid, &daemons, &l, ended, tx).await;
                     }
                 }));
             }
@@ -983,6 +1008,7 @@ pub async fn run(
     let mut m = RankMachine::new(
         node.clone(),
         preview.master.node.clone(),
+        s.health.heartbeat_interval,
         s.health.heartbeat_timeout,
         s.timeouts.rendezvous,
         Instant::now(),
@@ -1060,20 +1086,30 @@ pub async fn run(
     let mut hb = tokio::time::interval(s.health.heartbeat_interval);
     loop {
         if let Some(done) = sh.drive(&mut m, next) {
+            if m.master_silent() {
+                crate::run::coordinator::end_step_through_slurm(
+                    &sh.step,
+                    &[m.master.clone()],
+                    sh.settings.timeouts.teardown_budget,
+                );
+            }
             return end(sh, done, Some(flush), coord_done).await;
         }
+        // what arrived goes first, the clock last: a queued message from the master counts
+        // before its silence is judged
         next = tokio::select! {
+            biased;
             Some(sig) = sigs.recv() => Input::Signal(sig),
             r = from_master.recv(), if !m.master_closed() => match r {
                 Ok(msg) => Input::FromMaster(msg),
                 Err(e) => Input::MasterLost(e.to_string()),
             },
             Some(ev) = local_rx.recv() => Input::Local(ev),
-            _ = hb.tick() => Input::Tick,
             _ = async { sh.teardown.as_mut().expect("guarded").await }, if sh.teardown.is_some() => {
                 sh.teardown = None;
                 Input::TornDown
             }
+            _ = hb.tick() => Input::Tick,
         };
     }
 }
@@ -1118,7 +1154,8 @@ async fn watch_log(path: &Path, needle: &str) -> bool {
     let mut offset = 0usize;
     let mut carry = String::new();
     loop {
-        if let Ok(data) = std::fs::read(path) {
+        // off the runtime thread, which carries the heartbeats
+        if let Ok(data) = tokio::fs::read(path).await {
             if data.len() > offset {
                 carry.push_str(&String::from_utf8_lossy(&data[offset..]));
                 offset = data.len();
@@ -1135,6 +1172,79 @@ async fn watch_log(path: &Path, needle: &str) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Once `kind` is up: the first of its `daemons` (in session `sid`) to exit is reported as
+/// the command's end, the moment the kernel says so (pidfd), instead of when `ray start
+/// --block`, which polls its children, notices.
+async fn watch_daemons(
+    kind: Kind,
+    sid: i32,
+    daemons: &[String],
+    log: &Path,
+    leader_ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    if daemons.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = daemons.iter().map(String::as_str).collect();
+    // they are started before the ready line, but give a slow /proc a moment
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = proc::session_named(sid, &names);
+        if names.iter().all(|n| found.iter().any(|(_, c)| c == n)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fds = Vec::new();
+    for (pid, name) in found {
+        match proc::PidFd::open(pid) {
+            Ok(fd) => fds.push((pid, name, fd)),
+            Err(e) => warn!("cannot watch {name} (pid {pid}) of {kind}: {e}; its death is seen when `{kind}` notices"),
+        }
+    }
+    if fds.is_empty() {
+        return;
+    }
+    let (pid, name) = {
+        let each = fds.iter().map(|(pid, name, fd)| {
+            Box::pin(async move {
+                fd.exited().await;
+                (*pid, name.clone())
+            }) as Pin<Box<dyn Future<Output = _> + Send>>
+        });
+        futures_select_all(each).await
+    };
+    // killing `ray start` takes its daemons along: then its own end is the news
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if leader_ended.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let _ = tx.send(Event::Exited {
+        kind,
+        status: format!("its {name} (pid {pid}) is gone"),
+        code: 1,
+        log: Some(log.display().to_string()),
+        tail: proc::log_tail(log, 5),
+    });
+}
+
+/// The output of the first of `futs` to finish.
+async fn futures_select_all<T>(
+    futs: impl IntoIterator<Item = Pin<Box<dyn Future<Output = T> + Send + '_>>>,
+) -> T {
+    let mut futs: Vec<_> = futs.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for f in futs.iter_mut() {
+            if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Readiness, then liveness, of the engine's HTTP server. Proxies are ignored: cluster shells
@@ -1299,7 +1409,7 @@ mod machine_tests {
 
     /// A machine in the Running phase (connected, welcomed, planned) at `t0`.
     fn running(t0: Instant) -> RankMachine {
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         let acts = m.on(
             Input::FromMaster(ToRank::Welcome {
@@ -1332,7 +1442,7 @@ mod machine_tests {
     #[test]
     fn the_rendezvous_has_a_deadline_and_watches_the_master() {
         let t0 = Instant::now();
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         // the handshake said hello already
         assert!(m.on(Input::Connected, t0).is_empty());
         assert_eq!(m.phase(), Phase::Rendezvous);
@@ -1346,7 +1456,7 @@ mod machine_tests {
         let acts = m.on(Input::Tick, t0 + RDV + HB);
         assert_eq!(exit_of(&acts), Some(exit::STARTUP_TIMEOUT), "{acts:?}");
         // a silent master is noticed sooner
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(exit_of(&m.on(Input::Tick, t0 + HB)), None);
         assert_eq!(
@@ -1354,7 +1464,7 @@ mod machine_tests {
             Some(exit::PEER_FAILURE)
         );
         // a verified refusal ends the rank with the master's code, before anything started
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         let acts = m.on(
             Input::Refused {
                 code: exit::USAGE,
@@ -1366,9 +1476,37 @@ mod machine_tests {
     }
 
     #[test]
+    fn a_stall_of_the_rank_itself_is_not_the_masters_silence() {
+        let t0 = Instant::now();
+        let mut m = running(t0);
+        let hb = HB / 10;
+        let mut t = t0 + hb;
+        assert_eq!(exit_of(&m.on(Input::Tick, t)), None);
+        // this launcher was stopped for ten minutes; the master's heartbeats wait unread
+        t += Duration::from_secs(600);
+        assert_eq!(exit_of(&m.on(Input::Tick, t)), None);
+        assert!(!m.master_silent());
+        // then the master stays silent while this rank runs
+        let from = t;
+        let mut n = 0;
+        while !m.master_silent() {
+            t += hb;
+            m.on(Input::Tick, t);
+            n += 1;
+            assert!(n < 100);
+        }
+        // the silence counted: before the stall, one interval of the gap, and after it
+        assert!(
+            t - from > HB - 2 * hb && t - from <= HB - hb,
+            "{:?}",
+            t - from
+        );
+    }
+
+    #[test]
     fn a_plan_that_cannot_be_built_is_reported_to_the_master() {
         let t0 = Instant::now();
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         let acts = m.on(Input::Planned(Err("ray.temp_dir: taken".into())), t0);
         assert!(acts.iter().any(|a| matches!(a, Action::Send(ToMaster::Failed { code: 2, reason }) if reason.contains("taken"))), "{acts:?}");
@@ -1448,7 +1586,17 @@ mod machine_tests {
         m.on(Input::FromMaster(ToRank::Heartbeat), t0 + HB / 2);
         let acts = m.on(Input::Tick, t0 + HB);
         assert_eq!(acts, [Action::Send(ToMaster::Heartbeat)]);
-        let acts = m.on(Input::Tick, t0 + HB / 2 + HB + Duration::from_secs(1));
+        // ticking every interval, as the shell does: stopped at the first tick past the timeout
+        let mut t = t0 + HB;
+        let acts = loop {
+            t += HB / 10;
+            let acts = m.on(Input::Tick, t);
+            if t <= t0 + HB / 2 + HB {
+                assert_eq!(acts, [Action::Send(ToMaster::Heartbeat)], "at {:?}", t - t0);
+            } else {
+                break acts;
+            }
+        };
         assert!(acts.contains(&Action::Teardown), "{acts:?}");
         assert!(acts.iter().any(|a| matches!(a, Action::Error(s) if s.contains("the master node1 went silent: nothing for 20s"))));
         assert_eq!(
@@ -1461,12 +1609,12 @@ mod machine_tests {
     fn a_signal_in_each_phase() {
         let t0 = Instant::now();
         // connecting: nothing was started, nothing to tell
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         let acts = m.on(Input::Signal(15), t0);
         assert!(!acts.iter().any(|a| matches!(a, Action::Send(_))));
         assert_eq!(exit_of(&acts), Some(143));
         // rendezvous: tell the master, exit at once
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         let acts = m.on(Input::Signal(2), t0);
         assert_eq!(acts[0], Action::Send(ToMaster::Stopping { signal: 2 }));
@@ -1532,24 +1680,24 @@ mod machine_tests {
     #[test]
     fn a_stop_or_a_lost_master_during_the_rendezvous_exits_at_once() {
         let t0 = Instant::now();
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(stop(exit::USAGE, "settings differ"), t0)),
             Some(exit::USAGE)
         );
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(Input::MasterLost("closed".into()), t0)),
             Some(exit::PEER_FAILURE)
         );
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         assert_eq!(
             exit_of(&m.on(Input::Unreachable("cannot reach".into()), t0)),
             Some(exit::STARTUP_TIMEOUT)
         );
-        let mut m = RankMachine::new("node2".into(), "node1".into(), HB, RDV, t0);
+        let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         assert_eq!(
             exit_of(&m.on(Input::Planned(Err("bad".into())), t0)),
