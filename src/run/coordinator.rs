@@ -703,10 +703,14 @@ impl Coord {
         Some(r)
     }
 
-    /// The nodes given up on as silent: their launcher is alive (its connection is open) but
+    /// The ranks given up on as silent: their launcher is alive (its connection is open) but
     /// frozen or cut off, so whatever it started there is still running.
-    pub fn abandoned(&self) -> Vec<String> {
-        self.silent.iter().map(|r| self.node(*r)).collect()
+    pub fn abandoned_ranks(&self) -> Vec<usize> {
+        self.silent.clone()
+    }
+
+    pub fn node_name(&self, rank: usize) -> String {
+        self.node(rank)
     }
 
     pub fn plan(&self) -> Option<&Plan> {
@@ -1108,9 +1112,29 @@ pub async fn serve(
     if let Some(a) = acceptor.take() {
         a.abort();
     }
-    let abandoned = coord.abandoned();
+    let abandoned = coord.abandoned_ranks();
     if !abandoned.is_empty() {
-        end_step_through_slurm(&shell.step, &abandoned, settings.timeouts.teardown_budget);
+        let names: Vec<String> = abandoned.iter().map(|r| coord.node_name(*r)).collect();
+        if wake_step(&shell.step, &names).await {
+            // a stopped launcher resumes, finds the job stopping and tears down: its
+            // connection closes; one that does not within the budget is SIGKILLed by Slurm
+            let mut waiting: BTreeSet<usize> = abandoned.into_iter().collect();
+            let deadline = tokio::time::Instant::now() + settings.timeouts.teardown_budget;
+            while !waiting.is_empty() {
+                match tokio::time::timeout_at(deadline, in_rx.recv()).await {
+                    Ok(Some(Inbound::Closed(r))) | Ok(Some(Inbound::Msg(r, ToMaster::Stopped))) => {
+                        waiting.remove(&r);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if waiting.is_empty() {
+                tracing::info!("{} stopped after all", names.join(", "));
+            } else {
+                kill_step(&shell.step, &names);
+            }
+        }
     }
     if shell.wrote_api_key {
         if let Some(p) = &shell.api_key_path {
@@ -1120,33 +1144,56 @@ pub async fn serve(
     let _ = finished.send(());
 }
 
-/// What a frozen or cut-off node started can only be stopped through Slurm. A helper in its
-/// own session (it outlives this launcher) sends the step's tasks SIGCONT and SIGTERM (a
-/// stopped launcher resumes, finds the master gone and tears down as usual, files included),
-/// and after `grace` `scancel JOB.STEP`, which SIGKILLs what is left of the step. Outside
-/// Slurm there is no step to end: the user is told.
-pub(crate) fn end_step_through_slurm(step: &Step, nodes: &[String], grace: Duration) {
+/// What a frozen node started can only be stopped through Slurm: SIGCONT and SIGTERM to the
+/// step's tasks (`scancel -s`), so that a stopped launcher resumes, finds the job stopping and
+/// tears down as usual, its files included. (This launcher gets the SIGTERM too: it is ending
+/// anyway, and a signal during the end changes nothing.) False outside Slurm, or when
+/// scancel could not be run.
+pub(crate) async fn wake_step(step: &Step, nodes: &[String]) -> bool {
     let who = nodes.join(", ");
     if step.kind != crate::input::slurm::StepKind::Srun {
         tracing::error!("{who} went silent; what the job started there may still run");
-        return;
+        return false;
     }
     let id = format!("{}.{}", step.job_id, step.step_id);
     tracing::warn!(
-        "{who} went silent with the job's processes still running there: ending step {id} through Slurm (SIGCONT and SIGTERM to its tasks, SIGKILL after {})",
-        humantime::format_duration(grace)
+        "{who} went silent with the job's processes still running there: ending step {id} through Slurm (SIGCONT, SIGTERM)"
     );
-    let mut cmd = std::process::Command::new("sh");
-    cmd.args([
-        "-c",
-        r#"scancel -Q -s CONT "$1"; scancel -Q -s TERM "$1"; sleep "$2"; scancel -Q "$1""#,
-        "sh",
-        &id,
-        &grace.as_secs().max(1).to_string(),
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
+    for sig in ["CONT", "TERM"] {
+        let run = tokio::process::Command::new("scancel")
+            .args(["-Q", "-s", sig, &id])
+            .stdin(std::process::Stdio::null())
+            .status();
+        match tokio::time::timeout(Duration::from_secs(10), run).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "cannot run scancel ({e}); the processes on {who} may run until the job ends"
+                );
+                return false;
+            }
+            Err(_) => {
+                tracing::error!("scancel -s {sig} {id} did not return within 10 s");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// `scancel JOB.STEP`: SIGKILL to every task of the step (this launcher's too), for nodes
+/// that did not stop after `wake_step`. In its own session, so that it outlives this launcher.
+fn kill_step(step: &Step, nodes: &[String]) {
+    let id = format!("{}.{}", step.job_id, step.step_id);
+    tracing::warn!(
+        "{} did not stop within the teardown budget: scancel {id} (SIGKILL)",
+        nodes.join(", ")
+    );
+    let mut cmd = std::process::Command::new("scancel");
+    cmd.args(["-Q", &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     use std::os::unix::process::CommandExt as _;
     // SAFETY: setsid is async-signal-safe.
     unsafe {
@@ -1156,13 +1203,8 @@ pub(crate) fn end_step_through_slurm(step: &Step, nodes: &[String], grace: Durat
                 .map_err(std::io::Error::from)
         });
     }
-    match cmd.spawn() {
-        Ok(mut c) => {
-            std::thread::spawn(move || c.wait());
-        }
-        Err(e) => tracing::error!(
-            "cannot run scancel ({e}); the processes on {who} may run until the job ends"
-        ),
+    if let Ok(mut c) = cmd.spawn() {
+        std::thread::spawn(move || c.wait());
     }
 }
 
@@ -1544,7 +1586,7 @@ mod tests {
             after > Duration::from_secs(3) && after <= Duration::from_millis(3500),
             "{after:?}"
         );
-        assert_eq!(c.abandoned(), ["node2"]);
+        assert_eq!(c.abandoned_ranks(), [1]);
     }
 
     #[test]

@@ -177,6 +177,13 @@ impl RankMachine {
     }
 
     /// Whether the connection to the master is gone (nothing more will come from it).
+    /// The stop is for a failure (a process, a node, a peer), not a signal or a client's end.
+    pub fn stopping_for_failure(&self) -> bool {
+        self.stopping
+            .as_ref()
+            .is_some_and(|(code, _)| exit::is_failure(*code))
+    }
+
     pub fn master_silent(&self) -> bool {
         self.master_silent
     }
@@ -500,6 +507,10 @@ struct Secrets {
     ray_token: Option<String>,
 }
 
+/// The engine's grace when the job failed: its endpoint is broken already (a node, a Ray
+/// daemon or a process is gone), and a Ray driver whose cluster died can hang in its shutdown.
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
+
 /// What the shell owns while the machine decides.
 struct Shell {
     settings: Settings,
@@ -547,7 +558,7 @@ impl Shell {
                             queue.push_back(Input::Local(ev));
                         }
                     }
-                    Action::Teardown => self.begin_teardown(),
+                    Action::Teardown => self.begin_teardown(m.stopping_for_failure()),
                     Action::KillAll => {
                         let _ = self.kill_tx.send(true);
                     }
@@ -739,16 +750,23 @@ impl Shell {
         Ok(())
     }
 
-    fn begin_teardown(&mut self) {
+    /// `failure`: the job failed (a process or a node is gone), so no request can still
+    /// complete: the engine gets SIGTERM but at most `FAILURE_GRACE`, not the full grace.
+    fn begin_teardown(&mut self, failure: bool) {
         if self.teardown.is_some() {
             return;
         }
+        let grace = if failure {
+            self.settings.timeouts.shutdown_grace.min(FAILURE_GRACE)
+        } else {
+            self.settings.timeouts.shutdown_grace
+        };
         for w in self.watchers.drain(..) {
             w.abort();
         }
         self.teardown = Some(Box::pin(teardown(
             std::mem::take(&mut self.procs),
-            self.settings.timeouts.shutdown_grace,
+            grace,
             self.kill_rx.clone(),
             self.temp_dir.take(),
             self.leftovers_before.clone(),
@@ -1087,11 +1105,7 @@ pub async fn run(
     loop {
         if let Some(done) = sh.drive(&mut m, next) {
             if m.master_silent() {
-                crate::run::coordinator::end_step_through_slurm(
-                    &sh.step,
-                    &[m.master.clone()],
-                    sh.settings.timeouts.teardown_budget,
-                );
+                crate::run::coordinator::wake_step(&sh.step, std::slice::from_ref(&m.master)).await;
             }
             return end(sh, done, Some(flush), coord_done).await;
         }
