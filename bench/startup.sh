@@ -73,7 +73,9 @@ EOS
 cat > sym.sh <<EOS
 #!/bin/bash
 # Ray's own: the same command on every node; the head runs the entrypoint once 3 nodes joined
+# (it runs ray from PATH and finds the cluster through RAY_ADDRESS on the head)
 d=\$1; head=\$(getent hosts \$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -1) | awk '{print \$1}')
+export PATH=$ROOT/.venv/bin:\$PATH RAY_ADDRESS=\$head:29381
 exec $RAY symmetric-run --address \$head:29381 --min-nodes 3 --num-cpus=1 --num-gpus=0 --object-store-memory=200000000 --temp-dir=/tmp/rls-\$SLURM_NODEID --disable-usage-stats -- bash -c "date +%s%N > \$d/joined; exec sleep 100000"
 EOS
 chmod +x plain.sh sym.sh
@@ -110,7 +112,7 @@ for r in $(seq "$ROUNDS"); do
 
   # ray symmetric-run
   d=$W/sym$r; j=$(submit "$d" sym.sbatch)
-  if wait_file "$d/joined" 2>/dev/null; then
+  if wait_file "$d/joined" 2>/dev/null || wait_file "$d/joined" 2>/dev/null; then
     add "ray symmetric-run, srun -> 3 nodes joined" "$(joined_ms "$(cat "$d/joined")" "$d/t_srun")"
     k=$(ms); scancel "$j"; add "ray symmetric-run, scancel -> nothing left" "$(gone_after "$k")"
   else

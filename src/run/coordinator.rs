@@ -1115,7 +1115,7 @@ pub async fn serve(
     let abandoned = coord.abandoned_ranks();
     if !abandoned.is_empty() {
         let names: Vec<String> = abandoned.iter().map(|r| coord.node_name(*r)).collect();
-        if wake_step(&shell.step, &names).await {
+        if wake_step(&shell.step, &names, Duration::from_secs(10)).await {
             // a stopped launcher resumes, finds the job stopping and tears down: its
             // connection closes; one that does not within the budget is SIGKILLed by Slurm
             let mut waiting: BTreeSet<usize> = abandoned.into_iter().collect();
@@ -1149,7 +1149,8 @@ pub async fn serve(
 /// tears down as usual, its files included. (This launcher gets the SIGTERM too: it is ending
 /// anyway, and a signal during the end changes nothing.) False outside Slurm, or when
 /// scancel could not be run.
-pub(crate) async fn wake_step(step: &Step, nodes: &[String]) -> bool {
+/// Each scancel gets `within` (a rank cut off from the controller does not wait long).
+pub(crate) async fn wake_step(step: &Step, nodes: &[String], within: Duration) -> bool {
     let who = nodes.join(", ");
     if step.kind != crate::input::slurm::StepKind::Srun {
         tracing::error!("{who} went silent; what the job started there may still run");
@@ -1163,8 +1164,11 @@ pub(crate) async fn wake_step(step: &Step, nodes: &[String]) -> bool {
         let run = tokio::process::Command::new("scancel")
             .args(["-Q", "-s", sig, &id])
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
             .status();
-        match tokio::time::timeout(Duration::from_secs(10), run).await {
+        match tokio::time::timeout(within, run).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::error!(
@@ -1173,7 +1177,10 @@ pub(crate) async fn wake_step(step: &Step, nodes: &[String]) -> bool {
                 return false;
             }
             Err(_) => {
-                tracing::error!("scancel -s {sig} {id} did not return within 10 s");
+                tracing::error!(
+                    "scancel -s {sig} {id} did not return within {} (is the controller reachable?)",
+                    humantime::format_duration(within)
+                );
                 return false;
             }
         }

@@ -1105,7 +1105,12 @@ pub async fn run(
     loop {
         if let Some(done) = sh.drive(&mut m, next) {
             if m.master_silent() {
-                crate::run::coordinator::wake_step(&sh.step, std::slice::from_ref(&m.master)).await;
+                crate::run::coordinator::wake_step(
+                    &sh.step,
+                    std::slice::from_ref(&m.master),
+                    Duration::from_secs(2),
+                )
+                .await;
             }
             return end(sh, done, Some(flush), coord_done).await;
         }
