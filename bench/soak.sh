@@ -52,7 +52,7 @@ for c in $(seq "$CYCLES"); do
   for _ in $(seq 2400); do squeue -h -j "$j" 2>/dev/null | grep -q . || break; sleep 0.05; done
   # what Slurm and the launchers had to clean is given a moment, as a user's next job would
   sleep 1
-  np=$(procs | wc -l); nd=$(ls -d /tmp/rl-"$j".* 2>/dev/null | wc -l)
+  np=$(procs | wc -l); nd=$(ls -d /tmp/rl-"$j".* 2>/dev/null | wc -l || true)
   nf=$(comm -13 <(echo "$before") <(snap) | grep -v "^$(basename "$W")\$" | grep -c . || true)
   nl=$(listening | grep -c . || true); nq=$(squeue -h -u "$(id -un)" | grep -c . || true)
   printf '%-5s %-14s %-6s %-9s %-6s %-9s %-10s %-7s %-6s\n' "$c" "$mode" "$j" "$np" "$nd" "$nf" "$nl" "$nq" $(( $(date +%s) - t0 ))
