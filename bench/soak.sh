@@ -53,13 +53,17 @@ for c in $(seq "$CYCLES"); do
   # what Slurm and the launchers had to clean is given a moment, as a user's next job would
   sleep 1
   np=$(procs | wc -l); nd=$(ls -d /tmp/rl-"$j".* 2>/dev/null | wc -l || true)
-  nf=$(comm -13 <(echo "$before") <(snap) | grep -v "^$(basename "$W")\$" | grep -c . || true)
+  # new files present in two looks a second apart (what other processes of the machine make
+  # and remove in passing does not count)
+  new1=$(comm -13 <(echo "$before") <(snap) | grep -v "^$(basename "$W")\$" || true); sleep 1
+  newf=$(comm -12 <(echo "$new1") <(comm -13 <(echo "$before") <(snap)) | grep . || true)
+  nf=$(echo -n "$newf" | grep -c . || true)
   nl=$(listening | grep -c . || true); nq=$(squeue -h -u "$(id -un)" | grep -c . || true)
   printf '%-5s %-14s %-6s %-9s %-6s %-9s %-10s %-7s %-6s\n' "$c" "$mode" "$j" "$np" "$nd" "$nf" "$nl" "$nq" $(( $(date +%s) - t0 ))
   left=$(( np + nd + nf + nl + nq )); tot=$(( tot + left ))
   if [ "$left" -gt 0 ]; then
     { echo "cycle $c ($mode, job $j) left:"; for p in $(procs); do echo "  process $p $(cat /proc/$p/comm 2>/dev/null)"; done
-      ls -d /tmp/rl-"$j".* 2>/dev/null | sed 's/^/  dir /'; comm -13 <(echo "$before") <(snap) | sed 's/^/  file /'; listening | sed 's/^/  port /'; } >&2
+      { ls -d /tmp/rl-"$j".* 2>/dev/null || true; } | sed 's/^/  dir /'; echo -n "$newf" | sed 's/^/  file /'; listening | sed 's/^/  port /'; } >&2 || true
     for p in $(procs); do kill -9 "$p" 2>/dev/null || true; done; scancel -u "$(id -un)" 2>/dev/null || true; sleep 1
   fi
 done
