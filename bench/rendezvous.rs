@@ -121,10 +121,7 @@ fn round(n: usize, secret: &[u8]) -> [Duration; 4] {
                                 }
                                 Ok(ToRank::Stop { .. }) => {
                                     let _ = seen.send(Seen::Stop(Instant::now()));
-                                    c.sender.send(&ToMaster::Stopped);
-                                    let (_, sender, flush) = c.split();
-                                    drop(sender);
-                                    flush.wait(Duration::from_secs(10)).await;
+                                    fake_rank::stopped(c).await;
                                     return;
                                 }
                                 Ok(_) => {}

@@ -7,31 +7,15 @@
 # namespaces, jobs in the queue. Prints one table row per cycle and the totals; exit 1 when
 # anything was left. `bash bench/soak.sh` (scripts/test.sh's setup must have run).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CYCLES=${CYCLES:-50}
-export SLURM_CONF=/etc/slurm/slurm.conf
-for v in $(compgen -e | grep -E '^SLURM_' | grep -v SLURM_CONF || true); do unset "$v"; done
-bash "$ROOT/slurm/testbed/up.sh" >/dev/null
-(cd "$ROOT" && cargo build -q)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 W=$(mktemp -d /tmp/rlsoak.XXXXXX); chmod 755 "$W"; cd "$W"
 trap 'scancel -u "$(id -un)" 2>/dev/null; rm -rf "$W"' EXIT
-RL=$ROOT/target/debug/ray-launch
-cat > job.yaml <<EOS
-engine: vllm
-model: tiny
-parallel: {tensor: 3}
-gpus_per_node: 1
-vllm: {executable: $ROOT/tests/standin/vllm}
-ray: {executable: $ROOT/.venv/bin/ray, object_store_memory: 200MiB}
-env: {STANDIN_EXPECT_NODES: 3}
-EOS
+write_job_yaml job.yaml
 printf '#!/bin/bash\nsrun %s --config %s/job.yaml --event-log ev.jsonl\n' "$RL" "$W" > serve.sbatch
 printf '#!/bin/bash\nsrun %s --config %s/job.yaml --event-log ev.jsonl -- /bin/true\n' "$RL" "$W" > client.sbatch
-procs() { for i in 1 2 3; do for p in $(ip netns pids sl-n$i); do case $(cat /proc/$p/comm 2>/dev/null) in unshare|tini|slurmd|slurmstepd|"") ;; *) echo "$p";; esac; done; done; }
 listening() { for i in 1 2 3; do ip netns exec sl-n$i ss -Hltn 2>/dev/null | awk '{print $4}' | grep -v ':6818$' || true; done; }
 snap() { { ls -A /tmp; ls -A /dev/shm | sed 's#^#/dev/shm/#'; } | sort; }
-pid_on() { for _ in $(seq 100); do for q in $(ip netns pids sl-n$1); do [ "$(cat /proc/$q/comm 2>/dev/null)" = "$2" ] && { echo "$q"; return; }; done; sleep 0.05; done; }
-wait_ready() { for _ in $(seq 2400); do grep -q '"event":"ready"' "$1/ev.jsonl" 2>/dev/null && return 0; sleep 0.025; done; return 1; }
 modes=(scancel client kill-launcher kill-raylet time-limit)
 printf '%-5s %-14s %-6s %-9s %-6s %-9s %-10s %-7s %-6s\n' cycle how job processes tmp_dirs new_files listening queued secs
 tot=0
@@ -39,9 +23,9 @@ for c in $(seq "$CYCLES"); do
   mode=${modes[$(( (c - 1) % ${#modes[@]} ))]}
   d=$W/c$c; mkdir -p "$d"; before=$(snap); t0=$(date +%s)
   case $mode in
-    client) j=$(sbatch -N3 -J rlsoak -o "$d/out" -D "$d" "$W/client.sbatch" | awk '{print $4}') ;;
-    time-limit) j=$(sbatch -N3 -J rlsoak -t 1 -o "$d/out" -D "$d" "$W/serve.sbatch" | awk '{print $4}') ;;
-    *) j=$(sbatch -N3 -J rlsoak -o "$d/out" -D "$d" "$W/serve.sbatch" | awk '{print $4}') ;;
+    client) j=$(sbatch -N3 -J rlsoak -o "$d/batch.out" -D "$d" "$W/client.sbatch" | awk '{print $4}') ;;
+    time-limit) j=$(sbatch -N3 -J rlsoak -t 1 -o "$d/batch.out" -D "$d" "$W/serve.sbatch" | awk '{print $4}') ;;
+    *) j=$(sbatch -N3 -J rlsoak -o "$d/batch.out" -D "$d" "$W/serve.sbatch" | awk '{print $4}') ;;
   esac
   if [ "$mode" != client ]; then wait_ready "$d" || echo "cycle $c: job $j never became ready" >&2; fi
   case $mode in
@@ -52,7 +36,7 @@ for c in $(seq "$CYCLES"); do
   for _ in $(seq 2400); do squeue -h -j "$j" 2>/dev/null | grep -q . || break; sleep 0.05; done
   # what Slurm and the launchers had to clean is given a moment, as a user's next job would
   sleep 1
-  np=$(procs | wc -l); nd=$(ls -d /tmp/rl-"$j".* 2>/dev/null | wc -l || true)
+  np=$(leftovers | wc -l); nd=$(ls -d /tmp/rl-"$j".* 2>/dev/null | wc -l || true)
   # new files present in two looks a second apart (what other processes of the machine make
   # and remove in passing does not count)
   new1=$(comm -13 <(echo "$before") <(snap) | grep -v "^$(basename "$W")\$" || true); sleep 1
@@ -62,9 +46,9 @@ for c in $(seq "$CYCLES"); do
   printf '%-5s %-14s %-6s %-9s %-6s %-9s %-10s %-7s %-6s\n' "$c" "$mode" "$j" "$np" "$nd" "$nf" "$nl" "$nq" $(( $(date +%s) - t0 ))
   left=$(( np + nd + nf + nl + nq )); tot=$(( tot + left ))
   if [ "$left" -gt 0 ]; then
-    { echo "cycle $c ($mode, job $j) left:"; for p in $(procs); do echo "  process $p $(cat /proc/$p/comm 2>/dev/null)"; done
+    { echo "cycle $c ($mode, job $j) left:"; for p in $(leftovers); do echo "  process $p $(cat /proc/$p/comm 2>/dev/null)"; done
       { ls -d /tmp/rl-"$j".* 2>/dev/null || true; } | sed 's/^/  dir /'; echo -n "$newf" | sed 's/^/  file /'; listening | sed 's/^/  port /'; } >&2 || true
-    for p in $(procs); do kill -9 "$p" 2>/dev/null || true; done; scancel -u "$(id -un)" 2>/dev/null || true; sleep 1
+    for p in $(leftovers); do kill -9 "$p" 2>/dev/null || true; done; scancel -u "$(id -un)" 2>/dev/null || true; sleep 1
   fi
 done
 echo "soak: $CYCLES cycles, left over in total: $tot"

@@ -16,21 +16,12 @@
 #   - 1,024 ranks against the coordinator (bench/rendezvous.rs, release build).
 # ray-launch runs with the default config (only paths and the tiny model are set).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
 SATURATE=${SATURATE:-60}
-export SLURM_CONF=/etc/slurm/slurm.conf
-for v in $(compgen -e | grep -E '^SLURM_' | grep -v SLURM_CONF || true); do unset "$v"; done
-bash "$ROOT/slurm/testbed/up.sh" >/dev/null
-(cd "$ROOT" && cargo build -q --release)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 W=$(mktemp -d /tmp/rlbench.XXXXXX); chmod 755 "$W"; cd "$W"
 trap 'scancel -u "$(id -un)" 2>/dev/null; for i in 1 2 3; do ip netns exec sl-n$i ip link set eth0 up 2>/dev/null; done; rm -rf "$W"' EXIT
-RL=$ROOT/target/release/ray-launch
-RAY=$ROOT/.venv/bin/ray
-ms() { echo $(( $(date +%s%N) / 1000000 )); }
 median() { sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-# processes on the nodes that are not the bed's own
-leftovers() { for i in 1 2 3; do for p in $(ip netns pids sl-n$i); do case $(cat /proc/$p/comm 2>/dev/null) in unshare|tini|slurmd|slurmstepd|"") ;; *) echo "$p";; esac; done; done; }
 # temp dirs of the three launchers (ray-launch's, the plain script's, symmetric-run's)
 leftfiles() { ls -d /tmp/rl-[0-9]* /tmp/rlb-* /tmp/rls-* 2>/dev/null || true; }
 # wait until nothing is left (at most 30 s): prints the ms it took, or 30000+ and what was left
@@ -49,8 +40,6 @@ ev_ms() { local t0 t; t0=$(head -1 "$2" | sed 's/.*"ts":"\([^"]*\)".*/\1/'); t=$
 # the first process on node $1 whose command line contains $2
 pid_cmd() { for _ in $(seq 100); do for q in $(ip netns pids sl-n$1); do tr '\0' ' ' </proc/$q/cmdline 2>/dev/null | grep -q -- "$2" && { echo "$q"; return; }; done; sleep 0.05; done; }
 pid_on_now() { for q in $(ip netns pids sl-n$1); do [ "$(cat /proc/$q/comm 2>/dev/null)" = "$2" ] && { echo "$q"; return; }; done; true; }
-# the first process on node $1 named $2
-pid_on() { for _ in $(seq 100); do for q in $(ip netns pids sl-n$1); do [ "$(cat /proc/$q/comm 2>/dev/null)" = "$2" ] && { echo "$q"; return; }; done; sleep 0.05; done; }
 
 cat > plain.sh <<EOS
 #!/bin/bash
@@ -79,15 +68,7 @@ export PATH=$ROOT/.venv/bin:\$PATH RAY_ADDRESS=\$head:29381
 exec $RAY symmetric-run --address \$head:29381 --min-nodes 3 --num-cpus=1 --num-gpus=0 --object-store-memory=200000000 --temp-dir=/tmp/rls-\$SLURM_NODEID --disable-usage-stats -- bash -c "date +%s%N > \$d/joined; exec sleep 100000"
 EOS
 chmod +x plain.sh sym.sh
-cat > job.yaml <<EOS
-engine: vllm
-model: tiny
-parallel: {tensor: 3}
-gpus_per_node: 1
-vllm: {executable: $ROOT/tests/standin/vllm}
-ray: {executable: $RAY, object_store_memory: 200MiB}
-env: {STANDIN_EXPECT_NODES: 3}
-EOS
+write_job_yaml job.yaml
 # sbatch the 3-node job script $2 [with sbatch options $3...] in dir $1 (srun's start time
 # goes to $1/t_srun); prints the job id
 submit() { local d=$1 script=$2; shift 2; mkdir -p "$d"
@@ -98,7 +79,6 @@ batch "srun $W/sym.sh \$PWD" sym.sbatch
 batch "srun $RL --config $W/job.yaml --event-log ev.jsonl" rl.sbatch
 joined_ms() { echo $(( ($1 - $(cat "$2")) / 1000000 )); }
 wait_file() { for _ in $(seq 1200); do [ -e "$1" ] && return 0; sleep 0.025; done; echo "timed out waiting for $1" >&2; return 1; }
-wait_ready() { for _ in $(seq 1200); do grep -q '"event":"ready"' "$1/ev.jsonl" 2>/dev/null && return 0; sleep 0.025; done; echo "not ready: $1" >&2; cat "$1"/batch.out >&2; return 1; }
 
 declare -A F   # figure name -> space-separated runs
 add() { F[$1]="${F[$1]:-} $2"; }
@@ -191,6 +171,6 @@ for name in "plain ray start, srun -> 3 nodes joined" "ray symmetric-run, srun -
   echo "$name: ${m:-n/a} $unit ($(echo $runs))"
 done
 echo "ray-launch, false alarms with every CPU saturated for ${SATURATE}s (4 busy loops per node): $alarms"
-a=$(printf '%s\n' ${F["plain ray start, srun -> 3 nodes joined"]} | median); b=$(printf '%s\n' ${F["ray-launch, srun -> 3 nodes joined"]} | median)
-echo "ratio ray-launch / plain, srun -> 3 nodes joined: $(awk -v b="$b" -v a="$a" 'BEGIN{printf "%.2f", b/a}')"
+a=$(printf '%s\n' ${F["plain ray start, srun -> 3 nodes joined"]:-} | median); b=$(printf '%s\n' ${F["ray-launch, srun -> 3 nodes joined"]:-} | median)
+[ -n "$a" ] && [ -n "$b" ] && echo "ratio ray-launch / plain, srun -> 3 nodes joined: $(awk -v b="$b" -v a="$a" 'BEGIN{printf "%.2f", b/a}')"
 (cd "$ROOT" && cargo bench -q --bench rendezvous 2>/dev/null)

@@ -91,10 +91,7 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                         assert_eq!(code, 143);
                         assert_eq!(node.as_deref(), Some("n0007"));
                         let _ = tx.send((rank, "stop", t0.elapsed()));
-                        c.sender.send(&ToMaster::Stopped);
-                        let (_, sender, flush) = c.split();
-                        drop(sender);
-                        flush.wait(Duration::from_secs(10)).await;
+                        fake_rank::stopped(c).await;
                         return;
                     }
                     Ok(_) => {}

@@ -71,7 +71,7 @@ pub struct Coord {
     /// Ranks given up on: connected but silent past the heartbeat timeout. Their node's
     /// processes can only be ended through Slurm (`Coord::abandoned`).
     silent: Vec<usize>,
-    last_tick: Option<Instant>,
+    own_stall: crate::run::stall::OwnStall,
     up: Vec<BTreeSet<Kind>>,
     /// Started, not yet up: (rank, kind, deadline, which deadline).
     pending: Vec<(usize, Kind, Instant, Deadline)>,
@@ -106,6 +106,7 @@ impl Coord {
         let rendezvous = settings.timeouts.rendezvous;
         let master_digests = settings.agreed_digests();
         let candidates = plan::step_blocks(&step, settings.port_range);
+        let heartbeat_interval = settings.health.heartbeat_interval;
         Coord {
             settings,
             step,
@@ -119,7 +120,7 @@ impl Coord {
             stopped: vec![false; n],
             last_seen: vec![now; n],
             silent: Vec::new(),
-            last_tick: None,
+            own_stall: crate::run::stall::OwnStall::new(heartbeat_interval),
             up: vec![BTreeSet::new(); n],
             pending: Vec::new(),
             joined: Vec::new(),
@@ -133,7 +134,8 @@ impl Coord {
         }
     }
 
-    fn node(&self, rank: usize) -> String {
+    /// The name of the node of `rank`.
+    pub fn node(&self, rank: usize) -> String {
         self.step
             .nodes
             .get(rank)
@@ -677,15 +679,9 @@ impl Coord {
     /// a heartbeat interval since the last tick (this launcher was stopped, or starved of CPU),
     /// the gap is not the peers' fault, and what they sent meanwhile may still be unread.
     fn forgive_own_stall(&mut self, now: Instant) {
-        if let Some(prev) = self.last_tick.replace(now) {
-            let stall = now
-                .saturating_duration_since(prev)
-                .saturating_sub(self.settings.health.heartbeat_interval);
-            if !stall.is_zero() {
-                for t in &mut self.last_seen {
-                    *t = (*t + stall).min(now);
-                }
-            }
+        let stall = self.own_stall.on_tick(now);
+        for t in &mut self.last_seen {
+            *t = crate::run::stall::forgive(*t, stall, now);
         }
     }
 
@@ -707,10 +703,6 @@ impl Coord {
     /// frozen or cut off, so whatever it started there is still running.
     pub fn abandoned_ranks(&self) -> Vec<usize> {
         self.silent.clone()
-    }
-
-    pub fn node_name(&self, rank: usize) -> String {
-        self.node(rank)
     }
 
     pub fn plan(&self) -> Option<&Plan> {
@@ -1114,8 +1106,8 @@ pub async fn serve(
     }
     let abandoned = coord.abandoned_ranks();
     if !abandoned.is_empty() {
-        let names: Vec<String> = abandoned.iter().map(|r| coord.node_name(*r)).collect();
-        if wake_step(&shell.step, &names, Duration::from_secs(10)).await {
+        let names: Vec<String> = abandoned.iter().map(|r| coord.node(*r)).collect();
+        if crate::run::proc::wake_step(&shell.step, &names, Duration::from_secs(10)).await {
             // a stopped launcher resumes, finds the job stopping and tears down: its
             // connection closes; one that does not within the budget is SIGKILLed by Slurm
             let mut waiting: BTreeSet<usize> = abandoned.into_iter().collect();
@@ -1132,7 +1124,7 @@ pub async fn serve(
             if waiting.is_empty() {
                 tracing::info!("{} stopped after all", names.join(", "));
             } else {
-                kill_step(&shell.step, &names);
+                crate::run::proc::kill_step(&shell.step, &names);
             }
         }
     }
@@ -1142,77 +1134,6 @@ pub async fn serve(
         }
     }
     let _ = finished.send(());
-}
-
-/// What a frozen node started can only be stopped through Slurm: SIGCONT and SIGTERM to the
-/// step's tasks (`scancel -s`), so that a stopped launcher resumes, finds the job stopping and
-/// tears down as usual, its files included. (This launcher gets the SIGTERM too: it is ending
-/// anyway, and a signal during the end changes nothing.) False outside Slurm, or when
-/// scancel could not be run.
-/// Each scancel gets `within` (a rank cut off from the controller does not wait long).
-pub(crate) async fn wake_step(step: &Step, nodes: &[String], within: Duration) -> bool {
-    let who = nodes.join(", ");
-    if step.kind != crate::input::slurm::StepKind::Srun {
-        tracing::error!("{who} went silent; what the job started there may still run");
-        return false;
-    }
-    let id = format!("{}.{}", step.job_id, step.step_id);
-    tracing::warn!(
-        "{who} went silent with the job's processes still running there: ending step {id} through Slurm (SIGCONT, SIGTERM)"
-    );
-    for sig in ["CONT", "TERM"] {
-        let run = tokio::process::Command::new("scancel")
-            .args(["-Q", "-s", sig, &id])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .status();
-        match tokio::time::timeout(within, run).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(
-                    "cannot run scancel ({e}); the processes on {who} may run until the job ends"
-                );
-                return false;
-            }
-            Err(_) => {
-                tracing::error!(
-                    "scancel -s {sig} {id} did not return within {} (is the controller reachable?)",
-                    humantime::format_duration(within)
-                );
-                return false;
-            }
-        }
-    }
-    true
-}
-
-/// `scancel JOB.STEP`: SIGKILL to every task of the step (this launcher's too), for nodes
-/// that did not stop after `wake_step`. In its own session, so that it outlives this launcher.
-fn kill_step(step: &Step, nodes: &[String]) {
-    let id = format!("{}.{}", step.job_id, step.step_id);
-    tracing::warn!(
-        "{} did not stop within the teardown budget: scancel {id} (SIGKILL)",
-        nodes.join(", ")
-    );
-    let mut cmd = std::process::Command::new("scancel");
-    cmd.args(["-Q", &id])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
-    }
-    if let Ok(mut c) = cmd.spawn() {
-        std::thread::spawn(move || c.wait());
-    }
 }
 
 /// One connection: the handshake, then its messages to the coordinator.

@@ -2,6 +2,8 @@
 //! stdin from /dev/null, output to a log file, and `PR_SET_PDEATHSIG` so that a SIGKILLed
 //! launcher does not leave them running.
 //!
+//! Also: ending a step through Slurm when a node went silent (`wake_step`, `kill_step`).
+//!
 //! Teardown is by session: Ray's daemons and vLLM's workers keep the session of the process
 //! we started even when they change process group. Never `ray stop` (it is host-wide).
 
@@ -211,6 +213,81 @@ impl PidFd {
     /// Until the process has exited.
     pub async fn exited(&self) {
         let _ = self.0.readable().await;
+    }
+}
+
+/// What a frozen node started can only be stopped through Slurm: SIGCONT and SIGTERM to the
+/// step's tasks (`scancel -s`), so that a stopped launcher resumes, finds the job stopping and
+/// tears down as usual, its files included. (This launcher gets the SIGTERM too: it is ending
+/// anyway, and a signal during the end changes nothing.) False outside Slurm, or when
+/// scancel could not be run.
+/// Each scancel gets `within` (a rank cut off from the controller does not wait long).
+pub async fn wake_step(
+    step: &crate::input::slurm::Step,
+    nodes: &[String],
+    within: Duration,
+) -> bool {
+    let who = nodes.join(", ");
+    if step.kind != crate::input::slurm::StepKind::Srun {
+        tracing::error!("{who} went silent; what the job started there may still run");
+        return false;
+    }
+    let id = format!("{}.{}", step.job_id, step.step_id);
+    tracing::warn!(
+        "{who} went silent with the job's processes still running there: ending step {id} through Slurm (SIGCONT, SIGTERM)"
+    );
+    for sig in ["CONT", "TERM"] {
+        let run = tokio::process::Command::new("scancel")
+            .args(["-Q", "-s", sig, &id])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        match tokio::time::timeout(within, run).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "cannot run scancel ({e}); the processes on {who} may run until the job ends"
+                );
+                return false;
+            }
+            Err(_) => {
+                tracing::error!(
+                    "scancel -s {sig} {id} did not return within {} (is the controller reachable?)",
+                    humantime::format_duration(within)
+                );
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// `scancel JOB.STEP`: SIGKILL to every task of the step (this launcher's too), for nodes
+/// that did not stop after `wake_step`. In its own session, so that it outlives this launcher.
+pub fn kill_step(step: &crate::input::slurm::Step, nodes: &[String]) {
+    let id = format!("{}.{}", step.job_id, step.step_id);
+    tracing::warn!(
+        "{} did not stop within the teardown budget: scancel {id} (SIGKILL)",
+        nodes.join(", ")
+    );
+    let mut cmd = std::process::Command::new("scancel");
+    cmd.args(["-Q", &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    if let Ok(mut c) = cmd.spawn() {
+        std::thread::spawn(move || c.wait());
     }
 }
 

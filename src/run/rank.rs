@@ -128,8 +128,7 @@ pub struct RankMachine {
     /// The master went silent while the job ran: what it started is still running there.
     master_silent: bool,
     last_master: Instant,
-    last_tick: Option<Instant>,
-    heartbeat_interval: Duration,
+    own_stall: crate::run::stall::OwnStall,
     heartbeat_timeout: Duration,
 }
 
@@ -165,8 +164,7 @@ impl RankMachine {
             stopping: None,
             master_closed: false,
             master_silent: false,
-            last_tick: None,
-            heartbeat_interval,
+            own_stall: crate::run::stall::OwnStall::new(heartbeat_interval),
             last_master: now,
             heartbeat_timeout,
         }
@@ -428,13 +426,9 @@ impl RankMachine {
                 }
             }
             Input::Tick => {
-                // time the master's silence only while this process ran (see Coord)
-                if let Some(prev) = self.last_tick.replace(now) {
-                    let stall = now
-                        .saturating_duration_since(prev)
-                        .saturating_sub(self.heartbeat_interval);
-                    self.last_master = (self.last_master + stall).min(now);
-                }
+                // time the master's silence only while this process ran
+                let stall = self.own_stall.on_tick(now);
+                self.last_master = crate::run::stall::forgive(self.last_master, stall, now);
                 acts.push(Action::Send(ToMaster::Heartbeat));
                 if self.stopping.is_none()
                     && now.duration_since(self.last_master) > self.heartbeat_timeout
@@ -1105,7 +1099,7 @@ pub async fn run(
     loop {
         if let Some(done) = sh.drive(&mut m, next) {
             if m.master_silent() {
-                crate::run::coordinator::wake_step(
+                proc::wake_step(
                     &sh.step,
                     std::slice::from_ref(&m.master),
                     Duration::from_secs(2),
@@ -1232,9 +1226,9 @@ async fn watch_daemons(
             Box::pin(async move {
                 fd.exited().await;
                 (*pid, name.clone())
-            }) as Pin<Box<dyn Future<Output = _> + Send>>
+            })
         });
-        futures_select_all(each).await
+        futures_util::future::select_all(each).await.0
     };
     // killing `ray start` takes its daemons along: then its own end is the news
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1248,22 +1242,6 @@ async fn watch_daemons(
         log: Some(log.display().to_string()),
         tail: proc::log_tail(log, 5),
     });
-}
-
-/// The output of the first of `futs` to finish.
-async fn futures_select_all<T>(
-    futs: impl IntoIterator<Item = Pin<Box<dyn Future<Output = T> + Send + '_>>>,
-) -> T {
-    let mut futs: Vec<_> = futs.into_iter().collect();
-    std::future::poll_fn(move |cx| {
-        for f in futs.iter_mut() {
-            if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
-                return std::task::Poll::Ready(v);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 /// Readiness, then liveness, of the engine's HTTP server. Proxies are ignored: cluster shells

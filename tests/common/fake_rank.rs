@@ -104,3 +104,11 @@ pub async fn join(
         }
     }
 }
+
+/// Answer a Stop as a rank does once torn down: `Stopped`, then close once it is sent.
+pub async fn stopped(c: Connection<ToRank>) {
+    c.sender.send(&ToMaster::Stopped);
+    let (_, sender, flush) = c.split();
+    drop(sender);
+    flush.wait(Duration::from_secs(10)).await;
+}
