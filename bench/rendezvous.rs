@@ -34,7 +34,7 @@ enum Seen {
 /// One round: (rendezvous, start, stop, all stopped).
 fn round(n: usize, secret: &[u8]) -> [Duration; 4] {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("engine: vllm\nmodel: m\nparallel: {{tensor: {n}}}\ngpus_per_node: 0\nvllm: {{backend: mp}}\n");
+    let yaml = format!("engine: vllm\nmodel: m\nparallel: {{tensor: {n}}}\ngpus_per_node: 0\nvllm: {{backend: mp}}\nhealth: {{heartbeat_timeout: 10m}}\n");
     let loaded = config::parse("bench.yaml", &yaml).unwrap();
     let names: Vec<String> = (0..n).map(|i| format!("n{i:04}")).collect();
     let mut step = Step::preview(names.clone(), "123".into());

@@ -57,6 +57,9 @@ pub enum Cmd {
     Hostlist(HostlistCmd),
     /// Wait until an endpoint file says ready; print its URL.
     Wait(WaitArgs),
+    /// Serve one OpenAI endpoint over several replicas (what the master runs when the job has
+    /// more than one; the API key comes from RAY_LAUNCH_ROUTER_API_KEY).
+    Route(RouteArgs),
     /// Internal: clean up after a launcher that was killed (see src/run/reaper.rs).
     #[command(hide = true)]
     Reap {
@@ -140,6 +143,28 @@ pub enum HostlistCmd {
 }
 
 #[derive(Args, Debug)]
+pub struct RouteArgs {
+    /// Where to listen, `HOST:PORT`.
+    #[arg(long)]
+    pub listen: String,
+    /// A replica's base URL without `/v1` (repeat for each), e.g. `http://10.0.0.2:20034`.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// How often each replica's `/health` is polled.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// Failed polls in a row before a replica leaves (a refused connection: at once).
+    #[arg(long, default_value_t = 3)]
+    pub health_failures: u32,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_body: usize,
+    /// How long one request may take, its streamed answer included.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
 pub struct WaitArgs {
     /// The endpoint file (the config's `endpoint_file`, or RAY_LAUNCH_ENDPOINT).
     #[arg(env = ev::RAY_LAUNCH_ENDPOINT)]
@@ -168,6 +193,15 @@ pub fn main() -> i32 {
         Some(Cmd::Check(a)) => cmd_check(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
+        Some(Cmd::Route(r)) => Ok(crate::route::main(crate::route::Options {
+            listen: r.listen,
+            replicas: r.replicas,
+            health_interval: r.health_interval,
+            health_failures: r.health_failures,
+            max_body: r.max_body,
+            request_timeout: r.request_timeout,
+            api_key: None,
+        })),
         Some(Cmd::Reap { grace }) => Ok(crate::run::reaper::main(grace)),
     };
     match result {

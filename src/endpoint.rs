@@ -32,16 +32,58 @@ impl Status {
     }
 }
 
+/// One replica's state, as the master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Started (or started again), not serving yet.
+    #[default]
+    Starting,
+    /// Serving (the router sends it requests).
+    Ready,
+    /// Failed: being torn down on its nodes, then started again after a back-off.
+    Restarting,
+    /// Failed past its restarts, or its node was lost: it stays down.
+    Down,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Starting => "starting",
+            ReplicaState::Ready => "ready",
+            ReplicaState::Restarting => "restarting",
+            ReplicaState::Down => "down",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReplicaStatus {
+    pub replica: usize,
+    /// Its leader's node.
+    pub node: String,
+    pub url: String,
+    pub state: ReplicaState,
+    /// How often it was started again.
+    pub restarts: u32,
+    /// Why it last failed.
+    pub reason: Option<String>,
+}
+
 /// Readers take what is there: a missing field has its default (files of older or newer
 /// launchers, or written by hand, still read).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EndpointFile {
     pub status: Status,
-    /// OpenAI base URL clients should use (replica 0's).
+    /// OpenAI base URL clients should use: the router's, or replica 0's without a router.
     pub url: Option<String>,
     /// Every replica's base URL.
     pub urls: Vec<String>,
+    /// Every replica's state and restarts.
+    pub replicas: Vec<ReplicaStatus>,
     pub model: String,
     pub served_model_name: String,
     pub job_id: String,
@@ -87,6 +129,14 @@ mod tests {
             status: Status::Ready,
             url: Some("http://10.0.0.1:20010/v1".into()),
             urls: vec!["http://10.0.0.1:20010/v1".into()],
+            replicas: vec![ReplicaStatus {
+                replica: 0,
+                node: "node1".into(),
+                url: "http://10.0.0.1:20010/v1".into(),
+                state: ReplicaState::Restarting,
+                restarts: 1,
+                reason: Some("engine died".into()),
+            }],
             model: "m".into(),
             served_model_name: "m".into(),
             job_id: "7".into(),
@@ -103,6 +153,7 @@ mod tests {
         f.write(&p).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         assert_eq!(v["status"], "ready");
+        assert_eq!(v["replicas"][0]["state"], "restarting");
         assert_eq!(EndpointFile::read(&p).unwrap(), Some(f));
     }
 }

@@ -15,6 +15,9 @@ pub const PEER_FAILURE: i32 = 4;
 pub const ENGINE_FAILURE: i32 = 5;
 /// A process could not be started (missing executable, Ray head did not come up).
 pub const LAUNCH_FAILURE: i32 = 6;
+/// Fewer replicas serve than `replicas.min_healthy`: each of the others failed past its
+/// restarts, or lost its node.
+pub const REPLICAS_DOWN: i32 = 7;
 /// Killed by signal `n` (SIGTERM from scancel or the time limit: 143).
 /// 128 + the signal's number; a number that is no signal (from a peer, say) counts as 1.
 pub const fn signal(n: i32) -> i32 {
@@ -49,9 +52,13 @@ pub const TABLE: &[(i32, &str)] = &[
     ),
     (
         ENGINE_FAILURE,
-        "the engine died or failed its health checks",
+        "the engine (or the router) died or failed its health checks",
     ),
     (LAUNCH_FAILURE, "a process could not be started"),
+    (
+        REPLICAS_DOWN,
+        "fewer replicas serve than replicas.min_healthy (failed past their restarts, or their node was lost)",
+    ),
     (
         143,
         "stopped by SIGTERM (scancel, time limit); 128+n for signal n",

@@ -26,6 +26,8 @@
 //!   and directories only the job's user can read, and removing only what the job created.
 //! - Contracts, one module each: [`endpoint`] (the endpoint file), [`exit`] (exit codes),
 //!   [`env_vars`] (variable names), [`error`] (`error:` / `caused by:` / `hint:`).
+//! - [`route`]: the router (`ray-launch route`), one OpenAI endpoint over the replicas; a
+//!   child of the master's launcher, planned and supervised like the engine.
 //! - [`cli`]: clap and the subcommands; [`logging`]: `[rank node]`-prefixed lines.
 //!
 //! Imports go one way: `run` → `plan` → `input`; nothing in `input` or `plan` names `run` or
@@ -41,4 +43,5 @@ pub mod input;
 pub mod logging;
 pub mod plan;
 pub mod private;
+pub mod route;
 pub mod run;

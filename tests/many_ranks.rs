@@ -30,7 +30,7 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
         2 * N + 64
     );
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("engine: vllm\nmodel: m\nparallel: {{tensor: {N}}}\ngpus_per_node: 0\nvllm: {{backend: mp}}\n");
+    let yaml = format!("engine: vllm\nmodel: m\nparallel: {{tensor: {N}}}\ngpus_per_node: 0\nvllm: {{backend: mp}}\n# the fake ranks send no heartbeats: liveness is not what this test is about\nhealth: {{heartbeat_timeout: 10m}}\n");
     let loaded = config::parse("many.yaml", &yaml).unwrap();
     let names: Vec<String> = (0..N).map(|i| format!("n{i:04}")).collect();
     let mut step = Step::preview(names.clone(), "123".into());
@@ -87,8 +87,8 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                             c.sender.send(&ToMaster::Stopping { signal: 15 });
                         }
                     }
-                    Ok(ToRank::Stop { code, node, .. }) => {
-                        assert_eq!(code, 143);
+                    Ok(ToRank::Stop { code, node, reason }) => {
+                        assert_eq!(code, 143, "{reason}");
                         assert_eq!(node.as_deref(), Some("n0007"));
                         let _ = tx.send((rank, "stop", t0.elapsed()));
                         fake_rank::stopped(c).await;

@@ -339,6 +339,61 @@ impl Default for Health {
     }
 }
 
+/// `replicas.on_failure`: what a replica's failure does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Tear the replica down on all its nodes and start it again (with back-off, within the
+    /// restart budget); the job goes on meanwhile.
+    Restart,
+    /// End the job (what one replica's failure always does when the job has one).
+    Stop,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replicas {
+    /// Unset: `restart` when the job has more than one replica, `stop` when it has one.
+    pub on_failure: Option<OnFailure>,
+    /// Restarts of one replica allowed within `restart_window`; past that it stays down.
+    pub max_restarts: u32,
+    pub restart_window: Dur,
+    /// Replicas that must serve for the job to go on (after it was ready once).
+    pub min_healthy: u32,
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Replicas {
+            on_failure: None,
+            max_restarts: 3,
+            restart_window: Dur(Duration::from_secs(1800)),
+            min_healthy: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Router {
+    /// Unset: a router when the job has more than one replica.
+    pub enabled: Option<bool>,
+    /// The largest request body the router accepts.
+    pub max_body: Size,
+    /// How long one request may take through the router, its streamed answer included.
+    pub request_timeout: Dur,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            enabled: None,
+            max_body: Size::Bytes(32 << 20),
+            request_timeout: Dur(Duration::from_secs(1800)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -379,6 +434,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub health: Health,
+    #[serde(default)]
+    pub replicas: Replicas,
+    #[serde(default)]
+    pub router: Router,
     /// Per-node process logs. Placeholders `{job}`; relative paths are from the working directory.
     #[serde(default = "default_log_dir")]
     pub log_dir: String,
@@ -602,6 +661,20 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             "server.host",
             format!("`{}` is not an IP address", c.server.host),
             "use `0.0.0.0` (all interfaces) or an address such as `127.0.0.1`",
+        ));
+    }
+    if c.replicas.min_healthy == 0 {
+        return Err(l.key_error(
+            "replicas.min_healthy",
+            "must be at least 1",
+            "the job ends when fewer replicas serve than this; use 1 to go on while any serves",
+        ));
+    }
+    if c.router.max_body == Size::Bytes(0) {
+        return Err(l.key_error(
+            "router.max_body",
+            "must be more than 0 bytes",
+            "use `auto` (32MiB) or a size such as `64MiB`",
         ));
     }
     let range = port_range(&c.ports.range).map_err(|why| {

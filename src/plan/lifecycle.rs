@@ -17,6 +17,8 @@ pub enum Kind {
     RayHead,
     RayWorker,
     Engine,
+    /// The router on the master: one endpoint over the replicas.
+    Router,
     Client,
 }
 
@@ -26,8 +28,15 @@ impl Kind {
             Kind::RayHead => "ray-head",
             Kind::RayWorker => "ray-worker",
             Kind::Engine => "engine",
+            Kind::Router => "router",
             Kind::Client => "client",
         }
+    }
+
+    /// A process of one replica (torn down and started again when the replica restarts);
+    /// the router and the client belong to the job.
+    pub fn of_replica(self) -> bool {
+        matches!(self, Kind::RayHead | Kind::RayWorker | Kind::Engine)
     }
 
     /// A Ray daemon: a node of its replica's Ray cluster once it is up.
@@ -106,12 +115,14 @@ impl Deadline {
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
     Client,
+    /// The router stops taking requests before the engines behind it stop.
+    Router,
     Engine,
     Ray,
 }
 
 impl Stage {
-    pub const ORDER: [Stage; 3] = [Stage::Client, Stage::Engine, Stage::Ray];
+    pub const ORDER: [Stage; 4] = [Stage::Client, Stage::Router, Stage::Engine, Stage::Ray];
 
     /// Whether the stage gets SIGTERM and the grace before SIGKILL.
     pub fn graceful(self) -> bool {
@@ -121,6 +132,7 @@ impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Client => "client",
+            Stage::Router => "router",
             Stage::Engine => "engine",
             Stage::Ray => "ray",
         }
@@ -198,6 +210,20 @@ impl Lifecycle {
         }
     }
 
+    /// The router: up once it listens (it answers 503 until a replica is healthy).
+    pub fn router() -> Lifecycle {
+        Lifecycle {
+            start_after: StartAfter::Rendezvous,
+            ready: Ready::LogLine {
+                text: crate::route::LISTENING.into(),
+            },
+            deadline: Some(Deadline::WorkerJoin),
+            stage: Stage::Router,
+            output: Output::LogFile,
+            daemons: Vec::new(),
+        }
+    }
+
     pub fn client() -> Lifecycle {
         Lifecycle {
             start_after: StartAfter::AllReady,
@@ -221,11 +247,14 @@ pub enum Ending {
 
 /// The rule for a command of `kind` that ended with `code` (`was_up`: it had reached its
 /// ready point): the client's code is the step's; an engine's end is an engine failure; a Ray
-/// daemon that was up is a node failure, one that never came up could not be started.
+/// daemon that was up is a node failure, one that never came up could not be started; the
+/// router that served is the endpoint's failure, one that never listened could not start.
 pub fn ending(kind: Kind, was_up: bool, code: i32) -> Ending {
     match kind {
         Kind::Client => Ending::Done(code),
         Kind::Engine => Ending::Failed(exit::ENGINE_FAILURE),
+        Kind::Router if was_up => Ending::Failed(exit::ENGINE_FAILURE),
+        Kind::Router => Ending::Failed(exit::LAUNCH_FAILURE),
         Kind::RayHead | Kind::RayWorker if was_up => Ending::Failed(exit::PEER_FAILURE),
         Kind::RayHead | Kind::RayWorker => Ending::Failed(exit::LAUNCH_FAILURE),
     }
@@ -241,6 +270,7 @@ mod tests {
             (Kind::RayHead, "ray-head"),
             (Kind::RayWorker, "ray-worker"),
             (Kind::Engine, "engine"),
+            (Kind::Router, "router"),
             (Kind::Client, "client"),
         ] {
             assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{s}\""));
@@ -267,6 +297,10 @@ mod tests {
             ending(Kind::RayHead, false, 1),
             Ending::Failed(exit::LAUNCH_FAILURE)
         );
-        assert!(Stage::Client < Stage::Engine && Stage::Engine < Stage::Ray);
+        assert!(
+            Stage::Client < Stage::Router
+                && Stage::Router < Stage::Engine
+                && Stage::Engine < Stage::Ray
+        );
     }
 }

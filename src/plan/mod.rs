@@ -177,8 +177,11 @@ pub struct Ports {
     pub metrics_export: u16,
     pub runtime_env_agent: u16,
     pub ray_client_server: u16,
-    /// The engine's HTTP server on each replica leader.
+    /// The job's HTTP endpoint: the engine on each replica leader, or the router (on the
+    /// master) when there is one.
     pub engine_http: u16,
+    /// Each replica leader's engine, behind the router (when there is one).
+    pub replica_http: u16,
     /// vLLM mp `--master-port` / SGLang `--dist-init-addr` port.
     pub engine_rendezvous: u16,
     pub min_worker: u16,
@@ -186,8 +189,9 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// Offsets: 0 channel, 1-9 Ray daemons, 10 engine HTTP, 11 engine rendezvous,
-    /// 12-31 left free for ports engines pick near their own, 32-255 Ray worker ports.
+    /// Offsets: 0 channel, 1-9 Ray daemons, 10 engine HTTP (or the router), 11 engine
+    /// rendezvous, 20 the engines behind the router, 12-19 and 21-31 left free for ports
+    /// engines pick near their own, 32-255 Ray worker ports.
     pub fn for_block(base: u16) -> Ports {
         Ports {
             channel: base,
@@ -202,6 +206,7 @@ impl Ports {
             ray_client_server: base + 9,
             engine_http: base + 10,
             engine_rendezvous: base + 11,
+            replica_http: base + 20,
             min_worker: base + 32,
             max_worker: base + PORT_BLOCK - 1,
         }
@@ -298,6 +303,19 @@ pub struct EndpointUrl {
     pub health_url: String,
 }
 
+/// The router: where it listens and what clients use.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouterPlan {
+    pub node: String,
+    /// OpenAI-compatible base URL for clients (the job's `url`).
+    pub url: String,
+    pub listen: String,
+}
+
+/// What a planned argv[0] of `ray-launch` means: this launcher's own binary (the rank runs
+/// the executable it was started from).
+pub const LAUNCHER: &str = "ray-launch";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RankPlan {
     pub node: String,
@@ -335,12 +353,33 @@ pub struct Plan {
     pub self_rank: Option<SelfRef>,
     pub ports: Ports,
     pub endpoints: Vec<EndpointUrl>,
+    /// One endpoint over the replicas (`router.enabled`; by default with more than one).
+    pub router: Option<RouterPlan>,
     pub ranks: Vec<RankPlan>,
 }
 
 impl Plan {
     pub fn uses_ray(&self) -> bool {
         self.engine == Engine::Vllm && self.backend == Some(VllmBackend::Ray)
+    }
+
+    /// The URL clients use: the router's, else replica 0's.
+    pub fn url(&self) -> &str {
+        self.router
+            .as_ref()
+            .map(|r| r.url.as_str())
+            .unwrap_or(self.endpoints[0].url.as_str())
+    }
+
+    /// Whether a replica's failure restarts it (`replicas.on_failure`; by default with more
+    /// than one replica) instead of ending the job.
+    pub fn restarts_replicas(&self, s: &Settings) -> bool {
+        use crate::input::config::OnFailure;
+        match s.config.replicas.on_failure {
+            Some(OnFailure::Restart) => true,
+            Some(OnFailure::Stop) => false,
+            None => self.replicas > 1,
+        }
     }
 
     /// The node ranks of replica `rep`.
@@ -506,6 +545,9 @@ struct Job<'a> {
     ports: Ports,
     npr: usize,
     endpoints: Vec<EndpointUrl>,
+    router: Option<RouterPlan>,
+    /// The port each replica's engine serves on.
+    serve_port: u16,
 }
 
 /// One node's place in the step, and the environment every process on it gets.
@@ -663,7 +705,7 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     let mut commands = vec![x.command(j, kind, argv, env.clone(), lifecycle)];
     if rr == 0 {
         let mut argv = vllm_serve(c, "ray");
-        argv.extend(http_args(c, ports.engine_http));
+        argv.extend(http_args(c, j.serve_port));
         argv.extend(c.engine_args.iter().cloned());
         let mut env = env;
         env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
@@ -731,7 +773,7 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
     if headless {
         argv.push("--headless".into());
     } else {
-        argv.extend(http_args(c, ports.engine_http));
+        argv.extend(http_args(c, j.serve_port));
     }
     argv.extend(c.engine_args.iter().cloned());
     let lifecycle = if rr == 0 {
@@ -758,7 +800,11 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
 fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
     let s = j.s;
     let mut env = BTreeMap::new();
-    env.insert(ev::OPENAI_BASE_URL.to_string(), j.endpoints[0].url.clone());
+    let url = j
+        .router
+        .as_ref()
+        .map_or(j.endpoints[0].url.clone(), |r| r.url.clone());
+    env.insert(ev::OPENAI_BASE_URL.to_string(), url);
     env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
     env.insert(
         ev::RAY_LAUNCH_ENDPOINTS.to_string(),
@@ -803,6 +849,42 @@ fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
     cmd
 }
 
+/// The router on the master: `ray-launch route` over every replica's engine.
+fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan) -> Command {
+    let (s, c) = (j.s, j.c);
+    let mut argv = vec![
+        LAUNCHER.to_string(),
+        "route".into(),
+        "--listen".into(),
+        r.listen.clone(),
+    ];
+    for e in &j.endpoints {
+        argv.push("--replica".into());
+        argv.push(e.url.trim_end_matches("/v1").to_string());
+    }
+    let max_body = match c.router.max_body {
+        crate::input::config::Size::Bytes(b) => b,
+        crate::input::config::Size::Auto => 32 << 20,
+    };
+    argv.extend([
+        "--health-interval".into(),
+        humantime::format_duration(s.health.interval.min(std::time::Duration::from_secs(1)))
+            .to_string(),
+        "--health-failures".into(),
+        s.health.failures.to_string(),
+        "--max-body".into(),
+        max_body.to_string(),
+        "--request-timeout".into(),
+        humantime::format_duration(c.router.request_timeout.0).to_string(),
+    ]);
+    let mut cmd = x.command(j, Kind::Router, argv, BTreeMap::new(), Lifecycle::router());
+    if s.auth {
+        cmd.secret_env
+            .insert(crate::route::API_KEY_VAR.into(), Secret::ApiKey);
+    }
+    cmd
+}
+
 /// The plan with the step's first candidate port block (a preview, or before the rendezvous).
 pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
     build_in(s, step, nodes, step_blocks(step, s.port_range)[0], None)
@@ -832,13 +914,44 @@ pub fn build_in(
         ports.engine_http = p;
     }
     let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
+    let routed = c.router.enabled.unwrap_or(replicas > 1);
+    let min_healthy = c.replicas.min_healthy as usize;
+    if min_healthy > replicas {
+        return Err(Error::usage(format!(
+            "replicas.min_healthy is {min_healthy} but the step has {replicas} replica(s) of {npr} node(s)"
+        ))
+        .hint(format!(
+            "lower replicas.min_healthy to at most {replicas}, or run on {} nodes",
+            min_healthy * npr
+        )));
+    }
+    let serve_port = if routed {
+        ports.replica_http
+    } else {
+        ports.engine_http
+    };
+    let router = routed.then(|| {
+        let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
+        let host = if wildcard {
+            nodes[0].address.clone()
+        } else {
+            c.server.host.clone()
+        };
+        RouterPlan {
+            node: nodes[0].name.clone(),
+            url: format!("http://{host}:{}/v1", ports.engine_http),
+            listen: format!("{}:{}", c.server.host, ports.engine_http),
+        }
+    });
     let job = Job {
         s,
         c,
         step,
         ports,
         npr,
-        endpoints: endpoints(c, nodes, npr, replicas, ports.engine_http),
+        endpoints: endpoints(c, nodes, npr, replicas, serve_port),
+        router,
+        serve_port,
     };
     let mut ranks = Vec::with_capacity(nnodes);
     for rank in 0..nnodes {
@@ -849,6 +962,9 @@ pub fn build_in(
             let (role, cmd) = engine_command(&job, &x);
             (role, vec![cmd])
         };
+        if let (0, Some(r)) = (rank, &job.router) {
+            commands.push(router_command(&job, &x, r));
+        }
         if rank == 0 && !s.client.is_empty() {
             commands.push(client_command(&job, &x, uses_ray));
         }
@@ -894,6 +1010,7 @@ pub fn build_in(
         }),
         ports,
         endpoints: job.endpoints,
+        router: job.router,
         ranks,
     })
 }
@@ -937,8 +1054,19 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
             let _ = writeln!(o, "this task: not part of the step (preview)");
         }
     }
+    if let Some(r) = &p.router {
+        let _ = writeln!(
+            o,
+            "endpoint: {} (router on {}, over every replica)",
+            r.url, r.node
+        );
+    }
     for e in &p.endpoints {
-        let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
+        if p.router.is_some() {
+            let _ = writeln!(o, "replica {} (behind the router): {}", e.replica, e.url);
+        } else {
+            let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
+        }
     }
     let _ = writeln!(
         o,

@@ -107,11 +107,16 @@ pub enum ToMaster {
         log: Option<String>,
         tail: Vec<String>,
     },
-    /// Something else went wrong here: spawn failure, health failures.
+    /// Something else went wrong here: spawn failure, health failures; `kind` = of which
+    /// command, when it was one.
     Failed {
         code: i32,
         reason: String,
+        #[serde(default)]
+        kind: Option<Kind>,
     },
+    /// The replica's processes on this rank are gone (after a `Reset`).
+    ResetDone,
     /// This rank got a signal and is stopping.
     Stopping {
         signal: i32,
@@ -149,6 +154,11 @@ pub enum ToRank {
     },
     Start {
         name: Kind,
+    },
+    /// Stop this rank's processes of its replica (Ray, engine) and answer `ResetDone`; the
+    /// master starts them again later. The job goes on.
+    Reset {
+        reason: String,
     },
     /// Stop everything and exit with `code`; `node` caused it (if a node did).
     Stop {

@@ -12,7 +12,7 @@
 //! once. When every replica is ready the endpoint file says `ready`, and the client starts.
 
 use crate::auth::{self, Auth};
-use crate::endpoint::{EndpointFile, Status};
+use crate::endpoint::{EndpointFile, ReplicaState, ReplicaStatus, Status};
 use crate::exit;
 use crate::input::settings::Settings;
 use crate::input::slurm::Step;
@@ -41,8 +41,26 @@ pub enum Action {
     },
     Info(String),
     Warn(String),
+    /// Close the connection to this rank (given up on as silent while the job goes on: if
+    /// it wakes, it finds the master gone and tears itself down).
+    Drop(usize),
+    /// Every replica's state changed: the endpoint file shows it.
+    Replicas(Vec<ReplicaStatus>),
     /// Every rank has finished its teardown (or is gone).
     AllStopped,
+}
+
+/// One replica, as the master tracks it.
+#[derive(Debug, Clone)]
+struct Rep {
+    state: ReplicaState,
+    budget: crate::run::restarts::Budget,
+    restarts: u32,
+    reason: Option<String>,
+    /// Ranks still tearing down its processes (a `Reset` sent, no `ResetDone` yet).
+    resetting: BTreeSet<usize>,
+    backoff: Duration,
+    restart_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +96,11 @@ pub struct Coord {
     /// Replicas whose Ray nodes have all joined (their `replica-joined` commands started).
     joined: Vec<bool>,
     ready: Vec<bool>,
+    reps: Vec<Rep>,
+    /// The router listens (or the job has none).
+    router_up: bool,
+    /// A replica's failure restarts it (`replicas.on_failure`) instead of ending the job.
+    restarts: bool,
     plan: Option<Plan>,
     phase: Phase,
     rendezvous_deadline: Instant,
@@ -125,6 +148,9 @@ impl Coord {
             pending: Vec::new(),
             joined: Vec::new(),
             ready: Vec::new(),
+            reps: Vec::new(),
+            router_up: false,
+            restarts: false,
             plan: None,
             phase: Phase::Rendezvous,
             rendezvous_deadline: now + rendezvous,
@@ -364,17 +390,35 @@ impl Coord {
         self.phase = Phase::Starting;
         self.joined = vec![false; plan.replicas];
         self.ready = vec![false; plan.replicas];
+        let r = &self.settings.config.replicas;
+        self.reps = vec![
+            Rep {
+                state: ReplicaState::Starting,
+                budget: crate::run::restarts::Budget::new(r.max_restarts, r.restart_window.0),
+                restarts: 0,
+                reason: None,
+                resetting: BTreeSet::new(),
+                backoff: Duration::ZERO,
+                restart_at: None,
+            };
+            plan.replicas
+        ];
+        self.router_up = plan.router.is_none();
+        self.restarts = plan.restarts_replicas(&self.settings);
         self.plan = Some(plan);
-        acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, now));
+        acts.push(self.replicas_action());
+        acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, false, now));
         acts
     }
 
     /// Send `Start` for every command of `ranks` whose plan says to start after `event`, and
     /// note the deadlines that now run.
+    /// `replica_only`: only the replicas' own processes (a restart), not the router or client.
     fn start_after(
         &mut self,
         ranks: std::ops::Range<usize>,
         event: StartAfter,
+        replica_only: bool,
         now: Instant,
     ) -> Vec<Action> {
         let Some(plan) = &self.plan else {
@@ -384,7 +428,7 @@ impl Coord {
         let mut engines = Vec::new();
         for r in ranks {
             for c in plan.ranks[r].commands.iter() {
-                if c.lifecycle.start_after != event {
+                if c.lifecycle.start_after != event || (replica_only && !c.kind.of_replica()) {
                     continue;
                 }
                 acts.push(Action::Send(r, ToRank::Start { name: c.kind }));
@@ -415,6 +459,10 @@ impl Coord {
     }
 
     pub fn on_message(&mut self, rank: usize, msg: ToMaster, now: Instant) -> Vec<Action> {
+        if self.silent.contains(&rank) {
+            // given up on: what it says now changes nothing
+            return Vec::new();
+        }
         self.last_seen[rank] = now;
         let node = self.node(rank);
         match msg {
@@ -433,7 +481,8 @@ impl Coord {
                 if self.phase == Phase::Stopping {
                     return Vec::new();
                 }
-                let code = match lifecycle::ending(name, self.up[rank].contains(&name), code) {
+                let was_up = self.up[rank].contains(&name);
+                let code = match lifecycle::ending(name, was_up, code) {
                     Ending::Done(code) => {
                         return self.stop(code, format!("the {name} exited with {status}"), None)
                     }
@@ -446,11 +495,19 @@ impl Coord {
                 if let Some(last) = tail.last() {
                     reason.push_str(&format!("; last line: {last}"));
                 }
+                if name.of_replica() {
+                    return self.replica_failed(rank, code, reason, false, now);
+                }
                 self.stop(code, reason, Some(rank))
             }
-            ToMaster::Failed { code, reason } => {
-                self.stop(code, format!("{node}: {reason}"), Some(rank))
+            ToMaster::Failed { code, reason, kind } => {
+                let reason = format!("{node}: {reason}");
+                if kind.is_some_and(Kind::of_replica) && self.phase != Phase::Stopping {
+                    return self.replica_failed(rank, code, reason, false, now);
+                }
+                self.stop(code, reason, Some(rank))
             }
+            ToMaster::ResetDone => self.on_reset_done(rank, now),
             ToMaster::Stopping { signal } => {
                 let code = signals::exit_code_for(signal);
                 let what = if signal == signals::libc_sig::USR1 {
@@ -492,7 +549,7 @@ impl Coord {
                     "replica {rep}: Ray head up on {}",
                     self.node(rank)
                 )));
-                acts.extend(self.start_after(ranks.clone(), StartAfter::HeadUp, now));
+                acts.extend(self.start_after(ranks.clone(), StartAfter::HeadUp, false, now));
             }
             Kind::RayWorker => {
                 let (joined, waiting) = self.ray_nodes(ranks.clone());
@@ -513,11 +570,19 @@ impl Coord {
                     )));
                 }
             }
+            Kind::Router => {
+                self.router_up = true;
+                acts.push(self.event("router_up", Some(rank), serde_json::json!({})));
+                return {
+                    acts.extend(self.maybe_ready(now));
+                    acts
+                };
+            }
             Kind::Engine | Kind::Client => {}
         }
         if kind.is_ray() && !self.joined[rep] && self.ray_nodes(ranks.clone()).1.is_empty() {
             self.joined[rep] = true;
-            acts.extend(self.start_after(ranks, StartAfter::ReplicaJoined, now));
+            acts.extend(self.start_after(ranks, StartAfter::ReplicaJoined, false, now));
         }
         if serves {
             acts.extend(self.replica_ready(rep, rank, now));
@@ -552,49 +617,329 @@ impl Coord {
         let Some(plan) = &self.plan else {
             return Vec::new();
         };
+        if self.reps[rep].state != ReplicaState::Starting {
+            return Vec::new();
+        }
         self.ready[rep] = true;
+        self.reps[rep].state = ReplicaState::Ready;
         let url = plan.endpoints[rep].url.clone();
-        let mut acts = vec![self.event(
-            "replica_ready",
-            Some(rank),
-            serde_json::json!({ "replica": rep, "url": url }),
-        )];
-        if !self.ready.iter().all(|r| *r) {
-            let n_ready = self.ready.iter().filter(|r| **r).count();
+        let mut acts = vec![
+            self.event(
+                "replica_ready",
+                Some(rank),
+                serde_json::json!({ "replica": rep, "url": url, "restarts": self.reps[rep].restarts }),
+            ),
+            self.replicas_action(),
+        ];
+        let n_ready = self.ready.iter().filter(|r| **r).count();
+        if self.phase == Phase::Ready {
             acts.push(Action::Info(format!(
-                "replica {rep} ready ({n_ready}/{} replicas)",
+                "replica {rep} serves again after {} restart(s) ({n_ready}/{} replicas serve)",
+                self.reps[rep].restarts,
                 self.ready.len()
             )));
             return acts;
         }
+        acts.push(Action::Info(format!(
+            "replica {rep} ready ({n_ready}/{} replicas)",
+            self.ready.len()
+        )));
+        acts.extend(self.maybe_ready(now));
+        acts
+    }
+
+    /// The job is ready once the router listens and every replica serves or is down for
+    /// good (and enough serve; else the job has ended already).
+    fn maybe_ready(&mut self, now: Instant) -> Vec<Action> {
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
+        if self.phase != Phase::Starting || !self.router_up {
+            return Vec::new();
+        }
+        let settled = self
+            .reps
+            .iter()
+            .all(|r| matches!(r.state, ReplicaState::Ready | ReplicaState::Down));
+        if !settled || !self.ready.iter().any(|r| *r) {
+            return Vec::new();
+        }
         self.phase = Phase::Ready;
         let urls: Vec<String> = plan.endpoints.iter().map(|e| e.url.clone()).collect();
-        acts.push(self.event("ready", None, serde_json::json!({ "urls": urls })));
+        let url = plan.url().to_string();
+        let mut acts = vec![self.event(
+            "ready",
+            None,
+            serde_json::json!({ "url": url, "urls": urls }),
+        )];
         acts.push(Action::Endpoint {
             status: Status::Ready,
             reason: None,
             code: None,
         });
+        let shown = if plan.router.is_some() {
+            format!("{url} (router over {})", urls.join(" "))
+        } else {
+            urls.join(" ")
+        };
         acts.push(Action::Info(format!(
-            "ready: {} (endpoint file {})",
-            urls.join(" "),
+            "ready: {shown} (endpoint file {})",
             self.settings.endpoint_file
         )));
-        acts.extend(self.start_after(0..self.n, StartAfter::AllReady, now));
+        acts.extend(self.start_after(0..self.n, StartAfter::AllReady, false, now));
         acts
     }
 
-    pub fn on_closed(&mut self, rank: usize) -> Vec<Action> {
+    /// Every replica's state, for the endpoint file.
+    fn replicas_action(&self) -> Action {
+        let Some(plan) = &self.plan else {
+            return Action::Replicas(Vec::new());
+        };
+        Action::Replicas(
+            self.reps
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ReplicaStatus {
+                    replica: i,
+                    node: plan.endpoints[i].node.clone(),
+                    url: plan.endpoints[i].url.clone(),
+                    state: r.state,
+                    restarts: r.restarts,
+                    reason: r.reason.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// A process of `rank`'s replica failed (or, `lost`, its node is gone). Without restarts
+    /// the job stops. Else the replica leaves the job: its processes on all its nodes are torn
+    /// down and it starts again after a back-off while its budget lasts; a lost node, or a
+    /// spent budget, keeps it down. The job ends when too few replicas are left.
+    fn replica_failed(
+        &mut self,
+        rank: usize,
+        code: i32,
+        reason: String,
+        lost: bool,
+        now: Instant,
+    ) -> Vec<Action> {
+        if !self.restarts || self.phase == Phase::Stopping {
+            return self.stop(code, reason, Some(rank));
+        }
+        let Some(plan) = &self.plan else {
+            return self.stop(code, reason, Some(rank));
+        };
+        let rep = plan.ranks[rank].replica;
+        let ranks = plan.replica_ranks(rep);
+        let leader = plan.endpoints[rep].node.clone();
+        if !matches!(
+            self.reps[rep].state,
+            ReplicaState::Starting | ReplicaState::Ready
+        ) {
+            // the same failure seen by another process of it, or a node lost while it restarts
+            if lost && self.reps[rep].state != ReplicaState::Down {
+                self.reps[rep].state = ReplicaState::Down;
+                self.reps[rep].restart_at = None;
+                self.reps[rep].resetting.remove(&rank);
+                let mut acts = vec![
+                    Action::Warn(format!("replica {rep}: {reason}; it stays down")),
+                    self.replicas_action(),
+                ];
+                acts.extend(self.check_serving(code, &reason, now));
+                return acts;
+            }
+            return Vec::new();
+        }
+        self.ready[rep] = false;
+        self.joined[rep] = false;
+        for r in ranks.clone() {
+            self.up[r].retain(|k| !k.of_replica());
+        }
+        self.pending
+            .retain(|(r, k, _, _)| !(ranks.contains(r) && k.of_replica()));
+        let next = if lost {
+            None
+        } else {
+            self.reps[rep].budget.restart(now)
+        };
+        let max = self.settings.config.replicas.max_restarts;
+        let window = self.settings.config.replicas.restart_window.0;
+        let r = &mut self.reps[rep];
+        r.reason = Some(reason.clone());
+        let mut acts = Vec::new();
+        let why_down;
+        match next {
+            Some(backoff) => {
+                r.state = ReplicaState::Restarting;
+                r.backoff = backoff;
+                r.restarts += 1;
+                why_down = None;
+                acts.push(Action::Warn(format!(
+                    "replica {rep} (leader {leader}) failed: {reason}; restarting it in {} (restart {} of at most {max} within {})",
+                    dur(backoff),
+                    r.restarts,
+                    dur(window)
+                )));
+            }
+            None => {
+                r.state = ReplicaState::Down;
+                let why = if lost {
+                    "its node is lost".to_string()
+                } else {
+                    format!(
+                        "it failed after {} restart(s) within {} (replicas.max_restarts {max})",
+                        r.budget.used(),
+                        dur(window)
+                    )
+                };
+                acts.push(Action::Warn(format!(
+                    "replica {rep} (leader {leader}) failed: {reason}; it stays down: {why}"
+                )));
+                why_down = Some(why);
+            }
+        }
+        let restarting = self.reps[rep].state == ReplicaState::Restarting;
+        acts.insert(
+            0,
+            self.event(
+                "replica_failed",
+                Some(rank),
+                serde_json::json!({
+                    "replica": rep,
+                    "reason": reason,
+                    "code": code,
+                    "restart": restarting,
+                    "restarts": self.reps[rep].restarts,
+                    "down": why_down,
+                }),
+            ),
+        );
+        for r in ranks {
+            if r == rank && lost {
+                continue;
+            }
+            if self.connected[r] {
+                self.reps[rep].resetting.insert(r);
+                acts.push(Action::Send(
+                    r,
+                    ToRank::Reset {
+                        reason: format!("replica {rep} failed: {reason}"),
+                    },
+                ));
+            }
+        }
+        if restarting && self.reps[rep].resetting.is_empty() {
+            self.reps[rep].restart_at = Some(now + self.reps[rep].backoff);
+        }
+        acts.push(self.replicas_action());
+        acts.extend(self.check_serving(code, &reason, now));
+        acts
+    }
+
+    /// After a replica left: end the job when too few replicas serve (or can still come up),
+    /// else see whether the job is ready now (a replica down for good no longer holds it up).
+    fn check_serving(&mut self, code: i32, reason: &str, now: Instant) -> Vec<Action> {
+        let min = self.settings.config.replicas.min_healthy as usize;
+        let serving = self.ready.iter().filter(|r| **r).count();
+        let alive = self
+            .reps
+            .iter()
+            .filter(|r| r.state != ReplicaState::Down)
+            .count();
+        let too_few = if self.phase == Phase::Ready {
+            serving < min
+        } else {
+            alive < min
+        };
+        if alive == 0 || too_few {
+            let code = if exit::is_failure(code) {
+                exit::REPLICAS_DOWN
+            } else {
+                code
+            };
+            return self.stop(
+                code,
+                format!(
+                    "{serving} of {} replica(s) serve, fewer than replicas.min_healthy ({min}); last: {reason}",
+                    self.reps.len()
+                ),
+                None,
+            );
+        }
+        self.maybe_ready(now)
+    }
+
+    /// A rank finished tearing down its replica's processes.
+    fn on_reset_done(&mut self, rank: usize, now: Instant) -> Vec<Action> {
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
+        let rep = plan.ranks[rank].replica;
+        let r = &mut self.reps[rep];
+        if !r.resetting.remove(&rank) || !r.resetting.is_empty() {
+            return Vec::new();
+        }
+        if r.state != ReplicaState::Restarting {
+            return vec![Action::Info(format!(
+                "replica {rep}: its processes are gone on all its nodes"
+            ))];
+        }
+        r.restart_at = Some(now + r.backoff);
+        vec![Action::Info(format!(
+            "replica {rep}: its processes are gone on all its nodes; starting it again in {}",
+            dur(r.backoff)
+        ))]
+    }
+
+    /// Replicas whose back-off is over start again, from their first command on.
+    fn restart_due(&mut self, now: Instant) -> Vec<Action> {
+        let due: Vec<usize> = (0..self.reps.len())
+            .filter(|i| {
+                self.reps[*i].state == ReplicaState::Restarting
+                    && self.reps[*i].restart_at.is_some_and(|t| now >= t)
+            })
+            .collect();
+        let mut acts = Vec::new();
+        for rep in due {
+            let Some(plan) = &self.plan else {
+                break;
+            };
+            let ranks = plan.replica_ranks(rep);
+            let leader = plan.endpoints[rep].node.clone();
+            let r = &mut self.reps[rep];
+            r.state = ReplicaState::Starting;
+            r.restart_at = None;
+            let n = r.restarts;
+            acts.push(self.event(
+                "replica_restarting",
+                None,
+                serde_json::json!({ "replica": rep, "restart": n, "node": leader }),
+            ));
+            acts.push(Action::Info(format!(
+                "replica {rep}: starting it again on {leader} (restart {n})"
+            )));
+            acts.extend(self.start_after(ranks, StartAfter::Rendezvous, true, now));
+            acts.push(self.replicas_action());
+        }
+        acts
+    }
+
+    pub fn on_closed(&mut self, rank: usize, now: Instant) -> Vec<Action> {
+        let was = self.connected[rank];
         self.connected[rank] = false;
         if self.phase == Phase::Stopping {
             return self.check_all_stopped();
         }
+        if !was {
+            return Vec::new();
+        }
         let node = self.node(rank);
-        self.stop(
-            exit::PEER_FAILURE,
-            format!("lost the connection to {node}'s launcher (killed, or the node failed)"),
-            Some(rank),
-        )
+        let reason =
+            format!("lost the connection to {node}'s launcher (killed, or the node failed)");
+        if rank != 0 && self.phase != Phase::Rendezvous {
+            return self.replica_failed(rank, exit::PEER_FAILURE, reason, true, now);
+        }
+        self.stop(exit::PEER_FAILURE, reason, Some(rank))
     }
 
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
@@ -632,34 +977,47 @@ impl Coord {
                 }
             }
             Phase::Starting | Phase::Ready => {
-                if let Some((r, kind, _, d)) = self
+                while let Some((r, kind, _, d)) = self
                     .pending
                     .iter()
                     .find(|(_, _, dl, _)| now >= *dl)
                     .cloned()
                 {
-                    return self.stop(
-                        exit::STARTUP_TIMEOUT,
-                        format!(
-                            "{kind} on {} did not come up within {} ({})",
-                            self.node(r),
-                            dur(d.duration(&self.settings.timeouts)),
-                            d.key()
-                        ),
-                        Some(r),
+                    let reason = format!(
+                        "{kind} on {} did not come up within {} ({})",
+                        self.node(r),
+                        dur(d.duration(&self.settings.timeouts)),
+                        d.key()
                     );
+                    if !kind.of_replica() {
+                        return self.stop(exit::STARTUP_TIMEOUT, reason, Some(r));
+                    }
+                    self.pending
+                        .retain(|(r2, k2, _, _)| !(*r2 == r && *k2 == kind));
+                    acts.extend(self.replica_failed(r, exit::STARTUP_TIMEOUT, reason, false, now));
+                    if self.phase == Phase::Stopping {
+                        return acts;
+                    }
                 }
-                if let Some(r) = self.newly_silent(now) {
+                while let Some(r) = self.newly_silent(now) {
                     let node = self.node(r);
-                    return self.stop(
-                        exit::PEER_FAILURE,
-                        format!(
-                            "{node} went silent: no heartbeat for {} (health.heartbeat_timeout)",
-                            dur(self.settings.health.heartbeat_timeout)
-                        ),
-                        Some(r),
+                    let reason = format!(
+                        "{node} went silent: no heartbeat for {} (health.heartbeat_timeout)",
+                        dur(self.settings.health.heartbeat_timeout)
                     );
+                    if r == 0 {
+                        acts.extend(self.stop(exit::PEER_FAILURE, reason, Some(r)));
+                    } else {
+                        if self.restarts {
+                            acts.push(Action::Drop(r));
+                        }
+                        acts.extend(self.replica_failed(r, exit::PEER_FAILURE, reason, true, now));
+                    }
+                    if self.phase == Phase::Stopping {
+                        return acts;
+                    }
                 }
+                acts.extend(self.restart_due(now));
             }
             Phase::Stopping => {
                 // a node that freezes during the teardown is not waited for either
@@ -726,6 +1084,9 @@ struct Shell {
     api_key_path: Option<String>,
     wrote_api_key: bool,
     refused: u64,
+    /// What the endpoint file says now (rewritten when the replicas change).
+    status: (Status, Option<String>, Option<i32>),
+    replicas: Vec<ReplicaStatus>,
 }
 
 impl Shell {
@@ -773,17 +1134,19 @@ impl Shell {
         reason: Option<&str>,
         code: Option<i32>,
     ) {
-        if status == Status::Ready {
+        if status == Status::Ready && self.status.0 != Status::Ready {
             self.ready_at = Some(now_rfc3339());
         }
+        self.status = (status, reason.map(str::to_string), code);
         let urls: Vec<String> = plan
             .map(|p| p.endpoints.iter().map(|e| e.url.clone()).collect())
             .unwrap_or_default();
         let c = &self.settings.config;
         let f = EndpointFile {
             status,
-            url: urls.first().cloned(),
+            url: plan.map(|p| p.url().to_string()),
             urls,
+            replicas: self.replicas.clone(),
             model: c.model.clone(),
             served_model_name: c
                 .served_model_name
@@ -933,6 +1296,8 @@ pub async fn serve(
         api_key_path: None,
         wrote_api_key: false,
         refused: 0,
+        status: (Status::Starting, None, None),
+        replicas: Vec::new(),
     };
     // the endpoint's API key: the user's own file, or one the launcher writes (0600)
     if settings.auth {
@@ -1045,7 +1410,7 @@ pub async fn serve(
                 Inbound::Msg(rank, msg) => coord.on_message(rank, msg, Instant::now()),
                 Inbound::Closed(rank) => {
                     writers.remove(&rank);
-                    coord.on_closed(rank)
+                    coord.on_closed(rank, Instant::now())
                 }
             },
             _ = ticker.tick() => {
@@ -1082,6 +1447,16 @@ pub async fn serve(
                     reason,
                     code,
                 } => shell.endpoint(coord.plan(), status, reason.as_deref(), code),
+                Action::Replicas(v) => {
+                    shell.replicas = v;
+                    let (st, reason, code) = shell.status.clone();
+                    if !st.is_final() {
+                        shell.endpoint(coord.plan(), st, reason.as_deref(), code);
+                    }
+                }
+                Action::Drop(r) => {
+                    writers.remove(&r);
+                }
                 Action::Info(s) => tracing::info!("{s}"),
                 Action::Warn(s) => tracing::warn!("{s}"),
                 Action::AllStopped => done = true,
@@ -1449,7 +1824,7 @@ mod tests {
         );
         // a second failure does not change the cause
         assert!(c
-            .on_closed(2)
+            .on_closed(2, Instant::now())
             .iter()
             .all(|a| !matches!(a, Action::Send(..))));
     }
@@ -1558,6 +1933,225 @@ mod tests {
         assert!(!c
             .on_message(0, ToMaster::Stopped, now)
             .contains(&Action::AllStopped));
-        assert!(c.on_closed(1).contains(&Action::AllStopped));
+        assert!(c.on_closed(1, Instant::now()).contains(&Action::AllStopped));
+    }
+    // ---- replicas: restarts, the budget, min_healthy, the router
+
+    /// vLLM mp, one node per replica: `n` replicas behind a router.
+    fn replicas_yaml(extra: &str) -> String {
+        format!("engine: vllm\nmodel: m\nparallel:\n  tensor: 1\n  nodes_per_replica: 1\nvllm:\n  backend: mp\n{extra}")
+    }
+
+    fn resets(acts: &[Action]) -> Vec<usize> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Send(r, ToRank::Reset { .. }) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn states(acts: &[Action]) -> Option<Vec<(ReplicaState, u32)>> {
+        acts.iter().rev().find_map(|a| match a {
+            Action::Replicas(v) => Some(v.iter().map(|r| (r.state, r.restarts)).collect()),
+            _ => None,
+        })
+    }
+
+    fn exited(kind: Kind) -> ToMaster {
+        ToMaster::Exited {
+            name: kind,
+            status: "signal 9 (SIGKILL)".into(),
+            code: 137,
+            log: None,
+            tail: vec![],
+        }
+    }
+
+    /// Heartbeats from every rank, then a tick: the clock moves on while every node is alive.
+    fn beat(c: &mut Coord, t: Instant) -> Vec<Action> {
+        for r in 0..c.n {
+            c.on_message(r, ToMaster::Heartbeat, t);
+        }
+        c.on_tick(t)
+    }
+
+    fn is_ready(acts: &[Action]) -> bool {
+        acts.iter().any(|a| {
+            matches!(
+                a,
+                Action::Endpoint {
+                    status: Status::Ready,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// Two replicas up, the router listening, the client started: the job is ready.
+    fn two_ready(extra: &str, client: &[&str]) -> (Coord, Instant) {
+        let (mut c, infos, t0) = setup(&replicas_yaml(extra), 2, client);
+        let acts = hello_all(&mut c, &infos, t0);
+        // every engine and the router start at once (no Ray)
+        assert_eq!(
+            sends(&acts),
+            [
+                (0, "engine".into()),
+                (0, "router".into()),
+                (1, "engine".into())
+            ]
+        );
+        let mut acts = c.on_message(0, ToMaster::Up { name: Kind::Engine }, t0);
+        acts.extend(c.on_message(1, ToMaster::Up { name: Kind::Engine }, t0));
+        assert!(!is_ready(&acts), "not before the router listens: {acts:?}");
+        let acts = c.on_message(0, ToMaster::Up { name: Kind::Router }, t0);
+        assert!(is_ready(&acts), "{acts:?}");
+        (c, t0)
+    }
+
+    #[test]
+    fn a_failed_replica_is_torn_down_and_started_again_while_the_job_goes_on() {
+        let (mut c, t0) = two_ready("", &["python", "x.py"]);
+        let s = Duration::from_secs(1);
+        // replica 1's engine dies: only its node resets, nobody stops, the job stays ready
+        let acts = c.on_message(1, exited(Kind::Engine), t0 + s);
+        assert_eq!(resets(&acts), [1], "{acts:?}");
+        assert!(sends(&acts).is_empty(), "no stop, no start: {acts:?}");
+        assert_eq!(
+            states(&acts),
+            Some(vec![
+                (ReplicaState::Ready, 0),
+                (ReplicaState::Restarting, 1)
+            ])
+        );
+        assert!(!c.stopping());
+        // its teardown is done; the back-off (1 s) runs from then
+        c.on_message(1, ToMaster::ResetDone, t0 + 2 * s);
+        assert!(sends(&c.on_tick(t0 + 2 * s)).is_empty());
+        let acts = c.on_tick(t0 + 3 * s);
+        // only the replica's own engine starts again: not the router, not the client
+        assert_eq!(sends(&acts), [(1, "engine".into())], "{acts:?}");
+        assert_eq!(
+            states(&acts),
+            Some(vec![(ReplicaState::Ready, 0), (ReplicaState::Starting, 1)])
+        );
+        let acts = c.on_message(1, ToMaster::Up { name: Kind::Engine }, t0 + 4 * s);
+        assert_eq!(
+            states(&acts),
+            Some(vec![(ReplicaState::Ready, 0), (ReplicaState::Ready, 1)])
+        );
+        assert!(
+            sends(&acts).is_empty(),
+            "the client is not started twice: {acts:?}"
+        );
+        // a late report from the killed engine's other watchers changes nothing
+        let mut c2 = c;
+        c2.on_message(1, exited(Kind::Engine), t0 + 5 * s);
+        assert!(!c2.stopping());
+    }
+
+    #[test]
+    fn a_replica_that_keeps_failing_stays_down_and_the_last_one_ends_the_job() {
+        let (mut c, t0) = two_ready("replicas:\n  max_restarts: 2\n  restart_window: 10m\n", &[]);
+        let s = Duration::from_secs(1);
+        let mut t = t0;
+        let mut restarts_seen = Vec::new();
+        for attempt in 0..3 {
+            t += 10 * s;
+            // the health checks fail this time: a `Failed` of the engine
+            let acts = c.on_message(
+                1,
+                ToMaster::Failed {
+                    code: exit::ENGINE_FAILURE,
+                    reason: "health check failed".into(),
+                    kind: Some(Kind::Engine),
+                },
+                t,
+            );
+            assert_eq!(resets(&acts), [1], "attempt {attempt}: {acts:?}");
+            let st = states(&acts).unwrap()[1];
+            restarts_seen.push(st);
+            c.on_message(1, ToMaster::ResetDone, t);
+            // back-off 1 s, then 2 s
+            let acts = beat(&mut c, t + 5 * s);
+            if attempt < 2 {
+                assert_eq!(sends(&acts), [(1, "engine".into())], "attempt {attempt}");
+            } else {
+                assert!(sends(&acts).is_empty());
+            }
+        }
+        assert_eq!(
+            restarts_seen,
+            [
+                (ReplicaState::Restarting, 1),
+                (ReplicaState::Restarting, 2),
+                (ReplicaState::Down, 2)
+            ]
+        );
+        assert!(!c.stopping(), "replica 0 still serves");
+        // the last serving replica fails too: below min_healthy, the job ends with exit 7
+        let acts = c.on_message(0, exited(Kind::Engine), t + 20 * s);
+        assert!(c.stopping());
+        assert!(
+            sends(&acts).contains(&(0, format!("stop {}", exit::REPLICAS_DOWN))),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn a_lost_node_keeps_its_replica_down_and_min_healthy_decides() {
+        let (mut c, t0) = two_ready("", &[]);
+        let acts = c.on_closed(1, t0 + Duration::from_secs(1));
+        assert_eq!(
+            states(&acts),
+            Some(vec![(ReplicaState::Ready, 0), (ReplicaState::Down, 0)])
+        );
+        assert!(
+            resets(&acts).is_empty(),
+            "nobody is left on that node to reset"
+        );
+        assert!(!c.stopping());
+        // with min_healthy 2 the same loss ends the job
+        let (mut c, t0) = two_ready("replicas:\n  min_healthy: 2\n", &[]);
+        c.on_closed(1, t0 + Duration::from_secs(1));
+        assert!(c.stopping());
+    }
+
+    #[test]
+    fn with_on_failure_stop_one_replica_ends_the_job_as_before() {
+        let (mut c, t0) = two_ready("replicas:\n  on_failure: stop\n", &[]);
+        let acts = c.on_message(1, exited(Kind::Engine), t0 + Duration::from_secs(1));
+        assert!(c.stopping());
+        assert!(sends(&acts).contains(&(0, format!("stop {}", exit::ENGINE_FAILURE))));
+        // the router's death is the job's failure in any case
+        let (mut c, t0) = two_ready("", &[]);
+        c.on_message(0, exited(Kind::Router), t0 + Duration::from_secs(1));
+        assert!(c.stopping());
+    }
+
+    #[test]
+    fn a_replica_that_never_comes_up_does_not_hold_the_job_back_once_down() {
+        let yaml = replicas_yaml("replicas:\n  max_restarts: 1\ntimeouts:\n  engine_ready: 60s\n");
+        let (mut c, infos, t0) = setup(&yaml, 2, &["python", "x.py"]);
+        hello_all(&mut c, &infos, t0);
+        c.on_message(0, ToMaster::Up { name: Kind::Engine }, t0);
+        c.on_message(0, ToMaster::Up { name: Kind::Router }, t0);
+        // replica 1 misses its deadline: restarted once
+        let s = Duration::from_secs(1);
+        for i in 1..60 {
+            assert!(beat(&mut c, t0 + i * s).is_empty(), "at {i} s");
+        }
+        let acts = beat(&mut c, t0 + 60 * s);
+        assert_eq!(resets(&acts), [1], "{acts:?}");
+        c.on_message(1, ToMaster::ResetDone, t0 + 61 * s);
+        assert_eq!(sends(&beat(&mut c, t0 + 63 * s)), [(1, "engine".into())]);
+        // and again: now it stays down, and the job is ready with replica 0 alone
+        for i in 64..123 {
+            assert!(beat(&mut c, t0 + i * s).is_empty(), "at {i} s");
+        }
+        let acts = beat(&mut c, t0 + 123 * s);
+        assert_eq!(states(&acts).unwrap()[1], (ReplicaState::Down, 1));
+        assert!(is_ready(&acts), "{acts:?}");
+        assert!(sends(&acts).contains(&(0, "client".into())), "{acts:?}");
     }
 }

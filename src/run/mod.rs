@@ -3,7 +3,8 @@
 //! Owns: the rank's state machine and its async shell ([`rank`]), the master's coordinator
 //! ([`coordinator`]), the rank-to-rank [`channel`], children in their own sessions ([`proc`]),
 //! who holds which port here ([`ports`]),
-//! signals ([`signals`]), the launcher's own stalls ([`stall`]) and the [`reaper`]. Reads the plan and the settings; never re-reads
+//! signals ([`signals`]), the launcher's own stalls ([`stall`]), each replica's restart budget
+//! ([`restarts`]) and the [`reaper`]. Reads the plan and the settings; never re-reads
 //! flags, the environment or the YAML, and decides nothing the plan already says (what starts
 //! when, how it is known to be up, which deadline covers it, in which stage it stops).
 
@@ -13,5 +14,6 @@ pub mod ports;
 pub mod proc;
 pub mod rank;
 pub mod reaper;
+pub mod restarts;
 pub mod signals;
 pub mod stall;

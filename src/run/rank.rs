@@ -64,8 +64,12 @@ pub enum Event {
         log: Option<String>,
         tail: Vec<String>,
     },
-    /// Something else failed here: a spawn, the health checks.
-    Failed { code: i32, reason: String },
+    /// Something else failed here: a spawn, the health checks (of `kind`, when a command).
+    Failed {
+        code: i32,
+        reason: String,
+        kind: Option<Kind>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +94,8 @@ pub enum Input {
     Tick,
     /// The teardown finished: every process of this rank is gone.
     TornDown,
+    /// The replica's processes here are gone (after `Action::Reset`).
+    ResetDone,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +110,9 @@ pub enum Action {
     Teardown,
     /// SIGKILL every session of this rank now (the teardown goes on and reports as usual).
     KillAll,
+    /// Stop this rank's processes of its replica (its Ray and engine), keep the rest;
+    /// report `Input::ResetDone`.
+    Reset,
     Info(String),
     Warn(String),
     Error(String),
@@ -326,6 +335,7 @@ impl RankMachine {
                 Action::Send(ToMaster::Failed {
                     code: exit::USAGE,
                     reason: report.replace('\n', " "),
+                    kind: None,
                 }),
                 Action::Error(report),
                 Action::Exit {
@@ -366,6 +376,12 @@ impl RankMachine {
                 match m {
                     ToRank::Start { name } if self.stopping.is_none() => {
                         acts.push(Action::Start(name));
+                    }
+                    ToRank::Reset { reason } if self.stopping.is_none() => {
+                        acts.push(Action::Warn(format!(
+                            "{reason}: stopping this node's processes of the replica (the job goes on)"
+                        )));
+                        acts.push(Action::Reset);
                     }
                     ToRank::Stop { code, reason, node } if self.stopping.is_none() => {
                         acts.push(report_stop(code, &reason, node.as_deref()));
@@ -419,10 +435,10 @@ impl RankMachine {
                 acts.push(Action::Info(format!("{kind} is up")));
                 acts.push(Action::Send(ToMaster::Up { name: kind }));
             }
-            Input::Local(Event::Failed { code, reason }) => {
+            Input::Local(Event::Failed { code, reason, kind }) => {
                 if self.stopping.is_none() {
                     acts.push(Action::Error(reason.clone()));
-                    acts.push(Action::Send(ToMaster::Failed { code, reason }));
+                    acts.push(Action::Send(ToMaster::Failed { code, reason, kind }));
                 }
             }
             Input::Tick => {
@@ -462,6 +478,14 @@ impl RankMachine {
                     summary: Some(summary),
                 });
             }
+            Input::ResetDone => {
+                if self.stopping.is_none() {
+                    acts.push(Action::Info(
+                        "the replica's processes on this node are gone".into(),
+                    ));
+                    acts.push(Action::Send(ToMaster::ResetDone));
+                }
+            }
             Input::Connected
             | Input::Unreachable(_)
             | Input::Refused { .. }
@@ -474,9 +498,34 @@ impl RankMachine {
 // ------------------------------------------------------------------ the async shell
 
 /// A process this rank started: its teardown stage and its pid (= its session's id).
+#[derive(Clone)]
 struct Running {
+    kind: Kind,
     stage: Stage,
     pid: i32,
+}
+
+/// Where a watcher reports, tagged with the rank's reset epoch at the process's start: a
+/// report about a process a reset already stopped is dropped.
+#[derive(Clone)]
+struct Reports {
+    tx: mpsc::UnboundedSender<(u64, Event)>,
+    epoch: u64,
+}
+
+impl Reports {
+    fn send(&self, ev: Event) -> Result<(), ()> {
+        self.tx.send((self.epoch, ev)).map_err(|_| ())
+    }
+}
+
+/// The command an event is about.
+fn event_kind(ev: &Event) -> Option<Kind> {
+    match ev {
+        Event::Up(k) => Some(*k),
+        Event::Exited { kind, .. } => Some(*kind),
+        Event::Failed { kind, .. } => *kind,
+    }
 }
 
 /// Files that engines leave in shared memory and /tmp (vLLM's `vllm_dist_*`).
@@ -516,8 +565,13 @@ struct Shell {
     log_dir: PathBuf,
     reaper: Option<Reaper>,
     procs: Vec<Running>,
-    watchers: Vec<JoinHandle<()>>,
-    local_tx: mpsc::UnboundedSender<Event>,
+    watchers: Vec<(Kind, JoinHandle<()>)>,
+    local_tx: mpsc::UnboundedSender<(u64, Event)>,
+    /// Resets so far: events of replica processes from before the last one are stale.
+    epoch: u64,
+    /// A reset under way: what it stops, and the future that does it.
+    resetting: Vec<Running>,
+    reset: Option<Pin<Box<dyn Future<Output = ()>>>>,
     kill_tx: watch::Sender<bool>,
     kill_rx: watch::Receiver<bool>,
     leftovers_before: BTreeSet<PathBuf>,
@@ -556,6 +610,7 @@ impl Shell {
                     Action::KillAll => {
                         let _ = self.kill_tx.send(true);
                     }
+                    Action::Reset => self.begin_reset(),
                     Action::Info(s) => info!("{s}"),
                     Action::Warn(s) => warn!("{s}"),
                     Action::Error(s) => error!("{s}"),
@@ -622,12 +677,14 @@ impl Shell {
                 reason: format!(
                     "the master asked for `{kind}`, which this rank's plan does not have"
                 ),
+                kind: Some(kind),
             });
         };
         let secret = |s: &plan::Secret| match s {
             plan::Secret::ApiKey => self.secrets.api_key.clone().ok_or_else(|| Event::Failed {
                 code: exit::INTERNAL,
                 reason: format!("{kind} needs the job's API key, which this rank does not have"),
+                kind: Some(kind),
             }),
         };
         let mut env = cmd.env.clone();
@@ -635,6 +692,12 @@ impl Shell {
             env.insert(k.clone(), secret(s)?);
         }
         let mut argv = cmd.argv.clone();
+        if argv[0] == plan::LAUNCHER {
+            // the router and other launcher subcommands: this very binary
+            if let Ok(exe) = std::env::current_exe() {
+                argv[0] = exe.display().to_string();
+            }
+        }
         for (flag, s) in &cmd.secret_args {
             argv.push(flag.clone());
             argv.push(secret(s)?);
@@ -664,6 +727,11 @@ impl Shell {
             let _ = private::open_append(l)
                 .and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
         }
+        // a restarted command appends to its log: only what it writes now counts
+        let from = log
+            .as_ref()
+            .and_then(|l| std::fs::metadata(l).ok())
+            .map_or(0, |m| m.len());
         let out = match &log {
             Some(l) => proc::Output::Log(l),
             None => proc::Output::Inherit,
@@ -671,6 +739,7 @@ impl Shell {
         let mut child = proc::spawn(&argv, &env, out).map_err(|e| Event::Failed {
             code: exit::LAUNCH_FAILURE,
             reason: format!("cannot start {kind} (`{}`): {e}", cmd.argv[0]),
+            kind: Some(kind),
         })?;
         let pid = child.id().map_or(0, |p| p as i32);
         info!(
@@ -679,7 +748,10 @@ impl Shell {
                 .map(|l| format!(", log {}", l.display()))
                 .unwrap_or_default()
         );
-        let tx = self.local_tx.clone();
+        let tx = Reports {
+            tx: self.local_tx.clone(),
+            epoch: self.epoch,
+        };
         let log2 = log.clone();
         let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ended2 = ended.clone();
@@ -703,7 +775,10 @@ impl Shell {
                 });
             }
         });
-        let tx = self.local_tx.clone();
+        let tx = Reports {
+            tx: self.local_tx.clone(),
+            epoch: self.epoch,
+        };
         match &cmd.lifecycle.ready {
             Ready::LogLine { text } => {
                 let (l, text) = (
@@ -711,23 +786,22 @@ impl Shell {
                     text.clone(),
                 );
                 let daemons = cmd.lifecycle.daemons.clone();
-                self.watchers.push(tokio::spawn(async move {
-                    if watch_log(&l, &text).await {
-                        let _ = tx.send(Event::Up(kind));
-                        watch_daemons(kind, pid, &daemons, &l, ended, tx).await;
-                    }
-                }));
+                self.watchers.push((
+                    kind,
+                    tokio::spawn(async move {
+                        if watch_log(&l, &text, from).await {
+                            let _ = tx.send(Event::Up(kind));
+                            watch_daemons(kind, pid, &daemons, &l, ended, tx).await;
+                        }
+                    }),
+                ));
             }
             Ready::Http { url } => {
                 let h = &self.settings.health;
-                self.watchers.push(tokio::spawn(health(
+                self.watchers.push((
                     kind,
-                    url.clone(),
-                    pid,
-                    h.interval,
-                    h.failures,
-                    tx,
-                )));
+                    tokio::spawn(health(kind, url.clone(), pid, h.interval, h.failures, tx)),
+                ));
             }
             Ready::Spawned => {
                 let _ = tx.send(Event::Up(kind));
@@ -735,6 +809,7 @@ impl Shell {
             Ready::Untracked => {}
         }
         self.procs.push(Running {
+            kind,
             stage: cmd.lifecycle.stage,
             pid,
         });
@@ -755,16 +830,50 @@ impl Shell {
         } else {
             self.settings.timeouts.shutdown_grace
         };
-        for w in self.watchers.drain(..) {
+        for (_, w) in self.watchers.drain(..) {
             w.abort();
         }
+        // what a reset under way is stopping is stopped again with the rest
+        let mut procs = std::mem::take(&mut self.procs);
+        procs.append(&mut self.resetting);
         self.teardown = Some(Box::pin(teardown(
-            std::mem::take(&mut self.procs),
+            procs,
             grace,
             self.kill_rx.clone(),
             self.temp_dir.take(),
             self.leftovers_before.clone(),
         )));
+    }
+}
+
+impl Shell {
+    /// Stop this rank's processes of its replica (Ray, engine) the way a failed job's are
+    /// stopped (SIGTERM with `FAILURE_GRACE`, then SIGKILL; Ray's at once); the router and
+    /// the client go on. Their reports from now on are stale.
+    fn begin_reset(&mut self) {
+        if self.teardown.is_some() || self.reset.is_some() {
+            return;
+        }
+        self.epoch += 1;
+        self.watchers.retain(|(k, w)| {
+            if k.of_replica() {
+                w.abort();
+            }
+            !k.of_replica()
+        });
+        let (gone, keep): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| p.kind.of_replica());
+        self.procs = keep;
+        self.resetting = gone.clone();
+        let grace = self.settings.timeouts.shutdown_grace.min(FAILURE_GRACE);
+        self.reset = Some(Box::pin(stop_stages(gone, grace, self.kill_rx.clone())));
+    }
+
+    /// A report from a watcher, unless it is about a process a reset stopped.
+    fn fresh(&self, epoch: u64, ev: Event) -> Option<Event> {
+        let stale = epoch < self.epoch && event_kind(&ev).is_none_or(Kind::of_replica);
+        (!stale).then_some(ev)
     }
 }
 
@@ -1025,7 +1134,7 @@ pub async fn run(
         s.timeouts.rendezvous,
         Instant::now(),
     );
-    let (local_tx, mut local_rx) = mpsc::unbounded_channel::<Event>();
+    let (local_tx, mut local_rx) = mpsc::unbounded_channel::<(u64, Event)>();
     let (kill_tx, kill_rx) = watch::channel(false);
     let mut sh = Shell {
         settings: s.clone(),
@@ -1039,6 +1148,9 @@ pub async fn run(
         procs: Vec::new(),
         watchers: Vec::new(),
         local_tx,
+        epoch: 0,
+        resetting: Vec::new(),
+        reset: None,
         kill_tx,
         kill_rx,
         leftovers_before: leftover_candidates(),
@@ -1094,10 +1206,10 @@ pub async fn run(
             return finish(sh, &mut m, Input::Unreachable(why)).await;
         }
     };
-    let mut next = Input::Connected;
+    let mut next = Some(Input::Connected);
     let mut hb = tokio::time::interval(s.health.heartbeat_interval);
     loop {
-        if let Some(done) = sh.drive(&mut m, next) {
+        if let Some(done) = next.take().and_then(|input| sh.drive(&mut m, input)) {
             if m.master_silent() {
                 proc::wake_step(
                     &sh.step,
@@ -1112,17 +1224,22 @@ pub async fn run(
         // before its silence is judged
         next = tokio::select! {
             biased;
-            Some(sig) = sigs.recv() => Input::Signal(sig),
-            r = from_master.recv(), if !m.master_closed() => match r {
+            Some(sig) = sigs.recv() => Some(Input::Signal(sig)),
+            r = from_master.recv(), if !m.master_closed() => Some(match r {
                 Ok(msg) => Input::FromMaster(msg),
                 Err(e) => Input::MasterLost(e.to_string()),
-            },
-            Some(ev) = local_rx.recv() => Input::Local(ev),
+            }),
+            Some((epoch, ev)) = local_rx.recv() => sh.fresh(epoch, ev).map(Input::Local),
             _ = async { sh.teardown.as_mut().expect("guarded").await }, if sh.teardown.is_some() => {
                 sh.teardown = None;
-                Input::TornDown
+                Some(Input::TornDown)
             }
-            _ = hb.tick() => Input::Tick,
+            _ = async { sh.reset.as_mut().expect("guarded").await }, if sh.reset.is_some() => {
+                sh.reset = None;
+                sh.resetting.clear();
+                Some(Input::ResetDone)
+            }
+            _ = hb.tick() => Some(Input::Tick),
         };
     }
 }
@@ -1163,8 +1280,9 @@ async fn end(
 }
 
 /// Wait until `needle` appears in the file (appended to by a child).
-async fn watch_log(path: &Path, needle: &str) -> bool {
-    let mut offset = 0usize;
+/// Only what was written from byte `from` on counts (a restarted command appends to its log).
+async fn watch_log(path: &Path, needle: &str, from: u64) -> bool {
+    let mut offset = from as usize;
     let mut carry = String::new();
     loop {
         // off the runtime thread, which carries the heartbeats
@@ -1196,7 +1314,7 @@ async fn watch_daemons(
     daemons: &[String],
     log: &Path,
     leader_ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: Reports,
 ) {
     if daemons.is_empty() {
         return;
@@ -1252,7 +1370,7 @@ async fn health(
     session: i32,
     every: Duration,
     failures: u32,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: Reports,
 ) {
     let client = match reqwest::Client::builder()
         .no_proxy()
@@ -1264,6 +1382,7 @@ async fn health(
             let _ = tx.send(Event::Failed {
                 code: exit::INTERNAL,
                 reason: format!("HTTP client: {e}"),
+                kind: Some(kind),
             });
             return;
         }
@@ -1294,6 +1413,7 @@ async fn health(
             let _ = tx.send(Event::Failed {
                 code: exit::LAUNCH_FAILURE,
                 reason: why,
+                kind: Some(kind),
             });
             return;
         }
@@ -1312,6 +1432,7 @@ async fn health(
                         reason: format!(
                             "engine health check {url} failed {bad} times in a row (last: {e})"
                         ),
+                        kind: Some(kind),
                     });
                     return;
                 }
@@ -1340,6 +1461,29 @@ async fn teardown(
     leftovers_before: BTreeSet<PathBuf>,
 ) {
     let t0 = Instant::now();
+    stop_stages(procs, grace, kill).await;
+    if let Some((dir, state)) = &temp_dir {
+        if let Err(e) = private::remove_created(dir, state) {
+            warn!("cannot remove what the job put in {}: {e}", dir.display());
+        }
+    }
+    let uid = nix::unistd::getuid().as_raw();
+    for p in leftover_candidates().difference(&leftovers_before) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid) {
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+        }
+    }
+    info!("teardown done in {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// Stop `procs` stage by stage: SIGTERM and `grace` for the graceful stages, then SIGKILL
+/// of their sessions.
+async fn stop_stages(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bool>) {
     for stage in Stage::ORDER {
         let group: Vec<&Running> = procs
             .iter()
@@ -1378,23 +1522,6 @@ async fn teardown(
             }
         }
     }
-    if let Some((dir, state)) = &temp_dir {
-        if let Err(e) = private::remove_created(dir, state) {
-            warn!("cannot remove what the job put in {}: {e}", dir.display());
-        }
-    }
-    let uid = nix::unistd::getuid().as_raw();
-    for p in leftover_candidates().difference(&leftovers_before) {
-        use std::os::unix::fs::MetadataExt as _;
-        if std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid) {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(p)
-            } else {
-                std::fs::remove_file(p)
-            };
-        }
-    }
-    info!("teardown done in {:.1}s", t0.elapsed().as_secs_f64());
 }
 
 #[cfg(test)]
@@ -1506,7 +1633,7 @@ mod machine_tests {
         let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
         m.on(Input::Connected, t0);
         let acts = m.on(Input::Planned(Err("ray.temp_dir: taken".into())), t0);
-        assert!(acts.iter().any(|a| matches!(a, Action::Send(ToMaster::Failed { code: 2, reason }) if reason.contains("taken"))), "{acts:?}");
+        assert!(acts.iter().any(|a| matches!(a, Action::Send(ToMaster::Failed { code: 2, reason, .. }) if reason.contains("taken"))), "{acts:?}");
         assert_eq!(exit_of(&acts), Some(exit::USAGE));
     }
 
@@ -1752,6 +1879,7 @@ mod tests {
             let _ = c.wait().await;
         });
         Running {
+            kind,
             stage: match kind {
                 Kind::Client => Stage::Client,
                 Kind::Engine => Stage::Engine,
