@@ -568,3 +568,144 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
         .collect();
     assert!(left.is_empty(), "{left:#?}");
 }
+
+/// One request through `url` with `key`: (HTTP status, the replica that answered).
+fn routed(url: &str, key: &str, body: Option<&str>) -> (u16, Option<usize>) {
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "--noproxy",
+        "*",
+        "-m",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %header{x-ray-launch-replica}",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+    ]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let out = c.arg(url).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = s.split_whitespace();
+    let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, it.next().and_then(|r| r.parse().ok()))
+}
+
+fn replica_states(ep: &Path) -> Vec<(String, u64)> {
+    endpoint_status(ep).unwrap()["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["state"].as_str().unwrap().to_string(),
+                r["restarts"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Three one-node replicas behind the router (stand-in engine, vLLM mp): the one on node3
+/// fails at every start and stays down after its two restarts, the job is ready with the
+/// other two; requests through the router reach both; kill -9 of node2's engine: every
+/// request still succeeds (the router retries only refused connections), the replica is
+/// restarted and serves again; scancel leaves nothing.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn replicas_behind_the_router_fail_alone_and_come_back() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_REPLICA: '{replica}', STANDIN_FAIL_REPLICA: '2'}\nreplicas: {max_restarts: 2, restart_window: 10m}",
+        "",
+    );
+    let (mut child, ep) = serve(&bed, &cfg);
+    let f = endpoint_status(&ep).unwrap();
+    let url = f["url"].as_str().unwrap().to_string();
+    let urls: Vec<&str> = f["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+    assert_eq!(urls.len(), 3);
+    assert!(!urls.contains(&url.as_str()), "the job's url is the router's: {url} {urls:?}");
+    assert_eq!(
+        replica_states(&ep),
+        [("ready".into(), 0), ("ready".into(), 0), ("down".into(), 2)]
+    );
+    let key = std::fs::read_to_string(f["api_key_path"].as_str().unwrap()).unwrap();
+    let key = key.trim();
+    // the router checks the key itself
+    assert_eq!(routed(&format!("{url}/models"), "wrong", None).0, 401);
+    let completions = format!("{url}/completions");
+    let body = r#"{"model":"tiny","prompt":"hi","max_tokens":1}"#;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (code, rep) = routed(&completions, key, Some(body));
+        assert_eq!(code, 200);
+        seen.insert(rep.unwrap());
+    }
+    assert_eq!(seen, [0, 1].into(), "both serving replicas answer; the down one never");
+    assert_eq!(routed(&format!("{url}/models"), key, None).0, 200);
+
+    // kill -9 of replica 1's engine while requests go on
+    let pid = pid_on(2, "python").unwrap_or_else(|| panic!("{:#?}", node_procs()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, completions, key) = (stop.clone(), completions.clone(), key.to_string());
+        std::thread::spawn(move || {
+            let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                *codes.entry(routed(&completions, &key, Some(body)).0).or_default() += 1;
+            }
+            codes
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    while replica_states(&ep)[1] != ("ready".into(), 1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "replica 1 did not come back: {:?}",
+            replica_states(&ep)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let during = load.join().unwrap();
+    assert_eq!(during.keys().copied().collect::<Vec<_>>(), [200], "every request succeeded: {during:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(routed(&completions, key, Some(body)).1.unwrap());
+    }
+    assert_eq!(seen, [0, 1].into(), "the restarted replica serves again");
+    // the router's own metrics count both
+    let m = Command::new("curl")
+        .args(["-s", "--noproxy", "*", &url.replace("/v1", "/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&m.stdout).to_string();
+    assert!(metrics.contains("ray_launch_router_replica_healthy{replica=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("ray_launch_router_replica_healthy{replica=\"2\"} 0"), "{metrics}");
+
+    assert!(slurm("scancel").arg(job_id("rl-e2e")).status().unwrap().success());
+    let out = wait_limited(&mut child, Duration::from_secs(60));
+    let all = text(&out);
+    eprintln!("{all}");
+    let codes = exits(&all);
+    assert!(codes.values().all(|c| *c == 143), "{codes:?}");
+    for want in [
+        "replica 2 (leader node3) failed",
+        "it stays down: it failed after 2 restart(s)",
+        "replica 1 (leader node2) failed: engine on node2 ended unexpectedly (signal 9 (SIGKILL))",
+        "replica 1 serves again after 1 restart(s)",
+    ] {
+        assert!(all.contains(want), "want `{want}`");
+    }
+    eprintln!(
+        "kill -9 of a replica's engine -> serving again in {:.1}s; requests during it: {during:?}",
+        back.as_secs_f64()
+    );
+}

@@ -11,7 +11,9 @@ Accepts the command lines ray-launch builds for `vllm serve ...` and
 - unless `--headless`: serves /health, /v1/models and /v1/completions on --host/--port; with
   an API key (`--api-key`, or VLLM_API_KEY as vLLM reads it) /v1/* answers 401 without
   `Authorization: Bearer KEY`, and /health stays open, as in vLLM.
-Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES.
+Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES,
+STANDIN_FAIL_REPLICA + STANDIN_REPLICA (the config's `{replica}`): when equal, exit 1 after
+half a second, as an engine whose model does not load (tests of replica restarts).
 """
 import json, os, signal, socket, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +39,12 @@ if rec:
         env["VLLM_API_KEY"] = "<set>"  # the record is no place for the key either
     with open(os.path.join(rec, f"{node}.{flavour}.json"), "w") as f:
         json.dump({"argv": sys.argv[1:], "env": env, "pid": os.getpid()}, f)
+
+fail = os.environ.get("STANDIN_FAIL_REPLICA")
+if fail is not None and fail == os.environ.get("STANDIN_REPLICA"):
+    time.sleep(0.5)
+    print(f"standin: replica {fail} fails at every start (STANDIN_FAIL_REPLICA)", flush=True)
+    sys.exit(1)
 
 alive = None
 if opt("--distributed-executor-backend") == "ray":
