@@ -177,10 +177,16 @@ impl Drop for Bed {
                 );
             }
             std::thread::sleep(Duration::from_millis(500));
-            for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with("rl-") && !n.starts_with("rl-e2e-") {
-                    let _ = std::fs::remove_dir_all(e.path());
+            for dir in ["/tmp", "/dev/shm"] {
+                for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("rl-") && !n.starts_with("rl-e2e-") {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    } else if n.starts_with("vllm_dist") {
+                        // what the SIGKILLed engines leave
+                        let _ = std::fs::remove_dir_all(e.path())
+                            .or_else(|_| std::fs::remove_file(e.path()));
+                    }
                 }
             }
         }
