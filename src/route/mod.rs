@@ -132,6 +132,11 @@ struct Replica {
     label: ReplicaLabel,
     health: Mutex<policy::Health>,
     outstanding: AtomicUsize,
+    // this replica's metrics, looked up once (the families hash their labels on each lookup)
+    m_requests: Counter,
+    m_latency: Histogram,
+    m_outstanding: Gauge,
+    m_healthy: Gauge,
 }
 
 struct Shared {
@@ -165,14 +170,14 @@ impl Shared {
         let r = &self.replicas[i];
         match change {
             Some(policy::Change::Up) => {
-                self.metrics.healthy.get_or_create(&r.label).set(1);
+                r.m_healthy.set(1);
                 log(&format!(
                     "replica {i} ({}) is healthy: sending requests to it",
                     r.base
                 ));
             }
             Some(policy::Change::Down(why)) => {
-                self.metrics.healthy.get_or_create(&r.label).set(0);
+                r.m_healthy.set(0);
                 log(&format!("replica {i} ({}) left the router: {why}", r.base));
             }
             None => {}
@@ -236,16 +241,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let r = &self.shared.replicas[self.i];
         r.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.shared
-            .metrics
-            .outstanding
-            .get_or_create(&r.label)
-            .dec();
-        self.shared
-            .metrics
-            .latency
-            .get_or_create(&r.label)
-            .observe(self.t0.elapsed().as_secs_f64());
+        r.m_outstanding.dec();
+        r.m_latency.observe(self.t0.elapsed().as_secs_f64());
     }
 }
 
@@ -328,8 +325,8 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
         };
         let r = &st.replicas[i];
         r.outstanding.fetch_add(1, Ordering::Relaxed);
-        st.metrics.outstanding.get_or_create(&r.label).inc();
-        st.metrics.requests.get_or_create(&r.label).inc();
+        r.m_outstanding.inc();
+        r.m_requests.inc();
         let flight = InFlight {
             shared: st.clone(),
             i,
@@ -462,13 +459,17 @@ pub async fn serve(o: Options) -> Result<(), String> {
             let label = ReplicaLabel {
                 replica: i.to_string(),
             };
-            metrics.healthy.get_or_create(&label).set(0);
-            metrics.outstanding.get_or_create(&label).set(0);
+            let m_healthy = metrics.healthy.get_or_create(&label).clone();
+            m_healthy.set(0);
             Replica {
                 base: base.trim_end_matches('/').to_string(),
-                label,
                 health: Mutex::new(policy::Health::new(o.health_failures)),
                 outstanding: AtomicUsize::new(0),
+                m_requests: metrics.requests.get_or_create(&label).clone(),
+                m_latency: metrics.latency.get_or_create(&label).clone(),
+                m_outstanding: metrics.outstanding.get_or_create(&label).clone(),
+                m_healthy,
+                label,
             }
         })
         .collect();
@@ -493,6 +494,11 @@ pub async fn serve(o: Options) -> Result<(), String> {
         o.replicas.join(" ")
     ));
     let app = axum::Router::new().fallback(handle).with_state(shared);
+    use axum::serve::ListenerExt as _;
+    // small writes (SSE chunks, short answers) go out at once
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .await
         .map_err(|e| format!("the router stopped: {e}"))
