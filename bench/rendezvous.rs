@@ -115,9 +115,9 @@ fn round(n: usize, secret: &[u8]) -> [Duration; 4] {
                                 Ok(ToRank::Welcome { .. }) => {
                                     let _ = seen.send(Seen::Welcome(Instant::now()));
                                 }
-                                Ok(ToRank::Start { name }) => {
+                                Ok(ToRank::Start { name, .. }) => {
                                     let _ = seen.send(Seen::Start(Instant::now()));
-                                    c.sender.send(&ToMaster::Up { name });
+                                    c.sender.send(&ToMaster::Up { name, slot: 0 });
                                 }
                                 Ok(ToRank::Stop { .. }) => {
                                     let _ = seen.send(Seen::Stop(Instant::now()));

@@ -284,6 +284,9 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
         StepKind::Preview => "preview".to_string(),
     };
     let security = crate::input::gather::security(&g.settings, &g.step)?;
+    for w in &plan.warnings {
+        println!("warning: {w}");
+    }
     println!(
         "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",
         g.settings.config_path,
@@ -413,6 +416,11 @@ fn run(a: RunArgs) -> Result<i32> {
             g.nodes[me].address,
             security.method.name()
         );
+        if me == 0 {
+            for w in &plan.warnings {
+                tracing::warn!("{w}");
+            }
+        }
         Ok(crate::run::rank::run(g, plan, security, sigs).await)
     })
 }

@@ -625,9 +625,17 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
     let (mut child, ep) = serve(&bed, &cfg);
     let f = endpoint_status(&ep).unwrap();
     let url = f["url"].as_str().unwrap().to_string();
-    let urls: Vec<&str> = f["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+    let urls: Vec<&str> = f["urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
     assert_eq!(urls.len(), 3);
-    assert!(!urls.contains(&url.as_str()), "the job's url is the router's: {url} {urls:?}");
+    assert!(
+        !urls.contains(&url.as_str()),
+        "the job's url is the router's: {url} {urls:?}"
+    );
     assert_eq!(
         replica_states(&ep),
         [("ready".into(), 0), ("ready".into(), 0), ("down".into(), 2)]
@@ -644,7 +652,11 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         assert_eq!(code, 200);
         seen.insert(rep.unwrap());
     }
-    assert_eq!(seen, [0, 1].into(), "both serving replicas answer; the down one never");
+    assert_eq!(
+        seen,
+        [0, 1].into(),
+        "both serving replicas answer; the down one never"
+    );
     assert_eq!(routed(&format!("{url}/models"), key, None).0, 200);
 
     // kill -9 of replica 1's engine while requests go on
@@ -655,7 +667,9 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         std::thread::spawn(move || {
             let mut codes = std::collections::BTreeMap::<u16, usize>::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                *codes.entry(routed(&completions, &key, Some(body)).0).or_default() += 1;
+                *codes
+                    .entry(routed(&completions, &key, Some(body)).0)
+                    .or_default() += 1;
             }
             codes
         })
@@ -675,7 +689,11 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let during = load.join().unwrap();
-    assert_eq!(during.keys().copied().collect::<Vec<_>>(), [200], "every request succeeded: {during:?}");
+    assert_eq!(
+        during.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "every request succeeded: {during:?}"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
         seen.insert(routed(&completions, key, Some(body)).1.unwrap());
@@ -687,10 +705,20 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         .output()
         .unwrap();
     let metrics = String::from_utf8_lossy(&m.stdout).to_string();
-    assert!(metrics.contains("ray_launch_router_replica_healthy{replica=\"1\"} 1"), "{metrics}");
-    assert!(metrics.contains("ray_launch_router_replica_healthy{replica=\"2\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("ray_launch_router_replica_healthy{replica=\"1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ray_launch_router_replica_healthy{replica=\"2\"} 0"),
+        "{metrics}"
+    );
 
-    assert!(slurm("scancel").arg(job_id("rl-e2e")).status().unwrap().success());
+    assert!(slurm("scancel")
+        .arg(job_id("rl-e2e"))
+        .status()
+        .unwrap()
+        .success());
     let out = wait_limited(&mut child, Duration::from_secs(60));
     let all = text(&out);
     eprintln!("{all}");
@@ -708,4 +736,86 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         "kill -9 of a replica's engine -> serving again in {:.1}s; requests during it: {during:?}",
         back.as_secs_f64()
     );
+}
+
+/// Two replicas side by side on each node (`parallel.replicas_per_node: 2`, stand-in, no
+/// GPUs): six replicas behind the router, each on its own port; kill -9 of one of node2's two
+/// engines restarts that replica alone: its neighbour on node2 keeps serving throughout.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn replicas_side_by_side_on_a_node_restart_alone() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, replicas_per_node: 2}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}",
+        "",
+    );
+    let (mut child, ep) = serve(&bed, &cfg);
+    let f = endpoint_status(&ep).unwrap();
+    let url = f["url"].as_str().unwrap().to_string();
+    let key = std::fs::read_to_string(f["api_key_path"].as_str().unwrap()).unwrap();
+    let key = key.trim();
+    let reps = f["replicas"].as_array().unwrap().clone();
+    assert_eq!(reps.len(), 6);
+    let nodes: Vec<&str> = reps.iter().map(|r| r["node"].as_str().unwrap()).collect();
+    assert_eq!(
+        nodes,
+        ["node1", "node1", "node2", "node2", "node3", "node3"]
+    );
+    let body = r#"{"model":"tiny","prompt":"hi","max_tokens":1}"#;
+    let seen: std::collections::BTreeSet<usize> = (0..30)
+        .map(|_| {
+            routed(&format!("{url}/completions"), key, Some(body))
+                .1
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen, (0..6).collect(), "every replica answers");
+    // replica 3 is node2's second engine: find it by its port
+    let port = reps[3]["url"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/v1")
+        .to_string();
+    let (_, pid, _) = node_procs()
+        .into_iter()
+        .find(|(n, _, c)| {
+            n == "node2" && c.starts_with("python") && c.contains(&format!("--port {port}"))
+        })
+        .unwrap_or_else(|| panic!("no engine on port {port}: {:#?}", node_procs()));
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    loop {
+        let st = replica_states(&ep);
+        assert_eq!(
+            st[2],
+            ("ready".into(), 0),
+            "node2's other replica is untouched: {st:?}"
+        );
+        if st[3] == ("ready".into(), 1) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen: std::collections::BTreeSet<usize> = (0..30)
+        .map(|_| {
+            routed(&format!("{url}/completions"), key, Some(body))
+                .1
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen, (0..6).collect(), "the restarted one serves again");
+    assert!(slurm("scancel")
+        .arg(job_id("rl-e2e"))
+        .status()
+        .unwrap()
+        .success());
+    let out = wait_limited(&mut child, Duration::from_secs(60));
+    let all = text(&out);
+    eprintln!("{all}");
+    assert!(exits(&all).values().all(|c| *c == 143), "{all}");
+    assert!(all.contains("replica 3 (leader node2) failed"), "{all}");
 }

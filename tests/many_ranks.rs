@@ -77,10 +77,10 @@ async fn a_thousand_ranks_rendezvous_start_and_stop() {
                         assert_eq!(nodes.len(), N);
                         let _ = tx.send((rank, "welcome", t0.elapsed()));
                     }
-                    Ok(ToRank::Start { name }) => {
+                    Ok(ToRank::Start { name, .. }) => {
                         assert_eq!(name, Kind::Engine);
                         let _ = tx.send((rank, "start", t0.elapsed()));
-                        c.sender.send(&ToMaster::Up { name });
+                        c.sender.send(&ToMaster::Up { name, slot: 0 });
                         if rank == 7 {
                             // give the others time to report up, then "receive SIGTERM"
                             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -31,6 +31,7 @@ fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::err
             interface: Some("ib0".into()),
             cpus: 64,
             object_store_bytes: 64 << 30,
+            gpu_ids: vec![],
         })
         .collect();
     plan::build(&s, &step, &nodes)
@@ -142,6 +143,7 @@ fn two_jobs_get_different_ports() {
         interface: None,
         cpus: 1,
         object_store_bytes: 1 << 30,
+        gpu_ids: vec![],
     };
     let b = plan::build(&s, &step, &[n]).unwrap().ports;
     assert_ne!(a.channel, b.channel);
@@ -290,4 +292,109 @@ fn lifecycles_per_mode() {
         }
     }
     insta::assert_snapshot!(out);
+}
+
+/// 8 GPUs per node, tensor 2: four replicas side by side on each node, each on its own two
+/// GPUs and port, without Ray; the router over all eight.
+#[test]
+fn side_by_side_replicas_on_eight_gpu_nodes() {
+    let yaml = "engine: vllm\nmodel: /models/llama-8b\nparallel:\n  tensor: 2\n";
+    let p = plan_for(yaml, 2, 8, &[]).unwrap();
+    assert_eq!(
+        (p.replicas, p.replicas_per_node, p.nodes_per_replica),
+        (8, 4, 1)
+    );
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    assert!(p.router.is_some());
+    let gpus: Vec<&str> = p
+        .endpoints
+        .iter()
+        .map(|e| e.gpus.as_deref().unwrap())
+        .collect();
+    assert_eq!(
+        gpus,
+        ["0,1", "2,3", "4,5", "6,7", "0,1", "2,3", "4,5", "6,7"]
+    );
+    let ports: Vec<&str> = p
+        .endpoints
+        .iter()
+        .map(|e| e.url.rsplit(':').next().unwrap())
+        .collect();
+    assert_eq!(ports[..4], ports[4..], "the same four ports on each node");
+    for r in &p.ranks {
+        assert_eq!(
+            r.commands
+                .iter()
+                .filter(|c| c.kind.as_str() == "engine")
+                .count(),
+            4
+        );
+        assert!(
+            r.commands.iter().all(|c| !c.kind.is_ray()),
+            "no Ray for one-node replicas"
+        );
+    }
+    assert_eq!(p.replica_of(1, 2), 6);
+    assert_eq!(p.replica_ranks(6), 1..2);
+    insta::assert_snapshot!(text(&p));
+    // SGLang the same way
+    let p = plan_for(
+        "engine: sglang\nmodel: /models/llama-8b\nparallel:\n  tensor: 4\n",
+        1,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(p.replicas_per_node, 2);
+    let argv = &p.ranks[0].commands[1].argv;
+    assert!(
+        !argv
+            .iter()
+            .any(|a| a == "--nnodes" || a == "--dist-init-addr"),
+        "{argv:?}"
+    );
+}
+
+#[test]
+fn a_layout_that_leaves_gpus_idle_says_how_many() {
+    // tensor 3 on 8 GPUs: two replicas fit, two GPUs idle
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 3\n",
+        1,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(p.replicas_per_node, 2);
+    assert_eq!(
+        p.warnings,
+        ["2 of the 8 GPUs per node stay idle: 2 replica(s) of 3 GPU(s) each"]
+    );
+    // tensor 12 over two 8-GPU nodes: 4 idle per replica
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 12\n",
+        2,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(p.warnings.len(), 1);
+    assert!(
+        p.warnings[0].starts_with("4 of the 16 GPUs of each replica stay idle"),
+        "{:?}",
+        p.warnings
+    );
+    // asking for more side by side than fit: exit 2 with the count that would
+    let e = plan_for(
+        "engine: vllm\nmodel: m\nparallel:\n  tensor: 2\n  replicas_per_node: 5\n",
+        1,
+        8,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.report().contains("replicas_per_node: 4"),
+        "{}",
+        e.report()
+    );
 }

@@ -23,9 +23,19 @@ fn srun_cpu(bed: &Bed, name: &str, client: &[&str]) -> Command {
 
 fn srun_config(bed: &Bed, name: &str, config: &str, client: &[&str]) -> Command {
     let mut c = slurm("srun");
-    c.args(["-N2", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "-J", name])
-        .arg(bin())
-        .args(["--config", config]);
+    // always node1 and node2 (the tests look for processes there): a node still completing
+    // the previous job is waited for, not replaced by node3
+    c.args([
+        "-N2",
+        "-w",
+        "node[1-2]",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=0",
+        "-J",
+        name,
+    ])
+    .arg(bin())
+    .args(["--config", config]);
     c.arg("--log-dir").arg(bed.path("logs"));
     c.arg("--endpoint-file").arg(bed.path("endpoint.json"));
     c.arg("--event-log").arg(bed.path("events.jsonl"));
@@ -305,7 +315,14 @@ fn a_flag_typo_is_caught_by_the_parser_check() {
 /// What a replica's own vLLM `/metrics` says it finished.
 fn vllm_successes(url: &str) -> f64 {
     let o = Command::new("curl")
-        .args(["-s", "--noproxy", "*", "-m", "10", &url.replace("/v1", "/metrics")])
+        .args([
+            "-s",
+            "--noproxy",
+            "*",
+            "-m",
+            "10",
+            &url.replace("/v1", "/metrics"),
+        ])
         .output()
         .unwrap();
     String::from_utf8_lossy(&o.stdout)
@@ -345,14 +362,24 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let check: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(check["models"], serde_json::json!(["tiny"]));
     assert_eq!(check["replicas"], serde_json::json!(["0", "1"]), "{check}");
-    assert!(check["chunks"].as_u64().unwrap() > 1, "streamed in pieces: {check}");
+    assert!(
+        check["chunks"].as_u64().unwrap() > 1,
+        "streamed in pieces: {check}"
+    );
     let after: Vec<f64> = urls.iter().map(|u| vllm_successes(u)).collect();
     for i in 0..2 {
-        assert!(after[i] > before[i], "replica {i}'s own /metrics: {before:?} -> {after:?}");
+        assert!(
+            after[i] > before[i],
+            "replica {i}'s own /metrics: {before:?} -> {after:?}"
+        );
     }
 
     // load through the router, then kill -9 of replica 1's vLLM
@@ -407,9 +434,15 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         .map(|f| f.as_str().unwrap())
         .collect();
     assert!(res["ok"].as_u64().unwrap() > 10, "{res}");
-    assert!(failed.len() <= 2, "at most the two in flight on replica 1: {failed:?}");
+    assert!(
+        failed.len() <= 2,
+        "at most the two in flight on replica 1: {failed:?}"
+    );
     for f in &failed {
-        assert!(f.contains("replica 1 failed while handling the request"), "{f}");
+        assert!(
+            f.contains("replica 1 failed while handling the request"),
+            "{f}"
+        );
     }
     let served_again = vllm_successes(&urls[1]);
     let o = Command::new(&py)
@@ -418,15 +451,25 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         .output()
         .unwrap();
     assert!(o.status.success());
-    assert!(vllm_successes(&urls[1]) > served_again, "the restarted replica serves");
+    assert!(
+        vllm_successes(&urls[1]) > served_again,
+        "the restarted replica serves"
+    );
 
-    assert!(slurm("scancel").arg(job_id("rl-vllm-replicas")).status().unwrap().success());
+    assert!(slurm("scancel")
+        .arg(job_id("rl-vllm-replicas"))
+        .status()
+        .unwrap()
+        .success());
     let out = wait_limited(&mut child, Duration::from_secs(60));
     let all = text(&out);
     eprintln!("{all}");
     assert!(exits(&all).values().all(|c| *c == 143), "{all}");
     assert!(all.contains("replica 1 (leader node2) failed"), "{all}");
-    assert!(all.contains("replica 1 serves again after 1 restart(s)"), "{all}");
+    assert!(
+        all.contains("replica 1 serves again after 1 restart(s)"),
+        "{all}"
+    );
     assert_no_leftovers("after scancel");
     eprintln!(
         "kill -9 of replica 1's vLLM under load: {} requests ok, {} failed ({failed:?}); serving again after {:.1}s",

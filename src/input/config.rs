@@ -155,6 +155,10 @@ pub struct Parallel {
     /// all nodes of the step when there are no GPUs (CPU runs).
     #[serde(default)]
     pub nodes_per_replica: Auto<u32>,
+    /// Replicas side by side on one node, each on its own slice of the node's GPUs. `auto`:
+    /// as many as fit when one replica needs fewer GPUs than a node has (8 GPUs, tensor 2: 4).
+    #[serde(default)]
+    pub replicas_per_node: Auto<u32>,
 }
 
 fn one() -> u32 {
@@ -644,6 +648,13 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             "parallel.nodes_per_replica",
             "must be at least 1",
             "use `auto` or a node count",
+        ));
+    }
+    if c.parallel.replicas_per_node == Auto::Value(0) {
+        return Err(l.key_error(
+            "parallel.replicas_per_node",
+            "must be at least 1",
+            "use `auto` or a count",
         ));
     }
     if c.server.port == Auto::Value(0) {

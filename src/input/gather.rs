@@ -25,6 +25,10 @@ pub struct NodeInfo {
     pub interface: Option<String>,
     pub cpus: u32,
     pub object_store_bytes: u64,
+    /// The node's GPUs as `CUDA_VISIBLE_DEVICES` lists them for the step (empty: 0, 1, …):
+    /// replicas side by side on a node get slices of this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_ids: Vec<String>,
 }
 
 /// How this rank proves it belongs to the job, and the user's own API key if any.
@@ -187,6 +191,17 @@ fn local_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts) -> NodeI
             config::Size::Bytes(b) => b,
             config::Size::Auto => host::auto_object_store(facts, step.mem_per_node_mb),
         },
+        gpu_ids: step
+            .cuda_visible_devices
+            .as_deref()
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty() && *d != "NoDevFiles")
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

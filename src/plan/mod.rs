@@ -78,6 +78,8 @@ pub struct Command {
     /// Names in `env` whose values are masked when printed (`secret_env:`, or names that look secret).
     pub masked: std::collections::BTreeSet<String>,
     pub lifecycle: Lifecycle,
+    /// Which of the node's replicas it belongs to, when a node runs several (else 0).
+    pub slot: usize,
 }
 
 impl Serialize for Command {
@@ -85,6 +87,9 @@ impl Serialize for Command {
         use serde::ser::SerializeMap as _;
         let mut m = ser.serialize_map(None)?;
         m.serialize_entry("name", &self.kind)?;
+        if self.slot > 0 {
+            m.serialize_entry("slot", &self.slot)?;
+        }
         m.serialize_entry("argv", &self.argv)?;
         m.serialize_entry("env", &self.shown_env())?;
         if !self.secret_env.is_empty() {
@@ -113,6 +118,7 @@ impl Command {
             secret_args: Vec::new(),
             masked: Default::default(),
             lifecycle,
+            slot: 0,
         }
     }
 
@@ -301,6 +307,9 @@ pub struct EndpointUrl {
     pub url: String,
     /// What the leader's supervisor polls (on the leader itself).
     pub health_url: String,
+    /// Its slice of the node's GPUs (`CUDA_VISIBLE_DEVICES`), when a node runs several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
 }
 
 /// The router: where it listens and what clients use.
@@ -345,7 +354,11 @@ pub struct Plan {
     pub served_model_name: String,
     pub nodes: usize,
     pub nodes_per_replica: usize,
+    /// Replicas side by side on each node (each on its own GPUs; 1 = a replica spans nodes).
+    pub replicas_per_node: usize,
     pub replicas: usize,
+    /// What the layout leaves unused (idle GPUs), said once by `plan`, `check` and `run`.
+    pub warnings: Vec<String>,
     pub gpus_per_node: u32,
     pub master: NodeRef,
     pub channel: Channel,
@@ -384,14 +397,43 @@ impl Plan {
 
     /// The node ranks of replica `rep`.
     pub fn replica_ranks(&self, rep: usize) -> std::ops::Range<usize> {
+        if self.replicas_per_node > 1 {
+            let node = rep / self.replicas_per_node;
+            return node..node + 1;
+        }
         rep * self.nodes_per_replica..(rep + 1) * self.nodes_per_replica
+    }
+
+    /// The replica a command of `rank` in `slot` belongs to.
+    pub fn replica_of(&self, rank: usize, slot: usize) -> usize {
+        if self.replicas_per_node > 1 {
+            rank * self.replicas_per_node + slot
+        } else {
+            self.ranks[rank].replica
+        }
+    }
+
+    /// The node-local slot of replica `rep` (0 unless nodes run several).
+    pub fn slot_of(&self, rep: usize) -> usize {
+        if self.replicas_per_node > 1 {
+            rep % self.replicas_per_node
+        } else {
+            0
+        }
     }
 }
 
 impl RankPlan {
-    /// This rank's command of this kind, if it has one.
+    /// This rank's command of this kind (in the node's first replica), if it has one.
     pub fn command(&self, kind: Kind) -> Option<&Command> {
-        self.commands.iter().find(|c| c.kind == kind)
+        self.command_in(kind, 0)
+    }
+
+    /// This rank's command of this kind in `slot` (one of the node's replicas).
+    pub fn command_in(&self, kind: Kind, slot: usize) -> Option<&Command> {
+        self.commands
+            .iter()
+            .find(|c| c.kind == kind && (c.slot == slot || !c.kind.of_replica()))
     }
 }
 
@@ -433,8 +475,87 @@ fn fill(template: &str, step: &Step, node: &str, rank: usize) -> String {
         .replace("{node_rank}", &rank.to_string())
 }
 
+/// How the step splits into replicas.
+struct Layout {
+    npr: usize,
+    replicas: usize,
+    /// Replicas side by side on one node.
+    per_node: usize,
+    warnings: Vec<String>,
+}
+
+/// The most replicas one node may run side by side (each takes a port at block offset 20 + i).
+pub const MAX_REPLICAS_PER_NODE: usize = 8;
+
+/// Nodes per replica, replicas per node and replica count, or an error that says which
+/// counts would work.
+fn layout(s: &Settings, nnodes: usize) -> Result<Layout> {
+    let c = &s.config;
+    let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
+    let gpus = s.gpus_per_node as usize;
+    let spans_one_node = matches!(c.parallel.nodes_per_replica, Auto::Auto | Auto::Value(1));
+    let per_node = match c.parallel.replicas_per_node {
+        Auto::Value(k) => k as usize,
+        Auto::Auto if gpus > 0 && spans_one_node && world <= gpus => gpus / world,
+        Auto::Auto => 1,
+    };
+    if per_node > 1 {
+        if !spans_one_node {
+            return Err(Error::usage(format!(
+                "parallel.replicas_per_node is {per_node} but parallel.nodes_per_replica is not 1"
+            ))
+            .hint("several replicas per node each fit on one node: set nodes_per_replica to 1 (or auto), or replicas_per_node to 1"));
+        }
+        if per_node > MAX_REPLICAS_PER_NODE {
+            return Err(Error::usage(format!(
+                "{per_node} replicas per node is more than ray-launch runs side by side ({MAX_REPLICAS_PER_NODE})"
+            ))
+            .hint("raise parallel.tensor, or set parallel.replicas_per_node to at most 8"));
+        }
+        if gpus > 0 && per_node * world > gpus {
+            return Err(Error::usage(format!(
+                "{per_node} replicas of tensor {} x pipeline {} = {} GPUs per node, but a node has {gpus}",
+                c.parallel.tensor,
+                c.parallel.pipeline,
+                per_node * world
+            ))
+            .hint(format!("use parallel.replicas_per_node: {} (or auto)", gpus / world.max(1))));
+        }
+        let mut warnings = Vec::new();
+        if gpus > per_node * world {
+            warnings.push(format!(
+                "{} of the {gpus} GPUs per node stay idle: {per_node} replica(s) of {world} GPU(s) each",
+                gpus - per_node * world
+            ));
+        }
+        return Ok(Layout {
+            npr: 1,
+            replicas: nnodes * per_node,
+            per_node,
+            warnings,
+        });
+    }
+    let (npr, replicas) = layout_nodes(s, nnodes)?;
+    let mut warnings = Vec::new();
+    if gpus > 0 && npr * gpus > world {
+        warnings.push(format!(
+            "{} of the {} GPUs of each replica stay idle: tensor {} x pipeline {} = {world} over {npr} node(s) of {gpus}",
+            npr * gpus - world,
+            npr * gpus,
+            c.parallel.tensor,
+            c.parallel.pipeline
+        ));
+    }
+    Ok(Layout {
+        npr,
+        replicas,
+        per_node: 1,
+        warnings,
+    })
+}
+
 /// Nodes per replica and replica count, or an error that says which node counts would work.
-fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
+fn layout_nodes(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
     let c = &s.config;
     let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
     let gpus = s.gpus_per_node as usize;
@@ -509,14 +630,20 @@ fn layout(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
 fn endpoints(
     c: &Config,
     nodes: &[NodeInfo],
-    npr: usize,
-    replicas: usize,
+    l: &Layout,
     port: u16,
+    world: usize,
+    gpus: usize,
 ) -> Vec<EndpointUrl> {
     let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
-    (0..replicas)
+    (0..l.replicas)
         .map(|r| {
-            let leader = &nodes[r * npr];
+            let (leader, slot) = if l.per_node > 1 {
+                (&nodes[r / l.per_node], r % l.per_node)
+            } else {
+                (&nodes[r * l.npr], 0)
+            };
+            let port = port + slot as u16;
             let host = if wildcard {
                 leader.address.clone()
             } else {
@@ -532,9 +659,24 @@ fn endpoints(
                 node: leader.name.clone(),
                 url: format!("http://{host}:{port}/v1"),
                 health_url: format!("http://{probe}:{port}/health"),
+                gpus: (l.per_node > 1 && gpus > 0).then(|| gpu_slice(leader, slot, world)),
             }
         })
         .collect()
+}
+
+/// The `CUDA_VISIBLE_DEVICES` of replica `slot` on `node`: positions `slot × world ..` of the
+/// node's own list (as Slurm set it), or those numbers when the node has none.
+fn gpu_slice(node: &NodeInfo, slot: usize, world: usize) -> String {
+    (slot * world..(slot + 1) * world)
+        .map(|i| {
+            node.gpu_ids
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| i.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What is the same for every node of the step.
@@ -546,8 +688,9 @@ struct Job<'a> {
     npr: usize,
     endpoints: Vec<EndpointUrl>,
     router: Option<RouterPlan>,
-    /// The port each replica's engine serves on.
+    /// The port each replica's engine serves on (the first one, with several per node).
     serve_port: u16,
+    per_node: usize,
 }
 
 /// One node's place in the step, and the environment every process on it gets.
@@ -601,11 +744,15 @@ impl Slot<'_> {
     }
 }
 
-fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>> {
+/// `local`: which of the node's replicas (0 unless nodes run several).
+fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize, local: usize) -> Result<Slot<'a>> {
     let c = j.c;
     let n = &nodes[rank];
-    let replica = rank / j.npr;
-    let rr = rank % j.npr;
+    let (replica, rr) = if j.per_node > 1 {
+        (rank * j.per_node + local, 0)
+    } else {
+        (rank / j.npr, rank % j.npr)
+    };
     let temp_dir = fill(&c.ray.temp_dir, j.step, &n.name, rank);
     if temp_dir.len() > MAX_TEMP_DIR_LEN {
         return Err(Error::usage(format!(
@@ -637,7 +784,11 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize) -> Result<Slot<'a>>
         node: n,
         replica,
         rr,
-        leader: &nodes[replica * j.npr],
+        leader: if j.per_node > 1 {
+            n
+        } else {
+            &nodes[replica * j.npr]
+        },
         temp_dir,
         base,
         user,
@@ -726,6 +877,46 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
         commands.push(cmd);
     }
     (role, commands)
+}
+
+/// One replica of several on a node: the engine alone (no Ray, no rendezvous) on its slice of
+/// the node's GPUs and its own port.
+fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
+    let c = j.c;
+    let mut argv: Vec<String> = match c.engine {
+        Engine::Vllm => vllm_serve(c, "mp"),
+        Engine::Sglang => vec![
+            c.sglang.python.clone(),
+            "-m".into(),
+            "sglang.launch_server".into(),
+            "--model-path".into(),
+            c.model.clone(),
+            "--tp-size".into(),
+            c.parallel.tensor.to_string(),
+            "--pp-size".into(),
+            c.parallel.pipeline.to_string(),
+        ],
+    };
+    argv.extend(http_args(c, j.serve_port + local as u16));
+    argv.extend(c.engine_args.iter().cloned());
+    let mut env = x.base.clone();
+    if let Some(g) = &j.endpoints[x.replica].gpus {
+        env.insert(ev::CUDA_VISIBLE_DEVICES.into(), g.clone());
+    }
+    let lifecycle =
+        Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url);
+    let mut cmd = x.command(j, Kind::Engine, argv, env, lifecycle);
+    cmd.slot = local;
+    if j.s.auth {
+        match c.engine {
+            Engine::Vllm => {
+                cmd.secret_env
+                    .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+            }
+            Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
+        }
+    }
+    cmd
 }
 
 /// vLLM mp or SGLang: one engine rank per node that meets its leader's rendezvous.
@@ -902,7 +1093,8 @@ pub fn build_in(
     let c = &s.config;
     assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
     let nnodes = nodes.len();
-    let (npr, replicas) = layout(s, nnodes)?;
+    let l = layout(s, nnodes)?;
+    let (npr, replicas) = (l.npr, l.replicas);
     let mut ports = Ports::for_block(block);
     if let Some(ch) = channel {
         ports.channel = ch;
@@ -913,7 +1105,9 @@ pub fn build_in(
     if let Auto::Value(p) = c.server.port {
         ports.engine_http = p;
     }
-    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray;
+    // replicas side by side on a node run without Ray
+    let uses_ray =
+        c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && l.per_node == 1;
     let routed = c.router.enabled.unwrap_or(replicas > 1);
     let min_healthy = c.replicas.min_healthy as usize;
     if min_healthy > replicas {
@@ -949,14 +1143,32 @@ pub fn build_in(
         step,
         ports,
         npr,
-        endpoints: endpoints(c, nodes, npr, replicas, serve_port),
+        endpoints: endpoints(
+            c,
+            nodes,
+            &l,
+            serve_port,
+            (c.parallel.tensor * c.parallel.pipeline) as usize,
+            s.gpus_per_node as usize,
+        ),
         router,
         serve_port,
+        per_node: l.per_node,
     };
     let mut ranks = Vec::with_capacity(nnodes);
     for rank in 0..nnodes {
-        let x = slot(&job, nodes, rank)?;
-        let (role, mut commands) = if uses_ray {
+        let x = slot(&job, nodes, rank, 0)?;
+        let (role, mut commands) = if job.per_node > 1 {
+            let mut v = Vec::new();
+            for local in 0..job.per_node {
+                v.push(side_by_side_command(
+                    &job,
+                    &slot(&job, nodes, rank, local)?,
+                    local,
+                ));
+            }
+            (Role::EngineLeader, v)
+        } else if uses_ray {
             ray_commands(&job, &x)
         } else {
             let (role, cmd) = engine_command(&job, &x);
@@ -986,7 +1198,12 @@ pub fn build_in(
         schema: SCHEMA,
         job_id: step.job_id.clone(),
         engine: c.engine,
-        backend: (c.engine == Engine::Vllm).then_some(c.vllm.backend),
+        // replicas side by side on a node run vLLM's own mp backend
+        backend: (c.engine == Engine::Vllm).then_some(if uses_ray {
+            VllmBackend::Ray
+        } else {
+            VllmBackend::Mp
+        }),
         model: c.model.clone(),
         served_model_name: c
             .served_model_name
@@ -994,7 +1211,9 @@ pub fn build_in(
             .unwrap_or_else(|| c.model.clone()),
         nodes: nnodes,
         nodes_per_replica: npr,
+        replicas_per_node: l.per_node,
         replicas,
+        warnings: l.warnings,
         gpus_per_node: s.gpus_per_node,
         master: NodeRef {
             node: nodes[0].name.clone(),
@@ -1036,11 +1255,22 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
         Engine::Sglang => "sglang",
     };
     let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
-    let _ = writeln!(
-        o,
-        "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
-        p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
-    );
+    if p.replicas_per_node > 1 {
+        let _ = writeln!(
+            o,
+            "{} node(s), {} replica(s): {} per node, side by side, {} GPU(s) per node",
+            p.nodes, p.replicas, p.replicas_per_node, p.gpus_per_node
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
+            p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
+        );
+    }
+    for w in &p.warnings {
+        let _ = writeln!(o, "warning: {w}");
+    }
     let _ = writeln!(
         o,
         "master: {} ({}), launcher channel port {}",
@@ -1062,8 +1292,17 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
         );
     }
     for e in &p.endpoints {
+        let gpus = e
+            .gpus
+            .as_ref()
+            .map(|g| format!(" on {}, GPUs {g}", e.node))
+            .unwrap_or_default();
         if p.router.is_some() {
-            let _ = writeln!(o, "replica {} (behind the router): {}", e.replica, e.url);
+            let _ = writeln!(
+                o,
+                "replica {} (behind the router){gpus}: {}",
+                e.replica, e.url
+            );
         } else {
             let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
         }

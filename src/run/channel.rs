@@ -91,17 +91,27 @@ impl Hello {
     }
 }
 
+/// Slot 0 (the node's only replica, usually) is left off the wire.
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToMaster {
     Hello(Box<Hello>),
     /// A command reached its ready point (what its plan's `lifecycle.ready` says).
+    /// `slot`: which of the node's replicas the command belongs to (0 unless several).
     Up {
         name: Kind,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
     },
     /// A command this rank runs ended (unexpectedly unless we are stopping).
     Exited {
         name: Kind,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
         status: String,
         code: i32,
         log: Option<String>,
@@ -114,9 +124,14 @@ pub enum ToMaster {
         reason: String,
         #[serde(default)]
         kind: Option<Kind>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
     },
     /// The replica's processes on this rank are gone (after a `Reset`).
-    ResetDone,
+    ResetDone {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
+    },
     /// This rank got a signal and is stopping.
     Stopping {
         signal: i32,
@@ -154,11 +169,15 @@ pub enum ToRank {
     },
     Start {
         name: Kind,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
     },
     /// Stop this rank's processes of its replica (Ray, engine) and answer `ResetDone`; the
     /// master starts them again later. The job goes on.
     Reset {
         reason: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
     },
     /// Stop everything and exit with `code`; `node` caused it (if a node did).
     Stop {
@@ -423,6 +442,7 @@ mod tests {
             interface: Some("eth0".into()),
             cpus: 4,
             object_store_bytes: 1 << 30,
+            gpu_ids: vec![],
         }
     }
 
@@ -469,9 +489,11 @@ mod tests {
             ToMaster::Hello(Box::new(hello())),
             ToMaster::Up {
                 name: Kind::RayHead,
+                slot: 0,
             },
             ToMaster::Exited {
                 name: Kind::Engine,
+                slot: 1,
                 status: "signal 9 (SIGKILL)".into(),
                 code: 137,
                 log: None,
@@ -502,7 +524,11 @@ mod tests {
 
     #[test]
     fn wire_format_is_tagged_json() {
-        let s = serde_json::to_string(&ToRank::Start { name: Kind::Engine }).unwrap();
+        let s = serde_json::to_string(&ToRank::Start {
+            name: Kind::Engine,
+            slot: 0,
+        })
+        .unwrap();
         assert_eq!(s, r#"{"type":"start","name":"engine"}"#);
         // the hello's settings travel inside the message, next to its other fields
         let h = serde_json::to_value(ToMaster::Hello(Box::new(hello()))).unwrap();
@@ -527,7 +553,10 @@ mod tests {
             c.sender.send(&ToRank::Heartbeat);
             let got = c.recv().await.unwrap();
             let (_, sender, flush) = c.split();
-            sender.send(&ToRank::Start { name: Kind::Client });
+            sender.send(&ToRank::Start {
+                name: Kind::Client,
+                slot: 0,
+            });
             drop(sender);
             flush.wait(Duration::from_secs(2)).await;
             got
@@ -538,7 +567,10 @@ mod tests {
         assert_eq!(server.await.unwrap(), ToMaster::Stopped);
         assert_eq!(
             c.recv().await.unwrap(),
-            ToRank::Start { name: Kind::Client }
+            ToRank::Start {
+                name: Kind::Client,
+                slot: 0
+            }
         );
         assert!(matches!(c.recv().await, Err(RecvError::Closed)));
         assert!(matches!(c.recv().await, Err(RecvError::Closed)));

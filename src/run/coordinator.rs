@@ -90,9 +90,10 @@ pub struct Coord {
     /// processes can only be ended through Slurm (`Coord::abandoned`).
     silent: Vec<usize>,
     own_stall: crate::run::stall::OwnStall,
-    up: Vec<BTreeSet<Kind>>,
-    /// Started, not yet up: (rank, kind, deadline, which deadline).
-    pending: Vec<(usize, Kind, Instant, Deadline)>,
+    /// What is up on each rank: (kind, slot of the node's replica).
+    up: Vec<BTreeSet<(Kind, usize)>>,
+    /// Started, not yet up: (rank, kind, slot, deadline, which deadline).
+    pending: Vec<(usize, Kind, usize, Instant, Deadline)>,
     /// Replicas whose Ray nodes have all joined (their `replica-joined` commands started).
     joined: Vec<bool>,
     ready: Vec<bool>,
@@ -407,18 +408,19 @@ impl Coord {
         self.restarts = plan.restarts_replicas(&self.settings);
         self.plan = Some(plan);
         acts.push(self.replicas_action());
-        acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, false, now));
+        acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, None, now));
         acts
     }
 
     /// Send `Start` for every command of `ranks` whose plan says to start after `event`, and
     /// note the deadlines that now run.
-    /// `replica_only`: only the replicas' own processes (a restart), not the router or client.
+    /// `restart`: only the processes of the node's replica in this slot (a restart), not the
+    /// router, the client or the node's other replicas.
     fn start_after(
         &mut self,
         ranks: std::ops::Range<usize>,
         event: StartAfter,
-        replica_only: bool,
+        restart: Option<usize>,
         now: Instant,
     ) -> Vec<Action> {
         let Some(plan) = &self.plan else {
@@ -428,13 +430,20 @@ impl Coord {
         let mut engines = Vec::new();
         for r in ranks {
             for c in plan.ranks[r].commands.iter() {
-                if c.lifecycle.start_after != event || (replica_only && !c.kind.of_replica()) {
+                let other = restart.is_some_and(|s| !c.kind.of_replica() || c.slot != s);
+                if c.lifecycle.start_after != event || other {
                     continue;
                 }
-                acts.push(Action::Send(r, ToRank::Start { name: c.kind }));
+                acts.push(Action::Send(
+                    r,
+                    ToRank::Start {
+                        name: c.kind,
+                        slot: c.slot,
+                    },
+                ));
                 if let Some(d) = c.lifecycle.deadline {
                     let dur = d.duration(&self.settings.timeouts);
-                    self.pending.push((r, c.kind, now + dur, d));
+                    self.pending.push((r, c.kind, c.slot, now + dur, d));
                 }
                 if c.kind == Kind::Engine {
                     engines.push(r);
@@ -470,9 +479,10 @@ impl Coord {
                 vec![Action::Warn(format!("{node} said hello twice; ignored"))]
             }
             ToMaster::Heartbeat => Vec::new(),
-            ToMaster::Up { name } => self.on_up(rank, name, now),
+            ToMaster::Up { name, slot } => self.on_up(rank, name, slot, now),
             ToMaster::Exited {
                 name,
+                slot,
                 status,
                 code,
                 log,
@@ -481,7 +491,7 @@ impl Coord {
                 if self.phase == Phase::Stopping {
                     return Vec::new();
                 }
-                let was_up = self.up[rank].contains(&name);
+                let was_up = self.up[rank].contains(&(name, slot));
                 let code = match lifecycle::ending(name, was_up, code) {
                     Ending::Done(code) => {
                         return self.stop(code, format!("the {name} exited with {status}"), None)
@@ -496,18 +506,23 @@ impl Coord {
                     reason.push_str(&format!("; last line: {last}"));
                 }
                 if name.of_replica() {
-                    return self.replica_failed(rank, code, reason, false, now);
+                    return self.replica_failed(rank, slot, code, reason, false, now);
                 }
                 self.stop(code, reason, Some(rank))
             }
-            ToMaster::Failed { code, reason, kind } => {
+            ToMaster::Failed {
+                code,
+                reason,
+                kind,
+                slot,
+            } => {
                 let reason = format!("{node}: {reason}");
                 if kind.is_some_and(Kind::of_replica) && self.phase != Phase::Stopping {
-                    return self.replica_failed(rank, code, reason, false, now);
+                    return self.replica_failed(rank, slot, code, reason, false, now);
                 }
                 self.stop(code, reason, Some(rank))
             }
-            ToMaster::ResetDone => self.on_reset_done(rank, now),
+            ToMaster::ResetDone { slot } => self.on_reset_done(rank, slot, now),
             ToMaster::Stopping { signal } => {
                 let code = signals::exit_code_for(signal);
                 let what = if signal == signals::libc_sig::USR1 {
@@ -526,20 +541,20 @@ impl Coord {
         }
     }
 
-    fn on_up(&mut self, rank: usize, kind: Kind, now: Instant) -> Vec<Action> {
-        self.up[rank].insert(kind);
+    fn on_up(&mut self, rank: usize, kind: Kind, slot: usize, now: Instant) -> Vec<Action> {
+        self.up[rank].insert((kind, slot));
         self.pending
-            .retain(|(r, k, _, _)| !(*r == rank && *k == kind));
+            .retain(|(r, k, s, _, _)| !(*r == rank && *k == kind && *s == slot));
         let Some(plan) = &self.plan else {
             return Vec::new();
         };
         if self.phase == Phase::Stopping {
             return Vec::new();
         }
-        let rep = plan.ranks[rank].replica;
+        let rep = plan.replica_of(rank, slot);
         let ranks = plan.replica_ranks(rep);
         let serves = plan.ranks[rank]
-            .command(kind)
+            .command_in(kind, slot)
             .is_some_and(|c| matches!(c.lifecycle.ready, Ready::Http { .. }));
         let mut acts = Vec::new();
         match kind {
@@ -549,7 +564,7 @@ impl Coord {
                     "replica {rep}: Ray head up on {}",
                     self.node(rank)
                 )));
-                acts.extend(self.start_after(ranks.clone(), StartAfter::HeadUp, false, now));
+                acts.extend(self.start_after(ranks.clone(), StartAfter::HeadUp, None, now));
             }
             Kind::RayWorker => {
                 let (joined, waiting) = self.ray_nodes(ranks.clone());
@@ -582,7 +597,7 @@ impl Coord {
         }
         if kind.is_ray() && !self.joined[rep] && self.ray_nodes(ranks.clone()).1.is_empty() {
             self.joined[rep] = true;
-            acts.extend(self.start_after(ranks, StartAfter::ReplicaJoined, false, now));
+            acts.extend(self.start_after(ranks, StartAfter::ReplicaJoined, None, now));
         }
         if serves {
             acts.extend(self.replica_ready(rep, rank, now));
@@ -604,7 +619,7 @@ impl Coord {
                 .map(|c| c.kind)
                 .filter(|k| k.is_ray())
                 .collect();
-            if ray.iter().all(|k| self.up[r].contains(k)) {
+            if ray.iter().all(|k| self.up[r].contains(&(*k, 0))) {
                 joined += 1;
             } else {
                 waiting.push(self.node(r));
@@ -686,7 +701,7 @@ impl Coord {
             "ready: {shown} (endpoint file {})",
             self.settings.endpoint_file
         )));
-        acts.extend(self.start_after(0..self.n, StartAfter::AllReady, false, now));
+        acts.extend(self.start_after(0..self.n, StartAfter::AllReady, None, now));
         acts
     }
 
@@ -718,6 +733,7 @@ impl Coord {
     fn replica_failed(
         &mut self,
         rank: usize,
+        slot: usize,
         code: i32,
         reason: String,
         lost: bool,
@@ -729,7 +745,7 @@ impl Coord {
         let Some(plan) = &self.plan else {
             return self.stop(code, reason, Some(rank));
         };
-        let rep = plan.ranks[rank].replica;
+        let rep = plan.replica_of(rank, slot);
         let ranks = plan.replica_ranks(rep);
         let leader = plan.endpoints[rep].node.clone();
         if !matches!(
@@ -753,10 +769,10 @@ impl Coord {
         self.ready[rep] = false;
         self.joined[rep] = false;
         for r in ranks.clone() {
-            self.up[r].retain(|k| !k.of_replica());
+            self.up[r].retain(|(k, s)| !(k.of_replica() && *s == slot));
         }
         self.pending
-            .retain(|(r, k, _, _)| !(ranks.contains(r) && k.of_replica()));
+            .retain(|(r, k, s, _, _)| !(ranks.contains(r) && k.of_replica() && *s == slot));
         let next = if lost {
             None
         } else {
@@ -824,6 +840,7 @@ impl Coord {
                     r,
                     ToRank::Reset {
                         reason: format!("replica {rep} failed: {reason}"),
+                        slot,
                     },
                 ));
             }
@@ -870,11 +887,11 @@ impl Coord {
     }
 
     /// A rank finished tearing down its replica's processes.
-    fn on_reset_done(&mut self, rank: usize, now: Instant) -> Vec<Action> {
+    fn on_reset_done(&mut self, rank: usize, slot: usize, now: Instant) -> Vec<Action> {
         let Some(plan) = &self.plan else {
             return Vec::new();
         };
-        let rep = plan.ranks[rank].replica;
+        let rep = plan.replica_of(rank, slot);
         let r = &mut self.reps[rep];
         if !r.resetting.remove(&rank) || !r.resetting.is_empty() {
             return Vec::new();
@@ -918,7 +935,8 @@ impl Coord {
             acts.push(Action::Info(format!(
                 "replica {rep}: starting it again on {leader} (restart {n})"
             )));
-            acts.extend(self.start_after(ranks, StartAfter::Rendezvous, true, now));
+            let slot = plan.slot_of(rep);
+            acts.extend(self.start_after(ranks, StartAfter::Rendezvous, Some(slot), now));
             acts.push(self.replicas_action());
         }
         acts
@@ -937,9 +955,29 @@ impl Coord {
         let reason =
             format!("lost the connection to {node}'s launcher (killed, or the node failed)");
         if rank != 0 && self.phase != Phase::Rendezvous {
-            return self.replica_failed(rank, exit::PEER_FAILURE, reason, true, now);
+            return self.node_lost(rank, reason, now);
         }
         self.stop(exit::PEER_FAILURE, reason, Some(rank))
+    }
+
+    /// Every replica on a lost node stays down (or the job stops, without restarts).
+    fn node_lost(&mut self, rank: usize, reason: String, now: Instant) -> Vec<Action> {
+        let slots = self.plan.as_ref().map_or(1, |p| p.replicas_per_node);
+        let mut acts = Vec::new();
+        for slot in 0..slots {
+            acts.extend(self.replica_failed(
+                rank,
+                slot,
+                exit::PEER_FAILURE,
+                reason.clone(),
+                true,
+                now,
+            ));
+            if self.phase == Phase::Stopping {
+                break;
+            }
+        }
+        acts
     }
 
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
@@ -977,10 +1015,10 @@ impl Coord {
                 }
             }
             Phase::Starting | Phase::Ready => {
-                while let Some((r, kind, _, d)) = self
+                while let Some((r, kind, slot, _, d)) = self
                     .pending
                     .iter()
-                    .find(|(_, _, dl, _)| now >= *dl)
+                    .find(|(_, _, _, dl, _)| now >= *dl)
                     .cloned()
                 {
                     let reason = format!(
@@ -993,8 +1031,15 @@ impl Coord {
                         return self.stop(exit::STARTUP_TIMEOUT, reason, Some(r));
                     }
                     self.pending
-                        .retain(|(r2, k2, _, _)| !(*r2 == r && *k2 == kind));
-                    acts.extend(self.replica_failed(r, exit::STARTUP_TIMEOUT, reason, false, now));
+                        .retain(|(r2, k2, s2, _, _)| !(*r2 == r && *k2 == kind && *s2 == slot));
+                    acts.extend(self.replica_failed(
+                        r,
+                        slot,
+                        exit::STARTUP_TIMEOUT,
+                        reason,
+                        false,
+                        now,
+                    ));
                     if self.phase == Phase::Stopping {
                         return acts;
                     }
@@ -1011,7 +1056,7 @@ impl Coord {
                         if self.restarts {
                             acts.push(Action::Drop(r));
                         }
-                        acts.extend(self.replica_failed(r, exit::PEER_FAILURE, reason, true, now));
+                        acts.extend(self.node_lost(r, reason, now));
                     }
                     if self.phase == Phase::Stopping {
                         return acts;
@@ -1625,6 +1670,15 @@ mod tests {
     use crate::input::settings::{self, Overrides};
 
     fn setup(yaml: &str, n: usize, client: &[&str]) -> (Coord, Vec<NodeInfo>, Instant) {
+        setup_gpus(yaml, n, client, 1)
+    }
+
+    fn setup_gpus(
+        yaml: &str,
+        n: usize,
+        client: &[&str],
+        gpus: u32,
+    ) -> (Coord, Vec<NodeInfo>, Instant) {
         let loaded = config::parse("t.yaml", yaml).unwrap();
         let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
         let mut step = Step::preview(names.clone(), "7".into());
@@ -1632,7 +1686,7 @@ mod tests {
         let s = settings::resolve(
             &loaded,
             &Overrides {
-                gpus_per_node: Some(1),
+                gpus_per_node: Some(gpus),
                 ..Default::default()
             },
             &step,
@@ -1648,6 +1702,7 @@ mod tests {
                 interface: Some("eth0".into()),
                 cpus: 2,
                 object_store_bytes: 1 << 30,
+                gpu_ids: vec![],
             })
             .collect();
         let now = Instant::now();
@@ -1685,7 +1740,7 @@ mod tests {
     fn sends(acts: &[Action]) -> Vec<(usize, String)> {
         acts.iter()
             .filter_map(|a| match a {
-                Action::Send(r, ToRank::Start { name }) => Some((*r, name.to_string())),
+                Action::Send(r, ToRank::Start { name, .. }) => Some((*r, name.to_string())),
                 Action::Send(r, ToRank::Stop { code, .. }) => Some((*r, format!("stop {code}"))),
                 _ => None,
             })
@@ -1713,6 +1768,7 @@ mod tests {
             0,
             ToMaster::Up {
                 name: Kind::RayHead,
+                slot: 0,
             },
             now,
         );
@@ -1724,6 +1780,7 @@ mod tests {
             2,
             ToMaster::Up {
                 name: Kind::RayWorker,
+                slot: 0,
             },
             now,
         );
@@ -1735,11 +1792,19 @@ mod tests {
             1,
             ToMaster::Up {
                 name: Kind::RayWorker,
+                slot: 0,
             },
             now,
         );
         assert_eq!(sends(&acts), [(0, "engine".to_string())]);
-        let acts = c.on_message(0, ToMaster::Up { name: Kind::Engine }, now);
+        let acts = c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Engine,
+                slot: 0,
+            },
+            now,
+        );
         assert_eq!(sends(&acts), [(0, "client".to_string())]);
         assert!(acts.iter().any(|a| matches!(
             a,
@@ -1753,6 +1818,7 @@ mod tests {
             0,
             ToMaster::Exited {
                 name: Kind::Client,
+                slot: 0,
                 status: "exit code 3".into(),
                 code: 3,
                 log: None,
@@ -1788,6 +1854,7 @@ mod tests {
             0,
             ToMaster::Up {
                 name: Kind::RayHead,
+                slot: 0,
             },
             now,
         );
@@ -1795,6 +1862,7 @@ mod tests {
             1,
             ToMaster::Up {
                 name: Kind::RayWorker,
+                slot: 0,
             },
             now,
         );
@@ -1802,6 +1870,7 @@ mod tests {
             1,
             ToMaster::Exited {
                 name: Kind::RayWorker,
+                slot: 0,
                 status: "exit code 1".into(),
                 code: 1,
                 log: Some("/l/node2.ray-worker.log".into()),
@@ -1843,6 +1912,7 @@ mod tests {
             0,
             ToMaster::Up {
                 name: Kind::RayHead,
+                slot: 0,
             },
             now + Duration::from_secs(19),
         );
@@ -1961,6 +2031,7 @@ mod tests {
     fn exited(kind: Kind) -> ToMaster {
         ToMaster::Exited {
             name: kind,
+            slot: 0,
             status: "signal 9 (SIGKILL)".into(),
             code: 137,
             log: None,
@@ -2001,10 +2072,31 @@ mod tests {
                 (1, "engine".into())
             ]
         );
-        let mut acts = c.on_message(0, ToMaster::Up { name: Kind::Engine }, t0);
-        acts.extend(c.on_message(1, ToMaster::Up { name: Kind::Engine }, t0));
+        let mut acts = c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Engine,
+                slot: 0,
+            },
+            t0,
+        );
+        acts.extend(c.on_message(
+            1,
+            ToMaster::Up {
+                name: Kind::Engine,
+                slot: 0,
+            },
+            t0,
+        ));
         assert!(!is_ready(&acts), "not before the router listens: {acts:?}");
-        let acts = c.on_message(0, ToMaster::Up { name: Kind::Router }, t0);
+        let acts = c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Router,
+                slot: 0,
+            },
+            t0,
+        );
         assert!(is_ready(&acts), "{acts:?}");
         (c, t0)
     }
@@ -2026,7 +2118,7 @@ mod tests {
         );
         assert!(!c.stopping());
         // its teardown is done; the back-off (1 s) runs from then
-        c.on_message(1, ToMaster::ResetDone, t0 + 2 * s);
+        c.on_message(1, ToMaster::ResetDone { slot: 0 }, t0 + 2 * s);
         assert!(sends(&c.on_tick(t0 + 2 * s)).is_empty());
         let acts = c.on_tick(t0 + 3 * s);
         // only the replica's own engine starts again: not the router, not the client
@@ -2035,7 +2127,14 @@ mod tests {
             states(&acts),
             Some(vec![(ReplicaState::Ready, 0), (ReplicaState::Starting, 1)])
         );
-        let acts = c.on_message(1, ToMaster::Up { name: Kind::Engine }, t0 + 4 * s);
+        let acts = c.on_message(
+            1,
+            ToMaster::Up {
+                name: Kind::Engine,
+                slot: 0,
+            },
+            t0 + 4 * s,
+        );
         assert_eq!(
             states(&acts),
             Some(vec![(ReplicaState::Ready, 0), (ReplicaState::Ready, 1)])
@@ -2065,13 +2164,14 @@ mod tests {
                     code: exit::ENGINE_FAILURE,
                     reason: "health check failed".into(),
                     kind: Some(Kind::Engine),
+                    slot: 0,
                 },
                 t,
             );
             assert_eq!(resets(&acts), [1], "attempt {attempt}: {acts:?}");
             let st = states(&acts).unwrap()[1];
             restarts_seen.push(st);
-            c.on_message(1, ToMaster::ResetDone, t);
+            c.on_message(1, ToMaster::ResetDone { slot: 0 }, t);
             // back-off 1 s, then 2 s
             let acts = beat(&mut c, t + 5 * s);
             if attempt < 2 {
@@ -2134,8 +2234,22 @@ mod tests {
         let yaml = replicas_yaml("replicas:\n  max_restarts: 1\ntimeouts:\n  engine_ready: 60s\n");
         let (mut c, infos, t0) = setup(&yaml, 2, &["python", "x.py"]);
         hello_all(&mut c, &infos, t0);
-        c.on_message(0, ToMaster::Up { name: Kind::Engine }, t0);
-        c.on_message(0, ToMaster::Up { name: Kind::Router }, t0);
+        c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Engine,
+                slot: 0,
+            },
+            t0,
+        );
+        c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Router,
+                slot: 0,
+            },
+            t0,
+        );
         // replica 1 misses its deadline: restarted once
         let s = Duration::from_secs(1);
         for i in 1..60 {
@@ -2143,7 +2257,7 @@ mod tests {
         }
         let acts = beat(&mut c, t0 + 60 * s);
         assert_eq!(resets(&acts), [1], "{acts:?}");
-        c.on_message(1, ToMaster::ResetDone, t0 + 61 * s);
+        c.on_message(1, ToMaster::ResetDone { slot: 0 }, t0 + 61 * s);
         assert_eq!(sends(&beat(&mut c, t0 + 63 * s)), [(1, "engine".into())]);
         // and again: now it stays down, and the job is ready with replica 0 alone
         for i in 64..123 {
@@ -2153,5 +2267,59 @@ mod tests {
         assert_eq!(states(&acts).unwrap()[1], (ReplicaState::Down, 1));
         assert!(is_ready(&acts), "{acts:?}");
         assert!(sends(&acts).contains(&(0, "client".into())), "{acts:?}");
+    }
+
+    #[test]
+    fn side_by_side_replicas_restart_one_slot_of_a_node() {
+        let yaml = replicas_yaml("").replace("nodes_per_replica: 1", "replicas_per_node: 2");
+        let (mut c, infos, t0) = setup_gpus(&yaml, 2, &[], 2);
+        let acts = hello_all(&mut c, &infos, t0);
+        let starts: Vec<(usize, usize)> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(r, ToRank::Start { name: Kind::Engine, slot }) => Some((*r, *slot)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+        for r in 0..2 {
+            for slot in 0..2 {
+                c.on_message(r, ToMaster::Up { name: Kind::Engine, slot }, t0);
+            }
+        }
+        assert!(is_ready(&c.on_message(0, ToMaster::Up { name: Kind::Router, slot: 0 }, t0)));
+        // node2's second engine (replica 3) dies: only that slot resets
+        let s = Duration::from_secs(1);
+        let mut exit = exited(Kind::Engine);
+        if let ToMaster::Exited { slot, .. } = &mut exit {
+            *slot = 1;
+        }
+        let acts = c.on_message(1, exit, t0 + s);
+        let reset: Vec<(usize, usize)> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(r, ToRank::Reset { slot, .. }) => Some((*r, *slot)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reset, [(1, 1)]);
+        let st: Vec<ReplicaState> = states(&acts).unwrap().into_iter().map(|x| x.0).collect();
+        use ReplicaState::*;
+        assert_eq!(st, [Ready, Ready, Ready, Restarting]);
+        c.on_message(1, ToMaster::ResetDone { slot: 1 }, t0 + s);
+        let acts = beat(&mut c, t0 + 3 * s);
+        let again: Vec<(usize, usize)> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(r, ToRank::Start { name: Kind::Engine, slot }) => Some((*r, *slot)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(again, [(1, 1)], "{acts:?}");
+        // a lost node takes both of its replicas down
+        let acts = c.on_closed(1, t0 + 4 * s);
+        let st: Vec<ReplicaState> = states(&acts).unwrap().into_iter().map(|x| x.0).collect();
+        assert_eq!(st, [Ready, Ready, Down, Down]);
+        assert!(!c.stopping());
     }
 }

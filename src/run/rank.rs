@@ -54,11 +54,12 @@ pub enum Phase {
 /// Something that happened to a process this rank runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// It reached its ready point (the plan's `lifecycle.ready`).
-    Up(Kind),
+    /// It reached its ready point (the plan's `lifecycle.ready`); of the node's replica `slot`.
+    Up(Kind, usize),
     /// It ended: `status` in words, the exit code it maps to, its log and last lines.
     Exited {
         kind: Kind,
+        slot: usize,
         status: String,
         code: i32,
         log: Option<String>,
@@ -69,6 +70,7 @@ pub enum Event {
         code: i32,
         reason: String,
         kind: Option<Kind>,
+        slot: usize,
     },
 }
 
@@ -94,8 +96,8 @@ pub enum Input {
     Tick,
     /// The teardown finished: every process of this rank is gone.
     TornDown,
-    /// The replica's processes here are gone (after `Action::Reset`).
-    ResetDone,
+    /// The processes here of the node's replica `slot` are gone (after `Action::Reset`).
+    ResetDone(usize),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,15 +106,15 @@ pub enum Action {
     /// Build the plan from every rank's facts and the chosen port block, then report
     /// `Input::Planned`.
     BuildPlan(Vec<NodeInfo>, u16),
-    /// Start this rank's command of this kind.
-    Start(Kind),
+    /// Start this rank's command of this kind (of the node's replica `slot`).
+    Start(Kind, usize),
     /// Stop everything this rank started, stage by stage; report `Input::TornDown`.
     Teardown,
     /// SIGKILL every session of this rank now (the teardown goes on and reports as usual).
     KillAll,
-    /// Stop this rank's processes of its replica (its Ray and engine), keep the rest;
-    /// report `Input::ResetDone`.
-    Reset,
+    /// Stop this rank's processes of the node's replica `slot` (its Ray and engine), keep
+    /// the rest; report `Input::ResetDone`.
+    Reset(usize),
     Info(String),
     Warn(String),
     Error(String),
@@ -336,6 +338,7 @@ impl RankMachine {
                     code: exit::USAGE,
                     reason: report.replace('\n', " "),
                     kind: None,
+                    slot: 0,
                 }),
                 Action::Error(report),
                 Action::Exit {
@@ -374,14 +377,14 @@ impl RankMachine {
             Input::FromMaster(m) => {
                 self.last_master = now;
                 match m {
-                    ToRank::Start { name } if self.stopping.is_none() => {
-                        acts.push(Action::Start(name));
+                    ToRank::Start { name, slot } if self.stopping.is_none() => {
+                        acts.push(Action::Start(name, slot));
                     }
-                    ToRank::Reset { reason } if self.stopping.is_none() => {
+                    ToRank::Reset { reason, slot } if self.stopping.is_none() => {
                         acts.push(Action::Warn(format!(
                             "{reason}: stopping this node's processes of the replica (the job goes on)"
                         )));
-                        acts.push(Action::Reset);
+                        acts.push(Action::Reset(slot));
                     }
                     ToRank::Stop { code, reason, node } if self.stopping.is_none() => {
                         acts.push(report_stop(code, &reason, node.as_deref()));
@@ -400,6 +403,7 @@ impl RankMachine {
             }
             Input::Local(Event::Exited {
                 kind,
+                slot,
                 status,
                 code,
                 log,
@@ -419,6 +423,7 @@ impl RankMachine {
                 }
                 acts.push(Action::Send(ToMaster::Exited {
                     name: kind,
+                    slot,
                     status,
                     code,
                     log,
@@ -431,14 +436,24 @@ impl RankMachine {
                     ));
                 }
             }
-            Input::Local(Event::Up(kind)) => {
+            Input::Local(Event::Up(kind, slot)) => {
                 acts.push(Action::Info(format!("{kind} is up")));
-                acts.push(Action::Send(ToMaster::Up { name: kind }));
+                acts.push(Action::Send(ToMaster::Up { name: kind, slot }));
             }
-            Input::Local(Event::Failed { code, reason, kind }) => {
+            Input::Local(Event::Failed {
+                code,
+                reason,
+                kind,
+                slot,
+            }) => {
                 if self.stopping.is_none() {
                     acts.push(Action::Error(reason.clone()));
-                    acts.push(Action::Send(ToMaster::Failed { code, reason, kind }));
+                    acts.push(Action::Send(ToMaster::Failed {
+                        code,
+                        reason,
+                        kind,
+                        slot,
+                    }));
                 }
             }
             Input::Tick => {
@@ -478,12 +493,12 @@ impl RankMachine {
                     summary: Some(summary),
                 });
             }
-            Input::ResetDone => {
+            Input::ResetDone(slot) => {
                 if self.stopping.is_none() {
                     acts.push(Action::Info(
                         "the replica's processes on this node are gone".into(),
                     ));
-                    acts.push(Action::Send(ToMaster::ResetDone));
+                    acts.push(Action::Send(ToMaster::ResetDone { slot }));
                 }
             }
             Input::Connected
@@ -501,6 +516,7 @@ impl RankMachine {
 #[derive(Clone)]
 struct Running {
     kind: Kind,
+    slot: usize,
     stage: Stage,
     pid: i32,
 }
@@ -509,20 +525,21 @@ struct Running {
 /// report about a process a reset already stopped is dropped.
 #[derive(Clone)]
 struct Reports {
-    tx: mpsc::UnboundedSender<(u64, Event)>,
+    tx: mpsc::UnboundedSender<(usize, u64, Event)>,
+    slot: usize,
     epoch: u64,
 }
 
 impl Reports {
     fn send(&self, ev: Event) -> Result<(), ()> {
-        self.tx.send((self.epoch, ev)).map_err(|_| ())
+        self.tx.send((self.slot, self.epoch, ev)).map_err(|_| ())
     }
 }
 
 /// The command an event is about.
 fn event_kind(ev: &Event) -> Option<Kind> {
     match ev {
-        Event::Up(k) => Some(*k),
+        Event::Up(k, _) => Some(*k),
         Event::Exited { kind, .. } => Some(*kind),
         Event::Failed { kind, .. } => *kind,
     }
@@ -565,13 +582,14 @@ struct Shell {
     log_dir: PathBuf,
     reaper: Option<Reaper>,
     procs: Vec<Running>,
-    watchers: Vec<(Kind, JoinHandle<()>)>,
-    local_tx: mpsc::UnboundedSender<(u64, Event)>,
-    /// Resets so far: events of replica processes from before the last one are stale.
-    epoch: u64,
-    /// A reset under way: what it stops, and the future that does it.
+    watchers: Vec<(Kind, usize, JoinHandle<()>)>,
+    local_tx: mpsc::UnboundedSender<(usize, u64, Event)>,
+    /// Resets so far, per slot: events of a replica's processes from before its last reset
+    /// are stale.
+    epochs: std::collections::BTreeMap<usize, u64>,
+    /// What resets under way are stopping; each reports its slot on `reset_tx` when done.
     resetting: Vec<Running>,
-    reset: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    reset_tx: mpsc::UnboundedSender<usize>,
     kill_tx: watch::Sender<bool>,
     kill_rx: watch::Receiver<bool>,
     leftovers_before: BTreeSet<PathBuf>,
@@ -601,8 +619,8 @@ impl Shell {
                     Action::BuildPlan(nodes, block) => {
                         queue.push_back(Input::Planned(self.build_plan(&nodes, block)))
                     }
-                    Action::Start(kind) => {
-                        if let Err(ev) = self.start(kind) {
+                    Action::Start(kind, slot) => {
+                        if let Err(ev) = self.start(kind, slot) {
                             queue.push_back(Input::Local(ev));
                         }
                     }
@@ -610,7 +628,7 @@ impl Shell {
                     Action::KillAll => {
                         let _ = self.kill_tx.send(true);
                     }
-                    Action::Reset => self.begin_reset(),
+                    Action::Reset(slot) => self.begin_reset(slot),
                     Action::Info(s) => info!("{s}"),
                     Action::Warn(s) => warn!("{s}"),
                     Action::Error(s) => error!("{s}"),
@@ -668,16 +686,18 @@ impl Shell {
     }
 
     /// Start this rank's command of `kind` and what watches it; `Err` = the event to report.
-    fn start(&mut self, kind: Kind) -> Result<(), Event> {
+    fn start(&mut self, kind: Kind, slot: usize) -> Result<(), Event> {
         let plan = self.plan.as_ref().expect("started only once planned");
         let rank = &plan.ranks[self.me];
-        let Some(cmd) = rank.command(kind) else {
+        let side_by_side = plan.replicas_per_node > 1 && kind.of_replica();
+        let Some(cmd) = rank.command_in(kind, slot) else {
             return Err(Event::Failed {
                 code: exit::INTERNAL,
                 reason: format!(
                     "the master asked for `{kind}`, which this rank's plan does not have"
                 ),
                 kind: Some(kind),
+                slot,
             });
         };
         let secret = |s: &plan::Secret| match s {
@@ -685,6 +705,7 @@ impl Shell {
                 code: exit::INTERNAL,
                 reason: format!("{kind} needs the job's API key, which this rank does not have"),
                 kind: Some(kind),
+                slot,
             }),
         };
         let mut env = cmd.env.clone();
@@ -712,8 +733,13 @@ impl Shell {
             }
         }
         let log = (cmd.lifecycle.output == Output::LogFile).then(|| {
+            let name = if side_by_side {
+                format!("{kind}-{slot}")
+            } else {
+                kind.to_string()
+            };
             self.log_dir.join(format!(
-                "{}{}.{kind}.log",
+                "{}{}.{name}.log",
                 rank.node, self.settings.step_suffix
             ))
         });
@@ -740,6 +766,7 @@ impl Shell {
             code: exit::LAUNCH_FAILURE,
             reason: format!("cannot start {kind} (`{}`): {e}", cmd.argv[0]),
             kind: Some(kind),
+            slot,
         })?;
         let pid = child.id().map_or(0, |p| p as i32);
         info!(
@@ -750,7 +777,8 @@ impl Shell {
         );
         let tx = Reports {
             tx: self.local_tx.clone(),
-            epoch: self.epoch,
+            slot,
+            epoch: self.epochs.get(&slot).copied().unwrap_or(0),
         };
         let log2 = log.clone();
         let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -768,6 +796,7 @@ impl Shell {
                     .collect();
                 let _ = tx.send(Event::Exited {
                     kind,
+                    slot,
                     status: desc,
                     code,
                     log: log2.map(|l| l.display().to_string()),
@@ -777,7 +806,8 @@ impl Shell {
         });
         let tx = Reports {
             tx: self.local_tx.clone(),
-            epoch: self.epoch,
+            slot,
+            epoch: self.epochs.get(&slot).copied().unwrap_or(0),
         };
         match &cmd.lifecycle.ready {
             Ready::LogLine { text } => {
@@ -788,9 +818,10 @@ impl Shell {
                 let daemons = cmd.lifecycle.daemons.clone();
                 self.watchers.push((
                     kind,
+                    slot,
                     tokio::spawn(async move {
                         if watch_log(&l, &text, from).await {
-                            let _ = tx.send(Event::Up(kind));
+                            let _ = tx.send(Event::Up(kind, slot));
                             watch_daemons(kind, pid, &daemons, &l, ended, tx).await;
                         }
                     }),
@@ -800,16 +831,18 @@ impl Shell {
                 let h = &self.settings.health;
                 self.watchers.push((
                     kind,
+                    slot,
                     tokio::spawn(health(kind, url.clone(), pid, h.interval, h.failures, tx)),
                 ));
             }
             Ready::Spawned => {
-                let _ = tx.send(Event::Up(kind));
+                let _ = tx.send(Event::Up(kind, slot));
             }
             Ready::Untracked => {}
         }
         self.procs.push(Running {
             kind,
+            slot,
             stage: cmd.lifecycle.stage,
             pid,
         });
@@ -830,7 +863,7 @@ impl Shell {
         } else {
             self.settings.timeouts.shutdown_grace
         };
-        for (_, w) in self.watchers.drain(..) {
+        for (_, _, w) in self.watchers.drain(..) {
             w.abort();
         }
         // what a reset under way is stopping is stopped again with the rest
@@ -850,29 +883,35 @@ impl Shell {
     /// Stop this rank's processes of its replica (Ray, engine) the way a failed job's are
     /// stopped (SIGTERM with `FAILURE_GRACE`, then SIGKILL; Ray's at once); the router and
     /// the client go on. Their reports from now on are stale.
-    fn begin_reset(&mut self) {
-        if self.teardown.is_some() || self.reset.is_some() {
+    fn begin_reset(&mut self, slot: usize) {
+        if self.teardown.is_some() {
             return;
         }
-        self.epoch += 1;
-        self.watchers.retain(|(k, w)| {
-            if k.of_replica() {
+        *self.epochs.entry(slot).or_default() += 1;
+        let ours = |k: Kind, s: usize| k.of_replica() && s == slot;
+        self.watchers.retain(|(k, s, w)| {
+            if ours(*k, *s) {
                 w.abort();
             }
-            !k.of_replica()
+            !ours(*k, *s)
         });
         let (gone, keep): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.procs)
             .into_iter()
-            .partition(|p| p.kind.of_replica());
+            .partition(|p| ours(p.kind, p.slot));
         self.procs = keep;
-        self.resetting = gone.clone();
+        self.resetting.extend(gone.iter().cloned());
         let grace = self.settings.timeouts.shutdown_grace.min(FAILURE_GRACE);
-        self.reset = Some(Box::pin(stop_stages(gone, grace, self.kill_rx.clone())));
+        let (kill, done) = (self.kill_rx.clone(), self.reset_tx.clone());
+        tokio::spawn(async move {
+            stop_stages(gone, grace, kill).await;
+            let _ = done.send(slot);
+        });
     }
 
     /// A report from a watcher, unless it is about a process a reset stopped.
-    fn fresh(&self, epoch: u64, ev: Event) -> Option<Event> {
-        let stale = epoch < self.epoch && event_kind(&ev).is_none_or(Kind::of_replica);
+    fn fresh(&self, slot: usize, epoch: u64, ev: Event) -> Option<Event> {
+        let now = self.epochs.get(&slot).copied().unwrap_or(0);
+        let stale = epoch < now && event_kind(&ev).is_none_or(Kind::of_replica);
         (!stale).then_some(ev)
     }
 }
@@ -1134,7 +1173,8 @@ pub async fn run(
         s.timeouts.rendezvous,
         Instant::now(),
     );
-    let (local_tx, mut local_rx) = mpsc::unbounded_channel::<(u64, Event)>();
+    let (local_tx, mut local_rx) = mpsc::unbounded_channel::<(usize, u64, Event)>();
+    let (reset_tx, mut reset_rx) = mpsc::unbounded_channel::<usize>();
     let (kill_tx, kill_rx) = watch::channel(false);
     let mut sh = Shell {
         settings: s.clone(),
@@ -1148,9 +1188,9 @@ pub async fn run(
         procs: Vec::new(),
         watchers: Vec::new(),
         local_tx,
-        epoch: 0,
+        epochs: Default::default(),
         resetting: Vec::new(),
-        reset: None,
+        reset_tx,
         kill_tx,
         kill_rx,
         leftovers_before: leftover_candidates(),
@@ -1229,15 +1269,14 @@ pub async fn run(
                 Ok(msg) => Input::FromMaster(msg),
                 Err(e) => Input::MasterLost(e.to_string()),
             }),
-            Some((epoch, ev)) = local_rx.recv() => sh.fresh(epoch, ev).map(Input::Local),
+            Some((slot, epoch, ev)) = local_rx.recv() => sh.fresh(slot, epoch, ev).map(Input::Local),
             _ = async { sh.teardown.as_mut().expect("guarded").await }, if sh.teardown.is_some() => {
                 sh.teardown = None;
                 Some(Input::TornDown)
             }
-            _ = async { sh.reset.as_mut().expect("guarded").await }, if sh.reset.is_some() => {
-                sh.reset = None;
-                sh.resetting.clear();
-                Some(Input::ResetDone)
+            Some(slot) = reset_rx.recv() => {
+                sh.resetting.retain(|p| p.slot != slot);
+                Some(Input::ResetDone(slot))
             }
             _ = hb.tick() => Some(Input::Tick),
         };
@@ -1355,6 +1394,7 @@ async fn watch_daemons(
     }
     let _ = tx.send(Event::Exited {
         kind,
+        slot: tx.slot,
         status: format!("its {name} (pid {pid}) is gone"),
         code: 1,
         log: Some(log.display().to_string()),
@@ -1383,6 +1423,7 @@ async fn health(
                 code: exit::INTERNAL,
                 reason: format!("HTTP client: {e}"),
                 kind: Some(kind),
+                slot: tx.slot,
             });
             return;
         }
@@ -1414,11 +1455,12 @@ async fn health(
                 code: exit::LAUNCH_FAILURE,
                 reason: why,
                 kind: Some(kind),
+                slot: tx.slot,
             });
             return;
         }
     }
-    let _ = tx.send(Event::Up(kind));
+    let _ = tx.send(Event::Up(kind, tx.slot));
     let mut bad = 0;
     loop {
         tokio::time::sleep(every).await;
@@ -1433,6 +1475,7 @@ async fn health(
                             "engine health check {url} failed {bad} times in a row (last: {e})"
                         ),
                         kind: Some(kind),
+                        slot: tx.slot,
                     });
                     return;
                 }
@@ -1652,6 +1695,7 @@ mod machine_tests {
             Input::MasterLost("closed".into()),
             Input::Local(Event::Exited {
                 kind: Kind::RayWorker,
+                slot: 0,
                 status: "exit code 1".into(),
                 code: 1,
                 log: None,
@@ -1688,6 +1732,7 @@ mod machine_tests {
         let acts = m.on(
             Input::Local(Event::Exited {
                 kind: Kind::Engine,
+                slot: 0,
                 status: "signal 9 (SIGKILL)".into(),
                 code: 137,
                 log: None,
@@ -1778,22 +1823,30 @@ mod machine_tests {
         let acts = m.on(
             Input::FromMaster(ToRank::Start {
                 name: Kind::RayWorker,
+                slot: 0,
             }),
             t0,
         );
-        assert_eq!(acts, [Action::Start(Kind::RayWorker)]);
+        assert_eq!(acts, [Action::Start(Kind::RayWorker, 0)]);
         let acts = m.on(
             stop(exit::STARTUP_TIMEOUT, "ray-head on node1 did not come up"),
             t0,
         );
         assert!(acts.contains(&Action::Teardown));
         assert!(m
-            .on(Input::FromMaster(ToRank::Start { name: Kind::Engine }), t0)
+            .on(
+                Input::FromMaster(ToRank::Start {
+                    name: Kind::Engine,
+                    slot: 0
+                }),
+                t0
+            )
             .is_empty());
         // what is already running still reports (the master counts it), but nothing starts
-        let acts = m.on(Input::Local(Event::Up(Kind::RayWorker)), t0);
+        let acts = m.on(Input::Local(Event::Up(Kind::RayWorker, 0)), t0);
         assert!(acts.contains(&Action::Send(ToMaster::Up {
-            name: Kind::RayWorker
+            name: Kind::RayWorker,
+            slot: 0
         })));
         assert_eq!(
             exit_of(&m.on(Input::TornDown, t0)),
@@ -1836,6 +1889,7 @@ mod machine_tests {
         let acts = m.on(
             Input::Local(Event::Exited {
                 kind: Kind::Client,
+                slot: 0,
                 status: "exit code 3".into(),
                 code: 3,
                 log: None,
@@ -1880,6 +1934,7 @@ mod tests {
         });
         Running {
             kind,
+            slot: 0,
             stage: match kind {
                 Kind::Client => Stage::Client,
                 Kind::Engine => Stage::Engine,

@@ -30,6 +30,7 @@ impl Who {
             interface: Some("ib0".into()),
             cpus: 64,
             object_store_bytes: 1 << 30,
+            gpu_ids: vec![],
         }
     }
 }
