@@ -312,6 +312,16 @@ fn a_flag_typo_is_caught_by_the_parser_check() {
     }
 }
 
+/// A child killed when the test ends, also when it fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// What a replica's own vLLM `/metrics` says it finished.
 fn vllm_successes(url: &str) -> f64 {
     let o = Command::new("curl")
@@ -385,18 +395,20 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
     // load through the router, then kill -9 of replica 1's vLLM
     let stop = bed.path("stop");
     let result = bed.path("load.json");
-    let mut load = Command::new(&py)
-        .args([
-            client.to_str().unwrap(),
-            &url,
-            key.trim(),
-            "load",
-            stop.to_str().unwrap(),
-            result.to_str().unwrap(),
-        ])
-        .env("NO_PROXY", "*")
-        .spawn()
-        .unwrap();
+    let mut load = KillOnDrop(
+        Command::new(&py)
+            .args([
+                client.to_str().unwrap(),
+                &url,
+                key.trim(),
+                "load",
+                stop.to_str().unwrap(),
+                result.to_str().unwrap(),
+            ])
+            .env("NO_PROXY", "*")
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_secs(3));
     let pid = pid_on(2, "vllm").unwrap_or_else(|| panic!("no vllm on node2: {:#?}", node_procs()));
     signal(pid, nix::sys::signal::Signal::SIGKILL);
@@ -415,7 +427,7 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         std::thread::sleep(Duration::from_millis(250));
     }
     std::fs::write(&stop, "").unwrap();
-    assert!(load.wait().unwrap().success());
+    assert!(load.0.wait().unwrap().success());
     while state(1) != ("ready".to_string(), 1) {
         assert!(
             t0.elapsed() < Duration::from_secs(400),

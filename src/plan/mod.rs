@@ -879,8 +879,8 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     (role, commands)
 }
 
-/// One replica of several on a node: the engine alone (no Ray, no rendezvous) on its slice of
-/// the node's GPUs and its own port.
+/// A one-node replica of several: the engine alone (no Ray, no rendezvous); side by side on a
+/// node, on its slice of the node's GPUs and its own port.
 fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
     let c = j.c;
     let mut argv: Vec<String> = match c.engine {
@@ -1106,8 +1106,10 @@ pub fn build_in(
         ports.engine_http = p;
     }
     // replicas side by side on a node run without Ray
-    let uses_ray =
-        c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && l.per_node == 1;
+    // A replica of one node needs neither Ray nor a rendezvous: with several replicas, each
+    // one-node replica is its engine alone (and so are replicas side by side on a node).
+    let alone = l.per_node > 1 || (npr == 1 && replicas > 1);
+    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && !alone;
     let routed = c.router.enabled.unwrap_or(replicas > 1);
     let min_healthy = c.replicas.min_healthy as usize;
     if min_healthy > replicas {
@@ -1158,7 +1160,7 @@ pub fn build_in(
     let mut ranks = Vec::with_capacity(nnodes);
     for rank in 0..nnodes {
         let x = slot(&job, nodes, rank, 0)?;
-        let (role, mut commands) = if job.per_node > 1 {
+        let (role, mut commands) = if alone {
             let mut v = Vec::new();
             for local in 0..job.per_node {
                 v.push(side_by_side_command(

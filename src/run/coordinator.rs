@@ -2277,17 +2277,37 @@ mod tests {
         let starts: Vec<(usize, usize)> = acts
             .iter()
             .filter_map(|a| match a {
-                Action::Send(r, ToRank::Start { name: Kind::Engine, slot }) => Some((*r, *slot)),
+                Action::Send(
+                    r,
+                    ToRank::Start {
+                        name: Kind::Engine,
+                        slot,
+                    },
+                ) => Some((*r, *slot)),
                 _ => None,
             })
             .collect();
         assert_eq!(starts, [(0, 0), (0, 1), (1, 0), (1, 1)]);
         for r in 0..2 {
             for slot in 0..2 {
-                c.on_message(r, ToMaster::Up { name: Kind::Engine, slot }, t0);
+                c.on_message(
+                    r,
+                    ToMaster::Up {
+                        name: Kind::Engine,
+                        slot,
+                    },
+                    t0,
+                );
             }
         }
-        assert!(is_ready(&c.on_message(0, ToMaster::Up { name: Kind::Router, slot: 0 }, t0)));
+        assert!(is_ready(&c.on_message(
+            0,
+            ToMaster::Up {
+                name: Kind::Router,
+                slot: 0
+            },
+            t0
+        )));
         // node2's second engine (replica 3) dies: only that slot resets
         let s = Duration::from_secs(1);
         let mut exit = exited(Kind::Engine);
@@ -2311,7 +2331,13 @@ mod tests {
         let again: Vec<(usize, usize)> = acts
             .iter()
             .filter_map(|a| match a {
-                Action::Send(r, ToRank::Start { name: Kind::Engine, slot }) => Some((*r, *slot)),
+                Action::Send(
+                    r,
+                    ToRank::Start {
+                        name: Kind::Engine,
+                        slot,
+                    },
+                ) => Some((*r, *slot)),
                 _ => None,
             })
             .collect();

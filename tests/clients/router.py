@@ -3,9 +3,10 @@
 `router.py check BASE_URL KEY`: lists the models, sends six completions and one streamed
 completion; prints {"models", "replicas" (x-ray-launch-replica of each answer), "chunks"}.
 `router.py load BASE_URL KEY STOP_FILE OUT_FILE`: two threads send completions until STOP_FILE
-exists, then write {"ok": n, "failed": [error, ...]} to OUT_FILE.
+exists, then write {"ok": n, "failed": [error, ...]} to OUT_FILE. It also stops when the test
+that started it is gone, or after ten minutes, so a failed test leaves no client spinning.
 """
-import json, os, sys, threading
+import json, os, sys, threading, time
 from openai import OpenAI
 
 base, key, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -26,8 +27,13 @@ elif mode == "load":
     res = {"ok": 0, "failed": []}
     lock = threading.Lock()
 
+    parent, until = os.getppid(), time.time() + 600
+
+    def going():
+        return not os.path.exists(stop) and os.getppid() == parent and time.time() < until
+
     def work():
-        while not os.path.exists(stop):
+        while going():
             try:
                 c.completions.create(model="tiny", prompt="hello", max_tokens=8)
                 with lock:
