@@ -499,7 +499,26 @@ pub async fn serve(o: Options) -> Result<(), String> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // SIGTERM (the launcher's teardown, or Slurm signalling the whole step): stop accepting,
+    // let the requests in flight finish (the launcher SIGKILLs after its grace)
+    let stop = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+        log("SIGTERM: no new connections; finishing the requests in flight");
+    };
     axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
         .await
         .map_err(|e| format!("the router stopped: {e}"))
 }

@@ -107,10 +107,13 @@ pub fn bindable(port: u16) -> bool {
 }
 
 /// The ports of a block that the step's processes bind on every node: Ray's daemons, the
-/// engine's HTTP and rendezvous ports (offsets 1-11). The channel (offset 0) is the master's
+/// engine's (or the router's) HTTP and rendezvous ports (offsets 1-11), the engines behind
+/// the router (20-27). The channel (offset 0) is the master's
 /// and tested by binding it; the worker range is Ray's to pick from.
 pub fn block_ports(base: u16) -> impl Iterator<Item = u16> {
-    (1..=11).map(move |o| base + o)
+    // Ray's daemons and the engine (or the router), then the replicas' engines behind it
+    let behind = 20..20 + crate::plan::MAX_REPLICAS_PER_NODE as u16;
+    (1..=11).chain(behind).map(move |o| base + o)
 }
 
 /// Bind-test each candidate block (and the fixed ports from the config) on this node: the
@@ -159,6 +162,22 @@ pub fn held_by_session(port: u16, sid: i32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bind_test_covers_the_engines_behind_the_router() {
+        let p: Vec<u16> = block_ports(20000).collect();
+        assert_eq!(p[..11], (20001..=20011).collect::<Vec<_>>()[..]);
+        let plan = crate::plan::Ports::for_block(20000);
+        for port in [
+            plan.engine_http,
+            plan.engine_rendezvous,
+            plan.replica_http,
+            plan.replica_http + 7,
+        ] {
+            assert!(p.contains(&port), "{port}");
+        }
+        assert!(!p.contains(&20000) && !p.contains(&20012) && !p.contains(&20032));
+    }
 
     #[test]
     fn a_listener_is_found_and_named_with_its_pid() {

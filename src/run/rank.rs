@@ -567,6 +567,10 @@ struct Secrets {
     ray_token: Option<String>,
 }
 
+/// How long a child's end (but a SIGKILL) waits before it is reported: the time for this
+/// launcher to see a signal Slurm sent the whole step at once.
+const EXIT_SETTLE: Duration = Duration::from_millis(200);
+
 /// The engine's grace when the job failed: its endpoint is broken already (a node, a Ray
 /// daemon or a process is gone), and a Ray driver whose cluster died can hang in its shutdown.
 const FAILURE_GRACE: Duration = Duration::from_secs(1);
@@ -787,6 +791,12 @@ impl Shell {
             if let Ok(status) = child.wait().await {
                 ended2.store(true, std::sync::atomic::Ordering::SeqCst);
                 let (desc, code) = proc::describe(&status);
+                // Slurm signals every process of the step, in no particular order: a child
+                // that a SIGTERM ended (or that exited on it) may go before this launcher has
+                // seen its own. Wait a moment, so that a stop is not reported as a failure.
+                if code != 128 + libc::SIGKILL {
+                    tokio::time::sleep(EXIT_SETTLE).await;
+                }
                 let tail = log2
                     .as_deref()
                     .map(|l| proc::log_tail(l, 5))
