@@ -649,8 +649,8 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         replica_states(&ep),
         [("ready".into(), 0), ("ready".into(), 0), ("down".into(), 2)]
     );
-    let key = std::fs::read_to_string(f["api_key_path"].as_str().unwrap()).unwrap();
-    let key = key.trim();
+    let key = api_key(&f);
+    let key = key.as_str();
     // the router checks the key itself
     assert_eq!(routed(&format!("{url}/models"), "wrong", None).0, 401);
     let completions = format!("{url}/completions");
@@ -730,16 +730,7 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
         "{metrics}"
     );
 
-    assert!(slurm("scancel")
-        .arg(job_id("rl-e2e"))
-        .status()
-        .unwrap()
-        .success());
-    let out = wait_limited(&mut child, Duration::from_secs(60));
-    let all = text(&out);
-    eprintln!("{all}");
-    let codes = exits(&all);
-    assert!(codes.values().all(|c| *c == 143), "{codes:?}");
+    let all = scancel_all_143(&mut child, "rl-e2e");
     for want in [
         "replica 2 (leader node3) failed",
         "it stays down: it failed after 2 restart(s)",
@@ -768,8 +759,8 @@ fn replicas_side_by_side_on_a_node_restart_alone() {
     let (mut child, ep) = serve(&bed, &cfg);
     let f = endpoint_status(&ep).unwrap();
     let url = f["url"].as_str().unwrap().to_string();
-    let key = std::fs::read_to_string(f["api_key_path"].as_str().unwrap()).unwrap();
-    let key = key.trim();
+    let key = api_key(&f);
+    let key = key.as_str();
     let reps = f["replicas"].as_array().unwrap().clone();
     assert_eq!(reps.len(), 6);
     let nodes: Vec<&str> = reps.iter().map(|r| r["node"].as_str().unwrap()).collect();
@@ -824,14 +815,6 @@ fn replicas_side_by_side_on_a_node_restart_alone() {
         })
         .collect();
     assert_eq!(seen, (0..6).collect(), "the restarted one serves again");
-    assert!(slurm("scancel")
-        .arg(job_id("rl-e2e"))
-        .status()
-        .unwrap()
-        .success());
-    let out = wait_limited(&mut child, Duration::from_secs(60));
-    let all = text(&out);
-    eprintln!("{all}");
-    assert!(exits(&all).values().all(|c| *c == 143), "{all}");
+    let all = scancel_all_143(&mut child, "rl-e2e");
     assert!(all.contains("replica 3 (leader node2) failed"), "{all}");
 }

@@ -364,10 +364,10 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         .map(|u| u.as_str().unwrap().to_string())
         .collect();
     assert_eq!(urls.len(), 2);
-    let key = std::fs::read_to_string(f["api_key_path"].as_str().unwrap()).unwrap();
+    let key = api_key(&f);
     let before: Vec<f64> = urls.iter().map(|u| vllm_successes(u)).collect();
     let o = Command::new(&py)
-        .args([client.to_str().unwrap(), &url, key.trim(), "check"])
+        .args([client.to_str().unwrap(), &url, &key, "check"])
         .env("NO_PROXY", "*")
         .output()
         .unwrap();
@@ -400,7 +400,7 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
             .args([
                 client.to_str().unwrap(),
                 &url,
-                key.trim(),
+                &key,
                 "load",
                 stop.to_str().unwrap(),
                 result.to_str().unwrap(),
@@ -458,7 +458,7 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
     }
     let served_again = vllm_successes(&urls[1]);
     let o = Command::new(&py)
-        .args([client.to_str().unwrap(), &url, key.trim(), "check"])
+        .args([client.to_str().unwrap(), &url, &key, "check"])
         .env("NO_PROXY", "*")
         .output()
         .unwrap();
@@ -468,15 +468,7 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         "the restarted replica serves"
     );
 
-    assert!(slurm("scancel")
-        .arg(job_id("rl-vllm-replicas"))
-        .status()
-        .unwrap()
-        .success());
-    let out = wait_limited(&mut child, Duration::from_secs(60));
-    let all = text(&out);
-    eprintln!("{all}");
-    assert!(exits(&all).values().all(|c| *c == 143), "{all}");
+    let all = scancel_all_143(&mut child, "rl-vllm-replicas");
     assert!(all.contains("replica 1 (leader node2) failed"), "{all}");
     assert!(
         all.contains("replica 1 serves again after 1 restart(s)"),

@@ -452,6 +452,35 @@ fn vllm_serve(c: &crate::input::config::Config, backend: &str) -> Vec<String> {
     ]
 }
 
+/// `python -m sglang.launch_server --model-path M --tp-size T --pp-size P`, common to every
+/// SGLang command line.
+fn sglang_launch(c: &Config) -> Vec<String> {
+    vec![
+        c.sglang.python.clone(),
+        "-m".into(),
+        "sglang.launch_server".into(),
+        "--model-path".into(),
+        c.model.clone(),
+        "--tp-size".into(),
+        c.parallel.tensor.to_string(),
+        "--pp-size".into(),
+        c.parallel.pipeline.to_string(),
+    ]
+}
+
+/// The job's API key for the engine that serves HTTP.
+fn serving_key(c: &Config, cmd: &mut Command) {
+    match c.engine {
+        // vLLM reads VLLM_API_KEY: the key stays out of /proc/PID/cmdline
+        Engine::Vllm => {
+            cmd.secret_env
+                .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+        }
+        // SGLang reads only --api-key
+        Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
+    }
+}
+
 /// What the rank that serves HTTP adds: `--host H --port P [--served-model-name N]`
 /// (the same flags in vLLM and SGLang).
 fn http_args(c: &crate::input::config::Config, port: u16) -> Vec<String> {
@@ -871,8 +900,7 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
             ),
         );
         if j.s.auth {
-            cmd.secret_env
-                .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
+            serving_key(c, &mut cmd);
         }
         commands.push(cmd);
     }
@@ -885,17 +913,7 @@ fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
     let c = j.c;
     let mut argv: Vec<String> = match c.engine {
         Engine::Vllm => vllm_serve(c, "mp"),
-        Engine::Sglang => vec![
-            c.sglang.python.clone(),
-            "-m".into(),
-            "sglang.launch_server".into(),
-            "--model-path".into(),
-            c.model.clone(),
-            "--tp-size".into(),
-            c.parallel.tensor.to_string(),
-            "--pp-size".into(),
-            c.parallel.pipeline.to_string(),
-        ],
+        Engine::Sglang => sglang_launch(c),
     };
     argv.extend(http_args(c, j.serve_port + local as u16));
     argv.extend(c.engine_args.iter().cloned());
@@ -908,13 +926,7 @@ fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
     let mut cmd = x.command(j, Kind::Engine, argv, env, lifecycle);
     cmd.slot = local;
     if j.s.auth {
-        match c.engine {
-            Engine::Vllm => {
-                cmd.secret_env
-                    .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
-            }
-            Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
-        }
+        serving_key(c, &mut cmd);
     }
     cmd
 }
@@ -942,23 +954,18 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
             ]);
             v
         }
-        Engine::Sglang => vec![
-            c.sglang.python.clone(),
-            "-m".into(),
-            "sglang.launch_server".into(),
-            "--model-path".into(),
-            c.model.clone(),
-            "--tp-size".into(),
-            c.parallel.tensor.to_string(),
-            "--pp-size".into(),
-            c.parallel.pipeline.to_string(),
-            "--nnodes".into(),
-            npr.to_string(),
-            "--node-rank".into(),
-            rr.to_string(),
-            "--dist-init-addr".into(),
-            format!("{}:{}", x.leader.address, ports.engine_rendezvous),
-        ],
+        Engine::Sglang => {
+            let mut v = sglang_launch(c);
+            v.extend([
+                "--nnodes".into(),
+                npr.to_string(),
+                "--node-rank".into(),
+                rr.to_string(),
+                "--dist-init-addr".into(),
+                format!("{}:{}", x.leader.address, ports.engine_rendezvous),
+            ]);
+            v
+        }
     };
     let headless = c.engine == Engine::Vllm && rr != 0;
     if headless {
@@ -974,15 +981,7 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
     };
     let mut cmd = x.command(j, Kind::Engine, argv, x.base.clone(), lifecycle);
     if j.s.auth && rr == 0 {
-        match c.engine {
-            // vLLM reads VLLM_API_KEY: the key stays out of /proc/PID/cmdline
-            Engine::Vllm => {
-                cmd.secret_env
-                    .insert(ev::VLLM_API_KEY.into(), Secret::ApiKey);
-            }
-            // SGLang reads only --api-key
-            Engine::Sglang => cmd.secret_args.push(("--api-key".into(), Secret::ApiKey)),
-        }
+        serving_key(c, &mut cmd);
     }
     (role, cmd)
 }

@@ -96,7 +96,6 @@ pub struct Coord {
     pending: Vec<(usize, Kind, usize, Instant, Deadline)>,
     /// Replicas whose Ray nodes have all joined (their `replica-joined` commands started).
     joined: Vec<bool>,
-    ready: Vec<bool>,
     reps: Vec<Rep>,
     /// The router listens (or the job has none).
     router_up: bool,
@@ -148,7 +147,6 @@ impl Coord {
             up: vec![BTreeSet::new(); n],
             pending: Vec::new(),
             joined: Vec::new(),
-            ready: Vec::new(),
             reps: Vec::new(),
             router_up: false,
             restarts: false,
@@ -390,7 +388,6 @@ impl Coord {
         }
         self.phase = Phase::Starting;
         self.joined = vec![false; plan.replicas];
-        self.ready = vec![false; plan.replicas];
         let r = &self.settings.config.replicas;
         self.reps = vec![
             Rep {
@@ -635,7 +632,6 @@ impl Coord {
         if self.reps[rep].state != ReplicaState::Starting {
             return Vec::new();
         }
-        self.ready[rep] = true;
         self.reps[rep].state = ReplicaState::Ready;
         let url = plan.endpoints[rep].url.clone();
         let mut acts = vec![
@@ -646,18 +642,18 @@ impl Coord {
             ),
             self.replicas_action(),
         ];
-        let n_ready = self.ready.iter().filter(|r| **r).count();
+        let n_ready = self.serving();
         if self.phase == Phase::Ready {
             acts.push(Action::Info(format!(
                 "replica {rep} serves again after {} restart(s) ({n_ready}/{} replicas serve)",
                 self.reps[rep].restarts,
-                self.ready.len()
+                self.reps.len()
             )));
             return acts;
         }
         acts.push(Action::Info(format!(
             "replica {rep} ready ({n_ready}/{} replicas)",
-            self.ready.len()
+            self.reps.len()
         )));
         acts.extend(self.maybe_ready(now));
         acts
@@ -676,7 +672,7 @@ impl Coord {
             .reps
             .iter()
             .all(|r| matches!(r.state, ReplicaState::Ready | ReplicaState::Down));
-        if !settled || !self.ready.iter().any(|r| *r) {
+        if !settled || self.serving() == 0 {
             return Vec::new();
         }
         self.phase = Phase::Ready;
@@ -703,6 +699,14 @@ impl Coord {
         )));
         acts.extend(self.start_after(0..self.n, StartAfter::AllReady, None, now));
         acts
+    }
+
+    /// How many replicas serve now.
+    fn serving(&self) -> usize {
+        self.reps
+            .iter()
+            .filter(|r| r.state == ReplicaState::Ready)
+            .count()
     }
 
     /// Every replica's state, for the endpoint file.
@@ -766,7 +770,6 @@ impl Coord {
             }
             return Vec::new();
         }
-        self.ready[rep] = false;
         self.joined[rep] = false;
         for r in ranks.clone() {
             self.up[r].retain(|(k, s)| !(k.of_replica() && *s == slot));
@@ -857,7 +860,7 @@ impl Coord {
     /// else see whether the job is ready now (a replica down for good no longer holds it up).
     fn check_serving(&mut self, code: i32, reason: &str, now: Instant) -> Vec<Action> {
         let min = self.settings.config.replicas.min_healthy as usize;
-        let serving = self.ready.iter().filter(|r| **r).count();
+        let serving = self.serving();
         let alive = self
             .reps
             .iter()
@@ -2012,6 +2015,22 @@ mod tests {
         format!("engine: vllm\nmodel: m\nparallel:\n  tensor: 1\n  nodes_per_replica: 1\nvllm:\n  backend: mp\n{extra}")
     }
 
+    /// (rank, slot) of every engine the actions start.
+    fn engine_starts(acts: &[Action]) -> Vec<(usize, usize)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Send(
+                    r,
+                    ToRank::Start {
+                        name: Kind::Engine,
+                        slot,
+                    },
+                ) => Some((*r, *slot)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn resets(acts: &[Action]) -> Vec<usize> {
         acts.iter()
             .filter_map(|a| match a {
@@ -2274,20 +2293,7 @@ mod tests {
         let yaml = replicas_yaml("").replace("nodes_per_replica: 1", "replicas_per_node: 2");
         let (mut c, infos, t0) = setup_gpus(&yaml, 2, &[], 2);
         let acts = hello_all(&mut c, &infos, t0);
-        let starts: Vec<(usize, usize)> = acts
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(
-                    r,
-                    ToRank::Start {
-                        name: Kind::Engine,
-                        slot,
-                    },
-                ) => Some((*r, *slot)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(starts, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert_eq!(engine_starts(&acts), [(0, 0), (0, 1), (1, 0), (1, 1)]);
         for r in 0..2 {
             for slot in 0..2 {
                 c.on_message(
@@ -2328,20 +2334,7 @@ mod tests {
         assert_eq!(st, [Ready, Ready, Ready, Restarting]);
         c.on_message(1, ToMaster::ResetDone { slot: 1 }, t0 + s);
         let acts = beat(&mut c, t0 + 3 * s);
-        let again: Vec<(usize, usize)> = acts
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(
-                    r,
-                    ToRank::Start {
-                        name: Kind::Engine,
-                        slot,
-                    },
-                ) => Some((*r, *slot)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(again, [(1, 1)], "{acts:?}");
+        assert_eq!(engine_starts(&acts), [(1, 1)], "{acts:?}");
         // a lost node takes both of its replicas down
         let acts = c.on_closed(1, t0 + 4 * s);
         let st: Vec<ReplicaState> = states(&acts).unwrap().into_iter().map(|x| x.0).collect();

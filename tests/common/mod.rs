@@ -338,3 +338,28 @@ pub fn exits(out: &str) -> std::collections::BTreeMap<String, i32> {
     }
     m
 }
+
+/// The API key the endpoint file `f` names (`api_key_path`), trimmed.
+pub fn api_key(f: &serde_json::Value) -> String {
+    let p = f["api_key_path"].as_str().expect("api_key_path");
+    std::fs::read_to_string(p).unwrap().trim().to_string()
+}
+
+/// `scancel` the job named `name`, wait (at most 60 s) for its srun `child`, print its output
+/// and check that every rank exited with 143; the output.
+pub fn scancel_all_143(child: &mut std::process::Child, name: &str) -> String {
+    assert!(slurm("scancel")
+        .arg(job_id(name))
+        .status()
+        .unwrap()
+        .success());
+    let out = wait_limited(child, Duration::from_secs(60));
+    let all = text(&out);
+    eprintln!("{all}");
+    let codes = exits(&all);
+    assert!(
+        !codes.is_empty() && codes.values().all(|c| *c == 143),
+        "{codes:?}\n{all}"
+    );
+    all
+}
