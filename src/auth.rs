@@ -410,6 +410,32 @@ pub fn default_secret_file() -> Option<PathBuf> {
 /// Read the per-user secret: at least 16 bytes, from a regular file owned by this user that
 /// nobody else may read.
 pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    let data = read_private_file(path)?;
+    if data.len() < 16 {
+        return Err(format!(
+            "{} holds {} bytes; a secret needs at least 16",
+            path.display(),
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
+/// An API key from a file of yours that only you can read: one word of text.
+pub fn read_key_file(path: &Path) -> Result<String, String> {
+    let data = read_private_file(path)?;
+    let key = String::from_utf8(data).map_err(|_| format!("{} is not text", path.display()))?;
+    if key.is_empty() || key.contains(|c: char| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{} does not hold one word (put only the key in it)",
+            path.display()
+        ));
+    }
+    Ok(key)
+}
+
+/// A regular file of yours, mode 0600 or stricter, trimmed.
+fn read_private_file(path: &Path) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::MetadataExt as _;
     let md = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let uid = nix::unistd::getuid().as_raw();
@@ -431,15 +457,7 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let data = data.trim_ascii().to_vec();
-    if data.len() < 16 {
-        return Err(format!(
-            "{} holds {} bytes; a secret needs at least 16",
-            path.display(),
-            data.len()
-        ));
-    }
-    Ok(data)
+    Ok(data.trim_ascii().to_vec())
 }
 
 #[cfg(test)]

@@ -147,9 +147,19 @@ pub struct RouteArgs {
     /// Where to listen, `HOST:PORT`.
     #[arg(long)]
     pub listen: String,
-    /// A replica's base URL without `/v1` (repeat for each), e.g. `http://10.0.0.2:20034`.
-    #[arg(long = "replica", required = true)]
+    /// A replica's base URL without `/v1` (repeat for each), e.g. `http://10.0.0.2:20034`;
+    /// `NAME=URL` with `--model`.
+    #[arg(long = "replica")]
     pub replicas: Vec<String>,
+    /// `NAME=SERVED`: route by model name; each `--replica NAME=URL` serves model NAME.
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// `NAME=URL`: an OpenAI base URL the job does not run (`http://h:8000/v1`).
+    #[arg(long = "attach")]
+    pub attach: Vec<String>,
+    /// `NAME=FILE`: the API key (a 0600 file) of attached endpoint NAME.
+    #[arg(long = "attach-key")]
+    pub attach_keys: Vec<String>,
     /// How often each replica's `/health` is polled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -193,15 +203,24 @@ pub fn main() -> i32 {
         Some(Cmd::Check(a)) => cmd_check(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
-        Some(Cmd::Route(r)) => Ok(crate::route::main(crate::route::Options {
-            listen: r.listen,
-            replicas: r.replicas,
-            health_interval: r.health_interval,
-            health_failures: r.health_failures,
-            max_body: r.max_body,
-            request_timeout: r.request_timeout,
-            api_key: None,
-        })),
+        Some(Cmd::Route(r)) => {
+            crate::route::backends(&r.models, &r.replicas, &r.attach, &r.attach_keys)
+                .map_err(|e| {
+                    Error::usage(format!("route: {e}")).hint("see `ray-launch route --help`")
+                })
+                .map(|(models, backends)| {
+                    crate::route::main(crate::route::Options {
+                        listen: r.listen,
+                        backends,
+                        models,
+                        health_interval: r.health_interval,
+                        health_failures: r.health_failures,
+                        max_body: r.max_body,
+                        request_timeout: r.request_timeout,
+                        api_key: None,
+                    })
+                })
+        }
         Some(Cmd::Reap { grace }) => Ok(crate::run::reaper::main(grace)),
     };
     match result {

@@ -62,6 +62,8 @@ impl ReplicaState {
 #[serde(default)]
 pub struct ReplicaStatus {
     pub replica: usize,
+    /// The model it serves (its name in the config).
+    pub model: String,
     /// Its leader's node.
     pub node: String,
     pub url: String,
@@ -70,6 +72,69 @@ pub struct ReplicaStatus {
     pub restarts: u32,
     /// Why it last failed.
     pub reason: Option<String>,
+}
+
+/// A model's state: `starting`, `ready` (a replica serves), `down` (none does),
+/// `dropped` (down, and not required), or `attached` (not the job's own).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelStatus {
+    /// A base URL that serves this model alone (through the router when there is one).
+    pub url: String,
+    /// Its replicas' own base URLs (the attached endpoint's URL).
+    pub urls: Vec<String>,
+    pub served_model_name: String,
+    pub status: String,
+    pub required: bool,
+}
+
+/// Each model's state from its replicas' states.
+pub fn model_statuses(
+    plan: &crate::plan::Plan,
+    replicas: &[ReplicaStatus],
+    dropped: &[String],
+) -> std::collections::BTreeMap<String, ModelStatus> {
+    let mut out = std::collections::BTreeMap::new();
+    for m in &plan.models {
+        let own: Vec<&ReplicaStatus> = replicas.iter().filter(|r| r.model == m.name).collect();
+        let status = if dropped.contains(&m.name) {
+            "dropped"
+        } else if own.iter().any(|r| r.state == ReplicaState::Ready) {
+            "ready"
+        } else if !own.is_empty() && own.iter().all(|r| r.state == ReplicaState::Down) {
+            "down"
+        } else {
+            "starting"
+        };
+        out.insert(
+            m.name.clone(),
+            ModelStatus {
+                url: m.url.clone(),
+                urls: plan
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.model == m.name)
+                    .map(|e| e.url.clone())
+                    .collect(),
+                served_model_name: m.served_model_name.clone(),
+                status: status.into(),
+                required: m.required,
+            },
+        );
+    }
+    for a in &plan.attached {
+        out.insert(
+            a.name.clone(),
+            ModelStatus {
+                url: a.router_url.clone(),
+                urls: vec![a.url.clone()],
+                served_model_name: String::new(),
+                status: "attached".into(),
+                required: false,
+            },
+        );
+    }
+    out
 }
 
 /// Readers take what is there: a missing field has its default (files of older or newer
@@ -84,6 +149,8 @@ pub struct EndpointFile {
     pub urls: Vec<String>,
     /// Every replica's state and restarts.
     pub replicas: Vec<ReplicaStatus>,
+    /// Every model the job serves (and every attached endpoint), by name.
+    pub models: std::collections::BTreeMap<String, ModelStatus>,
     pub model: String,
     pub served_model_name: String,
     pub job_id: String,
@@ -131,12 +198,24 @@ mod tests {
             urls: vec!["http://10.0.0.1:20010/v1".into()],
             replicas: vec![ReplicaStatus {
                 replica: 0,
+                model: "m".into(),
                 node: "node1".into(),
                 url: "http://10.0.0.1:20010/v1".into(),
                 state: ReplicaState::Restarting,
                 restarts: 1,
                 reason: Some("engine died".into()),
             }],
+            models: [(
+                "m".to_string(),
+                ModelStatus {
+                    url: "http://10.0.0.1:20010/models/m/v1".into(),
+                    urls: vec!["http://10.0.0.1:20010/v1".into()],
+                    served_model_name: "m".into(),
+                    status: "starting".into(),
+                    required: true,
+                },
+            )]
+            .into(),
             model: "m".into(),
             served_model_name: "m".into(),
             job_id: "7".into(),
@@ -154,6 +233,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         assert_eq!(v["status"], "ready");
         assert_eq!(v["replicas"][0]["state"], "restarting");
+        assert_eq!(v["models"]["m"]["status"], "starting");
         assert_eq!(EndpointFile::read(&p).unwrap(), Some(f));
     }
 }

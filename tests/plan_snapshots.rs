@@ -398,3 +398,124 @@ fn a_layout_that_leaves_gpus_idle_says_how_many() {
         e.report()
     );
 }
+
+/// RL-style: a policy on two nodes (Ray, tensor 8 x pipeline 2), a reward model side by side
+/// on one node (4 replicas of tensor 2), a judge on the rest (SGLang), and an attached one.
+const THREE: &str = "\
+engine: vllm
+env:
+  HF_HOME: /scratch/hf
+models:
+  - name: policy
+    model: /models/llama-70b
+    parallel: {tensor: 8, pipeline: 2}
+    nodes: 2
+  - name: reward
+    model: /models/rm-8b
+    served_model_name: rm
+    parallel: {tensor: 2}
+    nodes: 1
+    env:
+      VLLM_LOGGING_LEVEL: DEBUG
+  - name: judge
+    engine: sglang
+    model: /models/judge-8b
+    parallel: {tensor: 8}
+    required: false
+attach:
+  - name: ext
+    url: http://10.9.0.1:8000/v1
+    api_key_file: /home/u/.ext-key
+";
+
+#[test]
+fn three_models_on_four_eight_gpu_nodes() {
+    let p = plan_for(THREE, 4, 8, &["python", "rl.py"]).unwrap();
+    let names: Vec<&str> = p.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["policy", "reward", "judge"]);
+    let nodes: Vec<(usize, usize, usize)> = p
+        .models
+        .iter()
+        .map(|m| (m.first_node, m.nodes, m.replicas))
+        .collect();
+    assert_eq!(nodes, [(0, 2, 1), (2, 1, 4), (3, 1, 1)]);
+    assert_eq!(p.replicas, 6);
+    // the policy on Ray over nodes 1-2, the reward model alone on node 3, four times
+    assert_eq!(p.ranks[0].role, plan::Role::RayHead);
+    assert_eq!(p.ranks[1].role, plan::Role::RayWorker);
+    assert_eq!(p.ranks[2].commands.len(), 4);
+    assert_eq!(p.replica_ranks(3), 2..3);
+    assert_eq!(p.replica_of(2, 3), 4);
+    assert_eq!(p.slot_of(4), 3);
+    assert_eq!(p.replica_of(3, 0), 5);
+    assert_eq!(p.slots_on(2), 4);
+    assert_eq!(p.model_of_replica(5).name, "judge");
+    // each engine serves under the name clients use; the entry's env on top of the job's
+    let reward = &p.ranks[2].commands[1];
+    assert!(reward
+        .argv
+        .windows(2)
+        .any(|w| w == ["--served-model-name", "rm"]));
+    assert_eq!(reward.env["VLLM_LOGGING_LEVEL"], "DEBUG");
+    assert_eq!(reward.env["HF_HOME"], "/scratch/hf");
+    assert!(!p.ranks[0].commands[0]
+        .env
+        .contains_key("VLLM_LOGGING_LEVEL"));
+    let judge = p.ranks[3]
+        .command(ray_launch::plan::lifecycle::Kind::Engine)
+        .unwrap();
+    assert!(judge
+        .argv
+        .windows(2)
+        .any(|w| w == ["--served-model-name", "judge"]));
+    // the router routes by name; the client gets each model's own URL
+    let router = p.ranks[0]
+        .command(ray_launch::plan::lifecycle::Kind::Router)
+        .unwrap();
+    assert!(router
+        .argv
+        .windows(2)
+        .any(|w| w == ["--attach-key", "ext=/home/u/.ext-key"]));
+    let client = p.ranks[0]
+        .command(ray_launch::plan::lifecycle::Kind::Client)
+        .unwrap();
+    assert_eq!(
+        client.env["RAY_LAUNCH_MODEL_REWARD_URL"],
+        "http://10.1.0.1:30762/models/reward/v1"
+    );
+    assert_eq!(
+        client.env["RAY_LAUNCH_MODEL_EXT_URL"],
+        "http://10.1.0.1:30762/models/ext/v1"
+    );
+    assert_eq!(client.env["OPENAI_BASE_URL"], "http://10.1.0.1:30762/v1");
+    insta::assert_snapshot!(text(&p));
+    insta::assert_json_snapshot!(p.models);
+}
+
+#[test]
+fn a_model_that_does_not_fit_says_what_each_needs() {
+    let e = plan_for(THREE, 3, 8, &[]).unwrap_err();
+    assert_eq!(
+        e.msg,
+        "the models ask for 4+ node(s) (policy 2, reward 1, judge the rest (at least 1)) but the step has 3"
+    );
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("run on at least 4 nodes (`#SBATCH --nodes=4`), or give the models fewer nodes")
+    );
+    // the judge's tensor 16 needs two nodes; the rest is one
+    let e = plan_for(
+        &THREE.replace("tensor: 8}\n    required", "tensor: 16}\n    required"),
+        4,
+        8,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.msg.starts_with(
+            "model `judge` gets 1 of the step's 4 node(s) (node4): one replica needs 2 nodes"
+        ),
+        "{}",
+        e.msg
+    );
+}

@@ -145,7 +145,7 @@ impl<'de> Deserialize<'de> for EnvValue {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Parallel {
     pub tensor: u32,
@@ -305,6 +305,8 @@ pub struct Timeouts {
     pub shutdown_grace: Dur,
     /// Slurm's KillWait on this cluster: teardown must finish well inside it.
     pub kill_wait: Dur,
+    /// Each `attach:` endpoint answers `GET /v1/models`, before anything starts.
+    pub attach: Dur,
 }
 
 impl Default for Timeouts {
@@ -315,6 +317,7 @@ impl Default for Timeouts {
             engine_ready: Dur(Duration::from_secs(1800)),
             shutdown_grace: Dur(Duration::from_secs(10)),
             kill_wait: Dur(Duration::from_secs(30)),
+            attach: Dur(Duration::from_secs(30)),
         }
     }
 }
@@ -398,14 +401,139 @@ impl Default for Router {
     }
 }
 
+/// `models[].nodes`: how many of the step's nodes an entry gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum NodeShare {
+    /// What the other entries leave (at most one entry says so).
+    #[default]
+    Rest,
+    Count(u32),
+}
+
+impl<'de> Deserialize<'de> for NodeShare {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Str(String),
+            Val(u32),
+        }
+        let msg = "expected a node count or `rest`";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
+            Raw::Str(s) if s == "rest" => Ok(NodeShare::Rest),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!("{msg}, found `{s}`"))),
+            Raw::Val(v) => Ok(NodeShare::Count(v)),
+        }
+    }
+}
+
+/// One entry of `models:`: a model served on its own nodes, split into replicas like the
+/// single top-level model.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    pub engine: Engine,
+pub struct ModelEntry {
+    /// Clients may ask for it by this name (or its served name); `RAY_LAUNCH_MODEL_<NAME>_URL`.
+    pub name: String,
+    /// Unset: the top-level `engine`.
+    #[serde(default)]
+    pub engine: Option<Engine>,
     pub model: String,
     #[serde(default)]
     pub served_model_name: Option<String>,
     pub parallel: Parallel,
+    #[serde(default)]
+    pub engine_args: Vec<String>,
+    /// On top of the top-level `env`, for this model's processes.
+    #[serde(default)]
+    pub env: BTreeMap<String, EnvValue>,
+    /// How many of the step's nodes it gets, in step order after the entries before it.
+    #[serde(default)]
+    pub nodes: NodeShare,
+    /// `false`: when all its replicas are down the model is dropped and the job goes on.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Unset: `replicas.min_healthy`, at most this model's replica count.
+    #[serde(default)]
+    pub min_healthy: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One entry of `attach:`: an OpenAI-compatible server that already runs elsewhere.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    pub name: String,
+    /// Its OpenAI base URL, `http://HOST:PORT/v1`.
+    pub url: String,
+    /// A 0600 file holding its API key (sent to it alone, never the job's own key).
+    #[serde(default)]
+    pub api_key_file: Option<String>,
+}
+
+/// A model the job serves, resolved: the top-level one, or one entry of `models:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The entry's name; for the top-level model its served name.
+    pub name: String,
+    /// Whether it came from `models:` (the router then routes by name).
+    pub named: bool,
+    pub engine: Engine,
+    pub model: String,
+    pub served_model_name: Option<String>,
+    pub parallel: Parallel,
+    pub engine_args: Vec<String>,
+    /// The top-level `env`, then the entry's.
+    pub env: BTreeMap<String, EnvValue>,
+    pub nodes: NodeShare,
+    pub required: bool,
+    pub min_healthy: Option<u32>,
+}
+
+impl ModelSpec {
+    /// What clients put in `model`: `served_model_name`, else the model path.
+    pub fn served(&self) -> &str {
+        self.served_model_name.as_deref().unwrap_or(&self.model)
+    }
+}
+
+/// The variable that gives client code one model's own URL: `RAY_LAUNCH_MODEL_<NAME>_URL`,
+/// the name upper-cased with `-` and `.` as `_`.
+pub fn model_url_var(name: &str) -> String {
+    let n: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("RAY_LAUNCH_MODEL_{n}_URL")
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The single model's engine (or, with `models:`, the default of each entry).
+    #[serde(default)]
+    pub engine: Option<Engine>,
+    /// The single model; with `models:` unset.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub served_model_name: Option<String>,
+    #[serde(default)]
+    pub parallel: Option<Parallel>,
+    /// Several models in one job, each on its own nodes (instead of `model`).
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    /// Servers that already run, behind the same router (never started or stopped).
+    #[serde(default)]
+    pub attach: Vec<Attach>,
     /// `auto`: `SLURM_GPUS_ON_NODE`, then `CUDA_VISIBLE_DEVICES`, else 0.
     #[serde(default)]
     pub gpus_per_node: Auto<u32>,
@@ -612,51 +740,7 @@ fn yaml_error(path: &str, e: &serde_yaml::Error) -> Error {
 /// Check values and relations; the parsed port range on success.
 fn validate(l: &Loaded) -> Result<(u16, u16)> {
     let c = &l.config;
-    if c.model.trim().is_empty() {
-        return Err(l.key_error(
-            "model",
-            "is empty",
-            "set `model:` to a model path or hub id",
-        ));
-    }
-    if c.served_model_name
-        .as_deref()
-        .is_some_and(|s| s.trim().is_empty())
-    {
-        return Err(l.key_error(
-            "served_model_name",
-            "is empty",
-            "remove the key or give a name",
-        ));
-    }
-    if c.parallel.tensor == 0 {
-        return Err(l.key_error(
-            "parallel.tensor",
-            "must be at least 1",
-            "set the tensor-parallel size, e.g. `tensor: 8`",
-        ));
-    }
-    if c.parallel.pipeline == 0 {
-        return Err(l.key_error(
-            "parallel.pipeline",
-            "must be at least 1",
-            "use `pipeline: 1` for no pipeline parallelism",
-        ));
-    }
-    if c.parallel.nodes_per_replica == Auto::Value(0) {
-        return Err(l.key_error(
-            "parallel.nodes_per_replica",
-            "must be at least 1",
-            "use `auto` or a node count",
-        ));
-    }
-    if c.parallel.replicas_per_node == Auto::Value(0) {
-        return Err(l.key_error(
-            "parallel.replicas_per_node",
-            "must be at least 1",
-            "use `auto` or a count",
-        ));
-    }
+    validate_models(l)?;
     if c.server.port == Auto::Value(0) {
         return Err(l.key_error(
             "server.port",
@@ -718,41 +802,9 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             "use a name from `ip -br addr`, e.g. `ib0`",
         ));
     }
-    for (k, v) in &c.env {
-        let valid = !k.is_empty()
-            && !k.starts_with(|ch: char| ch.is_ascii_digit())
-            && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
-        if !valid {
-            return Err(l.key_error(
-                "env",
-                format!("has an invalid variable name `{k}`"),
-                "names are letters, digits and `_`, not starting with a digit",
-            ));
-        }
-        if v.0.contains('\0') {
-            return Err(l.key_error(
-                "env",
-                format!("value of `{k}` contains a NUL byte"),
-                "remove it",
-            ));
-        }
-        if let Err(bad) = check_placeholders_in(&v.0, ENV_PLACEHOLDERS) {
-            return Err(l.key_error(
-                "env",
-                format!("value of `{k}` has an unknown placeholder `{bad}`"),
-                format!(
-                    "placeholders in env values are {}",
-                    ENV_PLACEHOLDERS
-                        .iter()
-                        .map(|p| format!("{{{p}}}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-    }
+    validate_env(&c.env, &|p, f| l.key_error("env", p, f))?;
     for name in &c.secret_env {
-        if !c.env.contains_key(name) {
+        if !c.env.contains_key(name) && !c.models.iter().any(|m| m.env.contains_key(name)) {
             return Err(l.key_error(
                 "secret_env",
                 format!("names `{name}`, which is not in `env`"),
@@ -776,10 +828,11 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             ));
         }
     }
-    for (key, v) in std::iter::once(("model", &c.model))
-        .chain(c.served_model_name.iter().map(|v| ("served_model_name", v)))
-        .chain(c.engine_args.iter().map(|v| ("engine_args", v)))
-        .chain(c.ray.extra_args.iter().map(|v| ("ray.extra_args", v)))
+    for (key, v) in c
+        .ray
+        .extra_args
+        .iter()
+        .map(|v| ("ray.extra_args", v))
         .chain([
             ("vllm.executable", &c.vllm.executable),
             ("sglang.python", &c.sglang.python),
@@ -804,6 +857,7 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
         ("timeouts.engine_ready", c.timeouts.engine_ready),
         ("timeouts.shutdown_grace", c.timeouts.shutdown_grace),
         ("timeouts.kill_wait", c.timeouts.kill_wait),
+        ("timeouts.attach", c.timeouts.attach),
         ("health.interval", c.health.interval),
         ("health.heartbeat_interval", c.health.heartbeat_interval),
         ("health.heartbeat_timeout", c.health.heartbeat_timeout),
@@ -857,16 +911,6 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             ),
             "shorten shutdown_grace, or set kill_wait to your cluster's KillWait (`scontrol show config | grep KillWait`)",
         ));
-    }
-    for a in &c.engine_args {
-        let flag = a.split('=').next().unwrap_or(a);
-        if let Some((_, owner)) = OWNED_ENGINE_FLAGS.iter().find(|(f, _)| *f == flag) {
-            return Err(l.key_error(
-                "engine_args",
-                format!("contains `{flag}`, which ray-launch sets from {owner}"),
-                format!("remove `{flag}` from engine_args and set {owner} instead"),
-            ));
-        }
     }
     for a in &c.ray.extra_args {
         let flag = a.split('=').next().unwrap_or(a);
@@ -923,6 +967,356 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
         }
     }
     Ok(range)
+}
+
+type KeyErr<'a> = &'a dyn Fn(&str, String, String) -> Error;
+
+/// The model keys: the single top-level model, or `models:` (and `attach:`).
+fn validate_models(l: &Loaded) -> Result<()> {
+    let c = &l.config;
+    if c.models.is_empty() {
+        let missing = |key: &str| {
+            l.key_error(
+                key,
+                "is missing",
+                format!("set `{key}:` for the model the job serves, or list several under `models:`; see configs/"),
+            )
+        };
+        if c.engine.is_none() {
+            return Err(missing("engine"));
+        }
+        if c.model.is_none() {
+            return Err(missing("model"));
+        }
+        if c.parallel.is_none() {
+            return Err(missing("parallel"));
+        }
+    } else {
+        for key in ["model", "served_model_name", "parallel", "engine_args"] {
+            let set = match key {
+                "model" => c.model.is_some(),
+                "served_model_name" => c.served_model_name.is_some(),
+                "parallel" => c.parallel.is_some(),
+                _ => !c.engine_args.is_empty(),
+            };
+            if set {
+                return Err(l.key_error(
+                    key,
+                    "is set together with `models:`",
+                    format!("move `{key}` into each entry of `models:` (the top-level `engine` and `env` are defaults for every entry)"),
+                ));
+            }
+        }
+    }
+    let mut names: Vec<(String, String)> = Vec::new();
+    let mut rest = None;
+    for (i, m) in c.models.iter().enumerate() {
+        let err = |key: &str, problem: String, fix: String| {
+            entry_error(l, "models", i, &m.name, key, problem, fix)
+        };
+        check_name(&m.name, &mut names, &err)?;
+        if m.engine.or(c.engine).is_none() {
+            return Err(err(
+                "engine",
+                "is missing".into(),
+                "set `engine: vllm` or `engine: sglang` in the entry (or once at the top)".into(),
+            ));
+        }
+        match m.nodes {
+            NodeShare::Count(0) => {
+                return Err(err(
+                    "nodes",
+                    "must be at least 1".into(),
+                    "give a node count, or `rest`".into(),
+                ))
+            }
+            NodeShare::Rest => {
+                if let Some(other) = rest.replace(m.name.clone()) {
+                    return Err(err(
+                        "nodes",
+                        format!("is `rest` (or unset), and so is model `{other}`'s"),
+                        "give every entry but one a node count (`nodes: 2`)".into(),
+                    ));
+                }
+            }
+            NodeShare::Count(_) => {}
+        }
+        if m.min_healthy == Some(0) {
+            return Err(err(
+                "min_healthy",
+                "must be at least 1".into(),
+                "use 1 to go on while any replica of it serves".into(),
+            ));
+        }
+        validate_env(&m.env, &|p, f| err("env", p, f))?;
+    }
+    for (i, a) in c.attach.iter().enumerate() {
+        let err = |key: &str, problem: String, fix: String| {
+            entry_error(l, "attach", i, &a.name, key, problem, fix)
+        };
+        check_name(&a.name, &mut names, &err)?;
+        let fix = "write it as `http://HOST:PORT/v1`, the base URL OpenAI clients use".to_string();
+        match reqwest::Url::parse(&a.url) {
+            Err(e) => return Err(err("url", format!("`{}` is not a URL ({e})", a.url), fix)),
+            Ok(u) if u.scheme() != "http" => {
+                return Err(err(
+                    "url",
+                    format!("`{}` is not plain http", a.url),
+                    "the router speaks plain HTTP to what it attaches: give an `http://` URL (an HTTPS service needs a local proxy)".into(),
+                ))
+            }
+            Ok(u) if u.host_str().is_none() || u.query().is_some() || !u.path().trim_end_matches('/').ends_with("/v1") => {
+                return Err(err("url", format!("`{}` is not an OpenAI base URL (a host, a path ending in `/v1`, no query)", a.url), fix))
+            }
+            Ok(_) => {}
+        }
+        if let Some(f) = &a.api_key_file {
+            if f.trim().is_empty() || f.contains('\0') {
+                return Err(err(
+                    "api_key_file",
+                    "is not a path".into(),
+                    "give the path of a 0600 file holding its key".into(),
+                ));
+            }
+        }
+    }
+    if (c.models.len() > 1 || !c.attach.is_empty()) && c.router.enabled == Some(false) {
+        return Err(l.key_error(
+            "router.enabled",
+            "is false, but the job serves several models (or attaches endpoints)",
+            "remove `router.enabled: false`: one URL over several models needs the router",
+        ));
+    }
+    for m in &c.model_specs() {
+        let err: KeyErr = &|key: &str, problem: String, fix: String| match c
+            .models
+            .iter()
+            .position(|e| e.name == m.name)
+        {
+            Some(i) if m.named => entry_error(l, "models", i, &m.name, key, problem, fix),
+            _ => l.key_error(key, problem, fix),
+        };
+        validate_model(m, err)?;
+    }
+    Ok(())
+}
+
+/// An entry's name: letters, digits, `-`, `_` and `.`, unique in the job, also once made
+/// into a variable name (`RAY_LAUNCH_MODEL_<NAME>_URL`).
+fn check_name(name: &str, seen: &mut Vec<(String, String)>, err: KeyErr) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+    if !valid {
+        return Err(err(
+            "name",
+            format!("`{name}` is not a name ray-launch takes"),
+            "use letters, digits, `-`, `_` and `.` (at most 64, starting with a letter or digit), e.g. `policy`".into(),
+        ));
+    }
+    let var = model_url_var(name);
+    if let Some((other, _)) = seen.iter().find(|(n, v)| n == name || *v == var) {
+        return Err(err(
+            "name",
+            format!("`{name}` is taken: `{other}` has the same name (or the same {var})"),
+            "give every model and attached endpoint its own name".into(),
+        ));
+    }
+    seen.push((name.to_string(), var));
+    Ok(())
+}
+
+/// An error in entry `i` of the list `list` (`models` or `attach`), at its line.
+fn entry_error(
+    l: &Loaded,
+    list: &str,
+    i: usize,
+    name: &str,
+    key: &str,
+    problem: String,
+    fix: String,
+) -> Error {
+    let line = l.source.lines().position(|t| {
+        let t = t.trim_start().trim_start_matches("- ").trim();
+        t.strip_prefix("name:")
+            .is_some_and(|v| v.trim().trim_matches(['"', '\'']) == name)
+    });
+    let at = match line {
+        Some(n) => format!("{}:{}", l.path, n + 1),
+        None => l.path.clone(),
+    };
+    Error::usage(format!("{at}: `{list}[{i}]` ({name}): `{key}` {problem}")).hint(fix)
+}
+
+/// One model's values.
+fn validate_model(m: &ModelSpec, err: KeyErr) -> Result<()> {
+    if m.model.trim().is_empty() {
+        return Err(err(
+            "model",
+            "is empty".into(),
+            "set `model:` to a model path or hub id".into(),
+        ));
+    }
+    if m.served_model_name
+        .as_deref()
+        .is_some_and(|s| s.trim().is_empty())
+    {
+        return Err(err(
+            "served_model_name",
+            "is empty".into(),
+            "remove the key or give a name".into(),
+        ));
+    }
+    let p = &m.parallel;
+    if p.tensor == 0 {
+        return Err(err(
+            "parallel.tensor",
+            "must be at least 1".into(),
+            "set the tensor-parallel size, e.g. `tensor: 8`".into(),
+        ));
+    }
+    if p.pipeline == 0 {
+        return Err(err(
+            "parallel.pipeline",
+            "must be at least 1".into(),
+            "use `pipeline: 1` for no pipeline parallelism".into(),
+        ));
+    }
+    if p.nodes_per_replica == Auto::Value(0) {
+        return Err(err(
+            "parallel.nodes_per_replica",
+            "must be at least 1".into(),
+            "use `auto` or a node count".into(),
+        ));
+    }
+    if p.replicas_per_node == Auto::Value(0) {
+        return Err(err(
+            "parallel.replicas_per_node",
+            "must be at least 1".into(),
+            "use `auto` or a count".into(),
+        ));
+    }
+    for (key, v) in std::iter::once(("model", &m.model))
+        .chain(m.served_model_name.iter().map(|v| ("served_model_name", v)))
+        .chain(m.engine_args.iter().map(|v| ("engine_args", v)))
+    {
+        if v.contains('\0') {
+            return Err(err(
+                key,
+                "contains a NUL byte, which no command line can hold".into(),
+                "remove it".into(),
+            ));
+        }
+    }
+    for a in &m.engine_args {
+        let flag = a.split('=').next().unwrap_or(a);
+        if let Some((_, owner)) = OWNED_ENGINE_FLAGS.iter().find(|(f, _)| *f == flag) {
+            return Err(err(
+                "engine_args",
+                format!("contains `{flag}`, which ray-launch sets from {owner}"),
+                format!("remove `{flag}` from engine_args and set {owner} instead"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Variable names and values of an `env:` map.
+fn validate_env(
+    env: &BTreeMap<String, EnvValue>,
+    err: &dyn Fn(String, String) -> Error,
+) -> Result<()> {
+    for (k, v) in env {
+        let valid = !k.is_empty()
+            && !k.starts_with(|ch: char| ch.is_ascii_digit())
+            && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        if !valid {
+            return Err(err(
+                format!("has an invalid variable name `{k}`"),
+                "names are letters, digits and `_`, not starting with a digit".into(),
+            ));
+        }
+        if v.0.contains('\0') {
+            return Err(err(
+                format!("value of `{k}` contains a NUL byte"),
+                "remove it".into(),
+            ));
+        }
+        if let Err(bad) = check_placeholders_in(&v.0, ENV_PLACEHOLDERS) {
+            return Err(err(
+                format!("value of `{k}` has an unknown placeholder `{bad}`"),
+                format!(
+                    "placeholders in env values are {}",
+                    ENV_PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The models the job serves, in step order: the top-level one, or each entry of
+    /// `models:` with the top-level defaults filled in. Valid once `parse` succeeded.
+    pub fn model_specs(&self) -> Vec<ModelSpec> {
+        if self.models.is_empty() {
+            let model = self.model.clone().unwrap_or_default();
+            return vec![ModelSpec {
+                name: self
+                    .served_model_name
+                    .clone()
+                    .unwrap_or_else(|| model.clone()),
+                named: false,
+                engine: self.engine.unwrap_or(Engine::Vllm),
+                model,
+                served_model_name: self.served_model_name.clone(),
+                parallel: self.parallel.clone().unwrap_or(Parallel {
+                    tensor: 1,
+                    pipeline: 1,
+                    nodes_per_replica: Auto::Auto,
+                    replicas_per_node: Auto::Auto,
+                }),
+                engine_args: self.engine_args.clone(),
+                env: self.env.clone(),
+                nodes: NodeShare::Rest,
+                required: true,
+                min_healthy: None,
+            }];
+        }
+        self.models
+            .iter()
+            .map(|e| {
+                let mut env = self.env.clone();
+                env.extend(e.env.clone());
+                ModelSpec {
+                    name: e.name.clone(),
+                    named: true,
+                    engine: e.engine.or(self.engine).unwrap_or(Engine::Vllm),
+                    model: e.model.clone(),
+                    // clients ask for an entry by its name: the engine serves it under that name
+                    served_model_name: e.served_model_name.clone().or_else(|| Some(e.name.clone())),
+                    parallel: e.parallel.clone(),
+                    engine_args: e.engine_args.clone(),
+                    env,
+                    nodes: e.nodes,
+                    required: e.required,
+                    min_healthy: e.min_healthy,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the job has one URL over several models or attached endpoints.
+    pub fn serves_several(&self) -> bool {
+        self.models.len() > 1 || !self.attach.is_empty()
+    }
 }
 
 /// Longest teardown: engine grace, then Ray grace, then a second for SIGKILL and reaping.

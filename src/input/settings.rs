@@ -12,6 +12,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub config: Config,
+    /// The models the job serves, resolved from `model` or `models:`.
+    pub models: Vec<config::ModelSpec>,
     pub config_path: String,
     /// Resolved: `--gpus-per-node`, else the config's number, else Slurm's count, else 0.
     pub gpus_per_node: u32,
@@ -118,6 +120,7 @@ pub fn resolve(
         .map(|s| absolute(&fill(&s), cwd));
     let mut s = Settings {
         config: c.clone(),
+        models: c.model_specs(),
         config_path: loaded.path.clone(),
         gpus_per_node,
         endpoint_file,
@@ -144,6 +147,7 @@ pub fn resolve(
         secret_env: c
             .env
             .keys()
+            .chain(c.models.iter().flat_map(|m| m.env.keys()))
             .filter(|k| looks_secret(k) || c.secret_env.contains(k))
             .cloned()
             .collect(),

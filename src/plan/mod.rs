@@ -11,7 +11,7 @@ pub mod lifecycle;
 
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
-use crate::input::config::{Auto, Config, Engine, VllmBackend};
+use crate::input::config::{Auto, Config, Engine, ModelSpec, NodeShare, VllmBackend};
 use crate::input::settings::Settings;
 use crate::input::slurm::Step;
 use lifecycle::{Kind, Lifecycle, StartAfter};
@@ -302,6 +302,8 @@ pub struct Channel {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointUrl {
     pub replica: usize,
+    /// The model it serves (its `name`).
+    pub model: String,
     pub node: String,
     /// OpenAI-compatible base URL for clients.
     pub url: String,
@@ -319,6 +321,53 @@ pub struct RouterPlan {
     /// OpenAI-compatible base URL for clients (the job's `url`).
     pub url: String,
     pub listen: String,
+}
+
+/// One model of the job: which nodes and replicas serve it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPlan {
+    /// The entry's name (for the single top-level model, its served name).
+    pub name: String,
+    pub engine: Engine,
+    /// vLLM's distributed backend; null for SGLang.
+    pub backend: Option<VllmBackend>,
+    pub model: String,
+    pub served_model_name: String,
+    /// Its nodes: node ranks `first_node .. first_node + nodes`.
+    pub first_node: usize,
+    pub nodes: usize,
+    pub nodes_per_replica: usize,
+    pub replicas_per_node: usize,
+    /// Its replicas: `first_replica .. first_replica + replicas` of the job's.
+    pub first_replica: usize,
+    pub replicas: usize,
+    /// Whether the job ends when it is down (else it is dropped and the job goes on).
+    pub required: bool,
+    /// Replicas of it that must serve, once ready, for it to count as up.
+    pub min_healthy: usize,
+    /// A base URL that serves this model alone (the router's per-model path, or its
+    /// replica's own URL without a router).
+    pub url: String,
+}
+
+impl ModelPlan {
+    pub fn has_rank(&self, rank: usize) -> bool {
+        (self.first_node..self.first_node + self.nodes).contains(&rank)
+    }
+
+    pub fn has_replica(&self, rep: usize) -> bool {
+        (self.first_replica..self.first_replica + self.replicas).contains(&rep)
+    }
+}
+
+/// An endpoint that already runs (`attach:`): behind the router, never started or stopped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttachPlan {
+    pub name: String,
+    pub url: String,
+    pub api_key_file: Option<String>,
+    /// The router's URL for it alone.
+    pub router_url: String,
 }
 
 /// What a planned argv[0] of `ray-launch` means: this launcher's own binary (the rank runs
@@ -368,12 +417,36 @@ pub struct Plan {
     pub endpoints: Vec<EndpointUrl>,
     /// One endpoint over the replicas (`router.enabled`; by default with more than one).
     pub router: Option<RouterPlan>,
+    /// Every model, in step order (one for a config with a single top-level model). The
+    /// top-level `engine` … `replicas_per_node` fields are the first model's.
+    pub models: Vec<ModelPlan>,
+    /// Endpoints the router adds that the job does not run.
+    pub attached: Vec<AttachPlan>,
     pub ranks: Vec<RankPlan>,
 }
 
 impl Plan {
+    /// Whether any model runs on Ray.
     pub fn uses_ray(&self) -> bool {
-        self.engine == Engine::Vllm && self.backend == Some(VllmBackend::Ray)
+        self.models
+            .iter()
+            .any(|m| m.engine == Engine::Vllm && m.backend == Some(VllmBackend::Ray))
+    }
+
+    /// The model node `rank` serves.
+    pub fn model_of_rank(&self, rank: usize) -> &ModelPlan {
+        self.models
+            .iter()
+            .find(|m| m.has_rank(rank))
+            .unwrap_or(&self.models[0])
+    }
+
+    /// The model replica `rep` belongs to.
+    pub fn model_of_replica(&self, rep: usize) -> &ModelPlan {
+        self.models
+            .iter()
+            .find(|m| m.has_replica(rep))
+            .unwrap_or(&self.models[0])
     }
 
     /// The URL clients use: the router's, else replica 0's.
@@ -391,23 +464,27 @@ impl Plan {
         match s.config.replicas.on_failure {
             Some(OnFailure::Restart) => true,
             Some(OnFailure::Stop) => false,
-            None => self.replicas > 1,
+            None => self.replicas > 1 || !self.attached.is_empty(),
         }
     }
 
     /// The node ranks of replica `rep`.
     pub fn replica_ranks(&self, rep: usize) -> std::ops::Range<usize> {
-        if self.replicas_per_node > 1 {
-            let node = rep / self.replicas_per_node;
+        let m = self.model_of_replica(rep);
+        let local = rep - m.first_replica;
+        if m.replicas_per_node > 1 {
+            let node = m.first_node + local / m.replicas_per_node;
             return node..node + 1;
         }
-        rep * self.nodes_per_replica..(rep + 1) * self.nodes_per_replica
+        let first = m.first_node + local * m.nodes_per_replica;
+        first..first + m.nodes_per_replica
     }
 
     /// The replica a command of `rank` in `slot` belongs to.
     pub fn replica_of(&self, rank: usize, slot: usize) -> usize {
-        if self.replicas_per_node > 1 {
-            rank * self.replicas_per_node + slot
+        let m = self.model_of_rank(rank);
+        if m.replicas_per_node > 1 {
+            m.first_replica + (rank - m.first_node) * m.replicas_per_node + slot
         } else {
             self.ranks[rank].replica
         }
@@ -415,11 +492,17 @@ impl Plan {
 
     /// The node-local slot of replica `rep` (0 unless nodes run several).
     pub fn slot_of(&self, rep: usize) -> usize {
-        if self.replicas_per_node > 1 {
-            rep % self.replicas_per_node
+        let m = self.model_of_replica(rep);
+        if m.replicas_per_node > 1 {
+            (rep - m.first_replica) % m.replicas_per_node
         } else {
             0
         }
+    }
+
+    /// How many replicas node `rank` runs side by side (1 unless its model runs several).
+    pub fn slots_on(&self, rank: usize) -> usize {
+        self.model_of_rank(rank).replicas_per_node
     }
 }
 
@@ -438,15 +521,15 @@ impl RankPlan {
 }
 
 /// `vllm serve MODEL -tp T -pp P --distributed-executor-backend B`, common to both backends.
-fn vllm_serve(c: &crate::input::config::Config, backend: &str) -> Vec<String> {
+fn vllm_serve(c: &Config, m: &ModelSpec, backend: &str) -> Vec<String> {
     vec![
         c.vllm.executable.clone(),
         "serve".into(),
-        c.model.clone(),
+        m.model.clone(),
         "--tensor-parallel-size".into(),
-        c.parallel.tensor.to_string(),
+        m.parallel.tensor.to_string(),
         "--pipeline-parallel-size".into(),
-        c.parallel.pipeline.to_string(),
+        m.parallel.pipeline.to_string(),
         "--distributed-executor-backend".into(),
         backend.into(),
     ]
@@ -454,23 +537,23 @@ fn vllm_serve(c: &crate::input::config::Config, backend: &str) -> Vec<String> {
 
 /// `python -m sglang.launch_server --model-path M --tp-size T --pp-size P`, common to every
 /// SGLang command line.
-fn sglang_launch(c: &Config) -> Vec<String> {
+fn sglang_launch(c: &Config, m: &ModelSpec) -> Vec<String> {
     vec![
         c.sglang.python.clone(),
         "-m".into(),
         "sglang.launch_server".into(),
         "--model-path".into(),
-        c.model.clone(),
+        m.model.clone(),
         "--tp-size".into(),
-        c.parallel.tensor.to_string(),
+        m.parallel.tensor.to_string(),
         "--pp-size".into(),
-        c.parallel.pipeline.to_string(),
+        m.parallel.pipeline.to_string(),
     ]
 }
 
 /// The job's API key for the engine that serves HTTP.
-fn serving_key(c: &Config, cmd: &mut Command) {
-    match c.engine {
+fn serving_key(m: &ModelSpec, cmd: &mut Command) {
+    match m.engine {
         // vLLM reads VLLM_API_KEY: the key stays out of /proc/PID/cmdline
         Engine::Vllm => {
             cmd.secret_env
@@ -483,14 +566,14 @@ fn serving_key(c: &Config, cmd: &mut Command) {
 
 /// What the rank that serves HTTP adds: `--host H --port P [--served-model-name N]`
 /// (the same flags in vLLM and SGLang).
-fn http_args(c: &crate::input::config::Config, port: u16) -> Vec<String> {
+fn http_args(c: &Config, m: &ModelSpec, port: u16) -> Vec<String> {
     let mut v = vec![
         "--host".into(),
         c.server.host.clone(),
         "--port".into(),
         port.to_string(),
     ];
-    if let Some(name) = &c.served_model_name {
+    if let Some(name) = &m.served_model_name {
         v.extend(["--served-model-name".into(), name.clone()]);
     }
     v
@@ -518,8 +601,8 @@ pub const MAX_REPLICAS_PER_NODE: usize = 8;
 
 /// Nodes per replica, replicas per node and replica count, or an error that says which
 /// counts would work.
-fn layout(s: &Settings, nnodes: usize) -> Result<Layout> {
-    let c = &s.config;
+fn layout(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<Layout> {
+    let c = m;
     let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
     let gpus = s.gpus_per_node as usize;
     let spans_one_node = matches!(c.parallel.nodes_per_replica, Auto::Auto | Auto::Value(1));
@@ -564,7 +647,7 @@ fn layout(s: &Settings, nnodes: usize) -> Result<Layout> {
             warnings,
         });
     }
-    let (npr, replicas) = layout_nodes(s, nnodes)?;
+    let (npr, replicas) = layout_nodes(s, m, nnodes)?;
     let mut warnings = Vec::new();
     if gpus > 0 && npr * gpus > world {
         warnings.push(format!(
@@ -584,8 +667,8 @@ fn layout(s: &Settings, nnodes: usize) -> Result<Layout> {
 }
 
 /// Nodes per replica and replica count, or an error that says which node counts would work.
-fn layout_nodes(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
-    let c = &s.config;
+fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, usize)> {
+    let c = m;
     let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
     let gpus = s.gpus_per_node as usize;
     let why;
@@ -624,7 +707,7 @@ fn layout_nodes(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
             ok.join(", ")
         )));
     }
-    let backend_needs_even = c.engine == Engine::Sglang || c.vllm.backend == VllmBackend::Mp;
+    let backend_needs_even = c.engine == Engine::Sglang || s.config.vllm.backend == VllmBackend::Mp;
     if backend_needs_even && !world.is_multiple_of(npr) {
         return Err(Error::usage(format!(
             "tensor {} x pipeline {} = {world} ranks do not split evenly over {npr} nodes per replica",
@@ -656,14 +739,17 @@ fn layout_nodes(s: &Settings, nnodes: usize) -> Result<(usize, usize)> {
 }
 
 /// OpenAI base URL and health URL of each replica's leader.
+/// `nodes`: the model's own; `first`: the job's number of its first replica.
 fn endpoints(
     c: &Config,
+    m: &ModelSpec,
     nodes: &[NodeInfo],
     l: &Layout,
     port: u16,
-    world: usize,
+    first: usize,
     gpus: usize,
 ) -> Vec<EndpointUrl> {
+    let world = (m.parallel.tensor * m.parallel.pipeline) as usize;
     let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
     (0..l.replicas)
         .map(|r| {
@@ -684,7 +770,8 @@ fn endpoints(
                 c.server.host.clone()
             };
             EndpointUrl {
-                replica: r,
+                replica: first + r,
+                model: m.name.clone(),
                 node: leader.name.clone(),
                 url: format!("http://{host}:{port}/v1"),
                 health_url: format!("http://{probe}:{port}/health"),
@@ -712,14 +799,27 @@ fn gpu_slice(node: &NodeInfo, slot: usize, world: usize) -> String {
 struct Job<'a> {
     s: &'a Settings,
     c: &'a Config,
+    /// The model these nodes serve.
+    m: &'a ModelSpec,
     step: &'a Step,
     ports: Ports,
     npr: usize,
+    /// The model's first node rank and the job's number of its first replica.
+    first_node: usize,
+    first_replica: usize,
+    /// The model's replicas (`endpoints[0]` is replica `first_replica`).
     endpoints: Vec<EndpointUrl>,
     router: Option<RouterPlan>,
     /// The port each replica's engine serves on (the first one, with several per node).
     serve_port: u16,
     per_node: usize,
+}
+
+impl Job<'_> {
+    /// The endpoint of the replica a node's slot belongs to.
+    fn endpoint(&self, x: &Slot<'_>) -> &EndpointUrl {
+        &self.endpoints[x.replica - self.first_replica]
+    }
 }
 
 /// One node's place in the step, and the environment every process on it gets.
@@ -775,12 +875,13 @@ impl Slot<'_> {
 
 /// `local`: which of the node's replicas (0 unless nodes run several).
 fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize, local: usize) -> Result<Slot<'a>> {
-    let c = j.c;
+    let (c, m) = (j.c, j.m);
     let n = &nodes[rank];
+    let here = rank - j.first_node;
     let (replica, rr) = if j.per_node > 1 {
-        (rank * j.per_node + local, 0)
+        (j.first_replica + here * j.per_node + local, 0)
     } else {
-        (rank / j.npr, rank % j.npr)
+        (j.first_replica + here / j.npr, here % j.npr)
     };
     let temp_dir = fill(&c.ray.temp_dir, j.step, &n.name, rank);
     if temp_dir.len() > MAX_TEMP_DIR_LEN {
@@ -792,14 +893,14 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize, local: usize) -> Re
         .hint(format!("keep ray.temp_dir at most {MAX_TEMP_DIR_LEN} bytes once expanded, e.g. `/tmp/rl-{{job}}.{{step}}-{{node_rank}}`")));
     }
     let mut base = BTreeMap::new();
-    if c.engine == Engine::Vllm {
+    if m.engine == Engine::Vllm {
         base.insert(ev::VLLM_HOST_IP.to_string(), n.address.clone());
     }
     if let Some(ifname) = &n.interface {
         base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
         base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
     }
-    let user = c
+    let user = m
         .env
         .iter()
         .map(|(k, v)| {
@@ -816,7 +917,7 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize, local: usize) -> Re
         leader: if j.per_node > 1 {
             n
         } else {
-            &nodes[replica * j.npr]
+            &nodes[j.first_node + (here / j.npr) * j.npr]
         },
         temp_dir,
         base,
@@ -884,9 +985,9 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     };
     let mut commands = vec![x.command(j, kind, argv, env.clone(), lifecycle)];
     if rr == 0 {
-        let mut argv = vllm_serve(c, "ray");
-        argv.extend(http_args(c, j.serve_port));
-        argv.extend(c.engine_args.iter().cloned());
+        let mut argv = vllm_serve(c, j.m, "ray");
+        argv.extend(http_args(c, j.m, j.serve_port));
+        argv.extend(j.m.engine_args.iter().cloned());
         let mut env = env;
         env.insert(ev::RAY_ADDRESS.into(), x.gcs(j));
         let mut cmd = x.command(
@@ -894,13 +995,10 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
             Kind::Engine,
             argv,
             env,
-            Lifecycle::serving_engine(
-                StartAfter::ReplicaJoined,
-                &j.endpoints[x.replica].health_url,
-            ),
+            Lifecycle::serving_engine(StartAfter::ReplicaJoined, &j.endpoint(x).health_url),
         );
         if j.s.auth {
-            serving_key(c, &mut cmd);
+            serving_key(j.m, &mut cmd);
         }
         commands.push(cmd);
     }
@@ -910,38 +1008,37 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
 /// A one-node replica of several: the engine alone (no Ray, no rendezvous); side by side on a
 /// node, on its slice of the node's GPUs and its own port.
 fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
-    let c = j.c;
-    let mut argv: Vec<String> = match c.engine {
-        Engine::Vllm => vllm_serve(c, "mp"),
-        Engine::Sglang => sglang_launch(c),
+    let (c, m) = (j.c, j.m);
+    let mut argv: Vec<String> = match m.engine {
+        Engine::Vllm => vllm_serve(c, m, "mp"),
+        Engine::Sglang => sglang_launch(c, m),
     };
-    argv.extend(http_args(c, j.serve_port + local as u16));
-    argv.extend(c.engine_args.iter().cloned());
+    argv.extend(http_args(c, m, j.serve_port + local as u16));
+    argv.extend(m.engine_args.iter().cloned());
     let mut env = x.base.clone();
-    if let Some(g) = &j.endpoints[x.replica].gpus {
+    if let Some(g) = &j.endpoint(x).gpus {
         env.insert(ev::CUDA_VISIBLE_DEVICES.into(), g.clone());
     }
-    let lifecycle =
-        Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url);
+    let lifecycle = Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoint(x).health_url);
     let mut cmd = x.command(j, Kind::Engine, argv, env, lifecycle);
     cmd.slot = local;
     if j.s.auth {
-        serving_key(c, &mut cmd);
+        serving_key(m, &mut cmd);
     }
     cmd
 }
 
 /// vLLM mp or SGLang: one engine rank per node that meets its leader's rendezvous.
 fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
-    let (c, ports, rr, npr) = (j.c, &j.ports, x.rr, j.npr);
+    let (c, m, ports, rr, npr) = (j.c, j.m, &j.ports, x.rr, j.npr);
     let role = if rr == 0 {
         Role::EngineLeader
     } else {
         Role::EngineFollower
     };
-    let mut argv: Vec<String> = match c.engine {
+    let mut argv: Vec<String> = match m.engine {
         Engine::Vllm => {
-            let mut v = vllm_serve(c, "mp");
+            let mut v = vllm_serve(c, m, "mp");
             v.extend([
                 "--nnodes".into(),
                 npr.to_string(),
@@ -955,7 +1052,7 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
             v
         }
         Engine::Sglang => {
-            let mut v = sglang_launch(c);
+            let mut v = sglang_launch(c, m);
             v.extend([
                 "--nnodes".into(),
                 npr.to_string(),
@@ -967,57 +1064,83 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
             v
         }
     };
-    let headless = c.engine == Engine::Vllm && rr != 0;
+    let headless = m.engine == Engine::Vllm && rr != 0;
     if headless {
         argv.push("--headless".into());
     } else {
-        argv.extend(http_args(c, j.serve_port));
+        argv.extend(http_args(c, m, j.serve_port));
     }
-    argv.extend(c.engine_args.iter().cloned());
+    argv.extend(m.engine_args.iter().cloned());
     let lifecycle = if rr == 0 {
-        Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoints[x.replica].health_url)
+        Lifecycle::serving_engine(StartAfter::Rendezvous, &j.endpoint(x).health_url)
     } else {
         Lifecycle::following_engine()
     };
     let mut cmd = x.command(j, Kind::Engine, argv, x.base.clone(), lifecycle);
     if j.s.auth && rr == 0 {
-        serving_key(c, &mut cmd);
+        serving_key(m, &mut cmd);
     }
     (role, cmd)
 }
 
+/// The whole job as the router and the client see it: every replica, model and attached
+/// endpoint.
+struct Whole<'a> {
+    endpoints: &'a [EndpointUrl],
+    models: &'a [ModelPlan],
+    attached: &'a [AttachPlan],
+    /// The router routes by model name (`models:` or `attach:` in the config).
+    by_name: bool,
+}
+
+/// The host of an `http://HOST:PORT/...` URL.
+fn url_host(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let hostport = rest.split('/').next().unwrap_or_default();
+    match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+        None => hostport.split(':').next().unwrap_or_default().to_string(),
+    }
+}
+
 /// The client on the master, with the endpoint in its environment.
-fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
+fn client_command(j: &Job<'_>, x: &Slot<'_>, w: &Whole<'_>, uses_ray: bool) -> Command {
     let s = j.s;
     let mut env = BTreeMap::new();
     let url = j
         .router
         .as_ref()
-        .map_or(j.endpoints[0].url.clone(), |r| r.url.clone());
+        .map_or(w.endpoints[0].url.clone(), |r| r.url.clone());
     env.insert(ev::OPENAI_BASE_URL.to_string(), url);
     env.insert(ev::RAY_LAUNCH_ENDPOINT.to_string(), s.endpoint_file.clone());
     env.insert(
         ev::RAY_LAUNCH_ENDPOINTS.to_string(),
-        j.endpoints
+        w.endpoints
             .iter()
             .map(|e| e.url.as_str())
             .collect::<Vec<_>>()
             .join(" "),
     );
+    if w.by_name {
+        for m in w.models {
+            env.insert(crate::input::config::model_url_var(&m.name), m.url.clone());
+        }
+        for a in w.attached {
+            env.insert(
+                crate::input::config::model_url_var(&a.name),
+                a.router_url.clone(),
+            );
+        }
+    }
     let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    for e in &j.endpoints {
-        let host = e
-            .url
-            .trim_start_matches("http://")
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+    let named = w
+        .endpoints
+        .iter()
+        .flat_map(|e| [url_host(&e.url), e.node.clone()])
+        .chain(w.attached.iter().map(|a| url_host(&a.url)));
+    for host in named {
         if !hosts.contains(&host) {
             hosts.push(host);
-        }
-        if !hosts.contains(&e.node) {
-            hosts.push(e.node.clone());
         }
     }
     env.insert(ev::NO_PROXY.into(), hosts.join(","));
@@ -1039,8 +1162,9 @@ fn client_command(j: &Job<'_>, x: &Slot<'_>, uses_ray: bool) -> Command {
     cmd
 }
 
-/// The router on the master: `ray-launch route` over every replica's engine.
-fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan) -> Command {
+/// The router on the master: `ray-launch route` over every replica's engine (and, by model
+/// name, over several models and the attached endpoints).
+fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> Command {
     let (s, c) = (j.s, j.c);
     let mut argv = vec![
         LAUNCHER.to_string(),
@@ -1048,9 +1172,29 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan) -> Command {
         "--listen".into(),
         r.listen.clone(),
     ];
-    for e in &j.endpoints {
-        argv.push("--replica".into());
-        argv.push(e.url.trim_end_matches("/v1").to_string());
+    let base = |e: &EndpointUrl| e.url.trim_end_matches("/v1").to_string();
+    if w.by_name {
+        for m in w.models {
+            argv.push("--model".into());
+            argv.push(format!("{}={}", m.name, m.served_model_name));
+            for e in w.endpoints.iter().filter(|e| e.model == m.name) {
+                argv.push("--replica".into());
+                argv.push(format!("{}={}", m.name, base(e)));
+            }
+        }
+        for a in w.attached {
+            argv.push("--attach".into());
+            argv.push(format!("{}={}", a.name, a.url.trim_end_matches('/')));
+            if let Some(f) = &a.api_key_file {
+                argv.push("--attach-key".into());
+                argv.push(format!("{}={f}", a.name));
+            }
+        }
+    } else {
+        for e in w.endpoints {
+            argv.push("--replica".into());
+            argv.push(base(e));
+        }
     }
     let max_body = match c.router.max_body {
         crate::input::config::Size::Bytes(b) => b,
@@ -1080,6 +1224,60 @@ pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
     build_in(s, step, nodes, step_blocks(step, s.port_range)[0], None)
 }
 
+/// Which node ranks each model gets: entries in step order, `rest` taking what the others
+/// leave; an error that says what each model asks for and what the step has.
+fn share_nodes(specs: &[ModelSpec], nnodes: usize) -> Result<Vec<(usize, usize)>> {
+    let counted: usize = specs
+        .iter()
+        .map(|m| match m.nodes {
+            NodeShare::Count(n) => n as usize,
+            NodeShare::Rest => 0,
+        })
+        .sum();
+    let has_rest = specs.iter().any(|m| m.nodes == NodeShare::Rest);
+    let fits = if has_rest {
+        counted < nnodes
+    } else {
+        counted == nnodes
+    };
+    if !fits {
+        let asks: Vec<String> = specs
+            .iter()
+            .map(|m| match m.nodes {
+                NodeShare::Count(n) => format!("{} {n}", m.name),
+                NodeShare::Rest => format!("{} the rest (at least 1)", m.name),
+            })
+            .collect();
+        let need = counted + usize::from(has_rest);
+        let fix = if has_rest {
+            format!("run on at least {need} nodes (`#SBATCH --nodes={need}`), or give the models fewer nodes")
+        } else {
+            format!("run on {counted} nodes, or let one model take the rest (`nodes: rest`) of the step's {nnodes}")
+        };
+        return Err(Error::usage(format!(
+            "the models ask for {} node(s) ({}) but the step has {nnodes}",
+            if has_rest {
+                format!("{need}+")
+            } else {
+                counted.to_string()
+            },
+            asks.join(", ")
+        ))
+        .hint(fix));
+    }
+    let mut out = Vec::new();
+    let mut next = 0;
+    for m in specs {
+        let n = match m.nodes {
+            NodeShare::Count(n) => n as usize,
+            NodeShare::Rest => nnodes - counted,
+        };
+        out.push((next, n));
+        next += n;
+    }
+    Ok(out)
+}
+
 /// The plan with the port block the master chose (`block`) and the channel port it listens
 /// on (`channel`, when it differs from the block's own).
 pub fn build_in(
@@ -1092,8 +1290,30 @@ pub fn build_in(
     let c = &s.config;
     assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
     let nnodes = nodes.len();
-    let l = layout(s, nnodes)?;
-    let (npr, replicas) = (l.npr, l.replicas);
+    let specs = &s.models;
+    let shares = share_nodes(specs, nnodes)?;
+    let several = specs.len() > 1;
+    let mut layouts = Vec::new();
+    for (m, &(first, n)) in specs.iter().zip(&shares) {
+        let l = layout(s, m, n).map_err(|mut e| {
+            if several {
+                let names: Vec<String> = nodes[first..first + n]
+                    .iter()
+                    .map(|x| x.name.clone())
+                    .collect();
+                e.msg = format!(
+                    "model `{}` gets {n} of the step's {nnodes} node(s) ({}): {}",
+                    m.name,
+                    names.join(","),
+                    e.msg
+                        .replace(&format!("the step has {n}"), &format!("it has {n}"))
+                );
+            }
+            e
+        })?;
+        layouts.push(l);
+    }
+    let replicas: usize = layouts.iter().map(|l| l.replicas).sum();
     let mut ports = Ports::for_block(block);
     if let Some(ch) = channel {
         ports.channel = ch;
@@ -1104,21 +1324,33 @@ pub fn build_in(
     if let Auto::Value(p) = c.server.port {
         ports.engine_http = p;
     }
-    // replicas side by side on a node run without Ray
-    // A replica of one node needs neither Ray nor a rendezvous: with several replicas, each
-    // one-node replica is its engine alone (and so are replicas side by side on a node).
-    let alone = l.per_node > 1 || (npr == 1 && replicas > 1);
-    let uses_ray = c.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && !alone;
-    let routed = c.router.enabled.unwrap_or(replicas > 1);
-    let min_healthy = c.replicas.min_healthy as usize;
-    if min_healthy > replicas {
-        return Err(Error::usage(format!(
-            "replicas.min_healthy is {min_healthy} but the step has {replicas} replica(s) of {npr} node(s)"
-        ))
-        .hint(format!(
-            "lower replicas.min_healthy to at most {replicas}, or run on {} nodes",
-            min_healthy * npr
-        )));
+    // with `models:` or `attach:`, requests go by model name
+    let by_name = specs.iter().any(|m| m.named) || !c.attach.is_empty();
+    let routed = c.router.enabled.unwrap_or(replicas > 1 || by_name);
+    let mut min_healthy = Vec::new();
+    for (m, l) in specs.iter().zip(&layouts) {
+        let min = match (m.named, m.min_healthy) {
+            (_, Some(k)) => k as usize,
+            (false, None) => c.replicas.min_healthy as usize,
+            (true, None) => (c.replicas.min_healthy as usize).min(l.replicas),
+        };
+        if min > l.replicas {
+            let (key, of) = if m.named {
+                (format!("models `{}`: min_healthy", m.name), "it has")
+            } else {
+                ("replicas.min_healthy".to_string(), "the step has")
+            };
+            return Err(Error::usage(format!(
+                "{key} is {min} but {of} {} replica(s) of {} node(s)",
+                l.replicas, l.npr
+            ))
+            .hint(format!(
+                "lower it to at most {}, or give the model {} nodes",
+                l.replicas,
+                min * l.npr
+            )));
+        }
+        min_healthy.push(min);
     }
     let serve_port = if routed {
         ports.replica_http
@@ -1138,83 +1370,161 @@ pub fn build_in(
             listen: format!("{}:{}", c.server.host, ports.engine_http),
         }
     });
-    let job = Job {
-        s,
-        c,
-        step,
-        ports,
-        npr,
-        endpoints: endpoints(
+    // the router's URL for one model alone: `http://HOST:PORT/models/NAME/v1`
+    let own_url = |name: &str| {
+        router
+            .as_ref()
+            .map(|r| format!("{}/models/{name}/v1", r.url.trim_end_matches("/v1")))
+    };
+    let mut jobs = Vec::new();
+    let mut models = Vec::new();
+    let mut all_endpoints = Vec::new();
+    let mut first_replica = 0;
+    for (i, (m, l)) in specs.iter().zip(&layouts).enumerate() {
+        let (first_node, n) = shares[i];
+        let own = &nodes[first_node..first_node + n];
+        let eps = endpoints(
             c,
-            nodes,
-            &l,
+            m,
+            own,
+            l,
             serve_port,
-            (c.parallel.tensor * c.parallel.pipeline) as usize,
+            first_replica,
             s.gpus_per_node as usize,
-        ),
-        router,
-        serve_port,
-        per_node: l.per_node,
+        );
+        // A replica of one node needs neither Ray nor a rendezvous: with several replicas, each
+        // one-node replica is its engine alone (and so are replicas side by side on a node).
+        let alone = l.per_node > 1 || (l.npr == 1 && l.replicas > 1);
+        let uses_ray = m.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && !alone;
+        let url = match (&router, by_name) {
+            (Some(_), true) => own_url(&m.name).unwrap_or_default(),
+            (Some(r), false) => r.url.clone(),
+            (None, _) => eps[0].url.clone(),
+        };
+        models.push(ModelPlan {
+            name: m.name.clone(),
+            engine: m.engine,
+            // replicas side by side on a node run vLLM's own mp backend
+            backend: (m.engine == Engine::Vllm).then_some(if uses_ray {
+                VllmBackend::Ray
+            } else {
+                VllmBackend::Mp
+            }),
+            model: m.model.clone(),
+            served_model_name: m.served().to_string(),
+            first_node,
+            nodes: n,
+            nodes_per_replica: l.npr,
+            replicas_per_node: l.per_node,
+            first_replica,
+            replicas: l.replicas,
+            required: m.required,
+            min_healthy: min_healthy[i],
+            url,
+        });
+        all_endpoints.extend(eps.iter().cloned());
+        jobs.push((
+            Job {
+                s,
+                c,
+                m,
+                step,
+                ports,
+                npr: l.npr,
+                first_node,
+                first_replica,
+                endpoints: eps,
+                router: router.clone(),
+                serve_port,
+                per_node: l.per_node,
+            },
+            alone,
+            uses_ray,
+        ));
+        first_replica += l.replicas;
+    }
+    let attached: Vec<AttachPlan> = c
+        .attach
+        .iter()
+        .map(|a| AttachPlan {
+            name: a.name.clone(),
+            url: a.url.trim_end_matches('/').to_string(),
+            api_key_file: a.api_key_file.clone(),
+            router_url: own_url(&a.name).unwrap_or_default(),
+        })
+        .collect();
+    let whole = Whole {
+        endpoints: &all_endpoints,
+        models: &models,
+        attached: &attached,
+        by_name,
     };
     let mut ranks = Vec::with_capacity(nnodes);
-    for rank in 0..nnodes {
-        let x = slot(&job, nodes, rank, 0)?;
-        let (role, mut commands) = if alone {
-            let mut v = Vec::new();
-            for local in 0..job.per_node {
-                v.push(side_by_side_command(
-                    &job,
-                    &slot(&job, nodes, rank, local)?,
-                    local,
-                ));
+    for (i, (job, alone, uses_ray)) in jobs.iter().enumerate() {
+        for rank in job.first_node..job.first_node + shares[i].1 {
+            let x = slot(job, nodes, rank, 0)?;
+            let (role, mut commands) = if *alone {
+                let mut v = Vec::new();
+                for local in 0..job.per_node {
+                    v.push(side_by_side_command(
+                        job,
+                        &slot(job, nodes, rank, local)?,
+                        local,
+                    ));
+                }
+                (Role::EngineLeader, v)
+            } else if *uses_ray {
+                ray_commands(job, &x)
+            } else {
+                let (role, cmd) = engine_command(job, &x);
+                (role, vec![cmd])
+            };
+            if rank == 0 {
+                if let Some(r) = &job.router {
+                    commands.push(router_command(job, &x, r, &whole));
+                }
+                if !s.client.is_empty() {
+                    commands.push(client_command(job, &x, &whole, *uses_ray));
+                }
             }
-            (Role::EngineLeader, v)
-        } else if uses_ray {
-            ray_commands(&job, &x)
-        } else {
-            let (role, cmd) = engine_command(&job, &x);
-            (role, vec![cmd])
-        };
-        if let (0, Some(r)) = (rank, &job.router) {
-            commands.push(router_command(&job, &x, r));
+            ranks.push(RankPlan {
+                node: x.node.name.clone(),
+                node_rank: rank,
+                address: x.node.address.clone(),
+                interface: x.node.interface.clone(),
+                role,
+                replica: x.replica,
+                replica_rank: x.rr,
+                leader: x.leader.name.clone(),
+                ray_token_file: (*uses_ray && s.auth).then(|| x.token_file()),
+                temp_dir: x.temp_dir,
+                commands,
+            });
         }
-        if rank == 0 && !s.client.is_empty() {
-            commands.push(client_command(&job, &x, uses_ray));
+    }
+    let first = &models[0];
+    let mut warnings = Vec::new();
+    for (m, l) in models.iter().zip(layouts) {
+        for w in l.warnings {
+            warnings.push(if several {
+                format!("model `{}`: {w}", m.name)
+            } else {
+                w
+            });
         }
-        ranks.push(RankPlan {
-            node: x.node.name.clone(),
-            node_rank: rank,
-            address: x.node.address.clone(),
-            interface: x.node.interface.clone(),
-            role,
-            replica: x.replica,
-            replica_rank: x.rr,
-            leader: x.leader.name.clone(),
-            ray_token_file: (uses_ray && s.auth).then(|| x.token_file()),
-            temp_dir: x.temp_dir,
-            commands,
-        });
     }
     Ok(Plan {
         schema: SCHEMA,
         job_id: step.job_id.clone(),
-        engine: c.engine,
-        // replicas side by side on a node run vLLM's own mp backend
-        backend: (c.engine == Engine::Vllm).then_some(if uses_ray {
-            VllmBackend::Ray
-        } else {
-            VllmBackend::Mp
-        }),
-        model: c.model.clone(),
-        served_model_name: c
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| c.model.clone()),
+        engine: first.engine,
+        backend: first.backend,
+        model: first.model.clone(),
+        served_model_name: first.served_model_name.clone(),
         nodes: nnodes,
-        nodes_per_replica: npr,
-        replicas_per_node: l.per_node,
+        nodes_per_replica: first.nodes_per_replica,
+        replicas_per_node: first.replicas_per_node,
         replicas,
-        warnings: l.warnings,
+        warnings,
         gpus_per_node: s.gpus_per_node,
         master: NodeRef {
             node: nodes[0].name.clone(),
@@ -1229,8 +1539,10 @@ pub fn build_in(
             node_rank: r,
         }),
         ports,
-        endpoints: job.endpoints,
-        router: job.router,
+        endpoints: all_endpoints,
+        router,
+        models,
+        attached,
         ranks,
     })
 }
@@ -1255,8 +1567,60 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
         Engine::Vllm => "vllm",
         Engine::Sglang => "sglang",
     };
-    let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
-    if p.replicas_per_node > 1 {
+    let several = p.models.len() > 1 || !p.attached.is_empty();
+    if several {
+        let _ = writeln!(
+            o,
+            "job {}: {} model(s) on {} node(s), {} GPU(s) per node",
+            p.job_id,
+            p.models.len(),
+            p.nodes,
+            p.gpus_per_node
+        );
+        for m in &p.models {
+            let engine = match (m.engine, m.backend) {
+                (Engine::Sglang, _) => "sglang",
+                (Engine::Vllm, Some(VllmBackend::Ray)) => "vllm (ray backend)",
+                (Engine::Vllm, _) => "vllm (mp backend)",
+            };
+            let nodes: Vec<&str> = p.ranks[m.first_node..m.first_node + m.nodes]
+                .iter()
+                .map(|r| r.node.as_str())
+                .collect();
+            let shape = if m.replicas_per_node > 1 {
+                format!("{} per node, side by side", m.replicas_per_node)
+            } else {
+                format!("of {} node(s)", m.nodes_per_replica)
+            };
+            let _ = writeln!(
+                o,
+                "model {}: {engine} serving {} as `{}` on {} ({}), {} replica(s) {shape}{}; {}",
+                m.name,
+                m.model,
+                m.served_model_name,
+                nodes.join(","),
+                if m.nodes == 1 {
+                    "1 node".to_string()
+                } else {
+                    format!("{} nodes", m.nodes)
+                },
+                m.replicas,
+                if m.required { "" } else { ", not required" },
+                m.url
+            );
+        }
+        for a in &p.attached {
+            let _ = writeln!(
+                o,
+                "attached {}: {} (checked before the start); {}",
+                a.name, a.url, a.router_url
+            );
+        }
+    } else {
+        let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
+    }
+    if several {
+    } else if p.replicas_per_node > 1 {
         let _ = writeln!(
             o,
             "{} node(s), {} replica(s): {} per node, side by side, {} GPU(s) per node",
@@ -1298,7 +1662,9 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
             .as_ref()
             .map(|g| format!(" on {}, GPUs {g}", e.node))
             .unwrap_or_default();
-        if p.router.is_some() {
+        if several {
+            let _ = writeln!(o, "replica {} of {}{gpus}: {}", e.replica, e.model, e.url);
+        } else if p.router.is_some() {
             let _ = writeln!(
                 o,
                 "replica {} (behind the router){gpus}: {}",

@@ -9,7 +9,15 @@
 //! connection the request is never sent again. Responses stream through as they come
 //! (SSE included). `/health` and `/metrics` (Prometheus) are the router's own; everything
 //! else needs the job's API key when it has one, and goes to a replica as it is.
+//!
+//! With several models (`--model`, and replicas named by model) a request goes to a replica
+//! of the model its body's `model` field names (the served name or the entry's name; the
+//! first model when there is none), or of the model its path names (`/models/NAME/v1/...`);
+//! `GET /v1/models` lists them all; an unknown model is a 404. Attached endpoints
+//! (`--attach`) are replicas the job does not run: polled on `/v1/models`, sent their own
+//! key (never the job's).
 
+pub mod attach;
 pub mod policy;
 
 use axum::body::Body;
@@ -33,17 +41,108 @@ pub const LISTENING: &str = "router listening on";
 /// The variable the router reads the job's API key from (never a flag: flags show in `ps`).
 pub const API_KEY_VAR: &str = "RAY_LAUNCH_ROUTER_API_KEY";
 
+/// One place a request can go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// Its model's name (`None`: the job's only model, no routing by name).
+    pub model: Option<String>,
+    /// Base URL without `/v1` (`http://10.0.0.2:20034`).
+    pub base: String,
+    /// Attached (not the job's): health from `/v1/models`, its own key instead of the job's.
+    pub attached: bool,
+    pub key_file: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// `HOST:PORT` to listen on.
     pub listen: String,
-    /// Each replica's base URL, without `/v1` (`http://10.0.0.2:20034`).
-    pub replicas: Vec<String>,
+    pub backends: Vec<Backend>,
+    /// (name, served name) of each model when requests go by model name; empty: one model.
+    pub models: Models,
     pub health_interval: Duration,
     pub health_failures: u32,
     pub max_body: usize,
     pub request_timeout: Duration,
     pub api_key: Option<String>,
+}
+
+/// Each model's (name, served name), when requests go by name; empty for one model.
+pub type Models = Vec<(String, String)>;
+
+/// `--model NAME=SERVED`, `--replica [NAME=]URL`, `--attach NAME=URL` and
+/// `--attach-key NAME=FILE` as the router's models and backends.
+pub fn backends(
+    models: &[String],
+    replicas: &[String],
+    attach: &[String],
+    keys: &[String],
+) -> Result<(Models, Vec<Backend>), String> {
+    fn pair<'a>(flag: &str, v: &'a str) -> Result<(&'a str, &'a str), String> {
+        v.split_once('=')
+            .filter(|(n, x)| !n.is_empty() && !x.is_empty())
+            .ok_or_else(|| format!("{flag} `{v}` is not NAME=VALUE"))
+    }
+    let mut named = Vec::new();
+    for m in models {
+        let (n, served) = pair("--model", m)?;
+        named.push((n.to_string(), served.to_string()));
+    }
+    let known = |n: &str| named.iter().any(|(x, _)| x == n);
+    let mut out = Vec::new();
+    for r in replicas {
+        // a bare URL has `:` or `/` before any `=`
+        let (model, url) = match r.split_once('=') {
+            Some((n, u)) if !n.contains([':', '/']) => {
+                if !known(n) {
+                    return Err(format!(
+                        "--replica `{r}` names model `{n}`, which no --model gives"
+                    ));
+                }
+                (Some(n.to_string()), u)
+            }
+            _ if !named.is_empty() => {
+                return Err(format!(
+                    "--replica `{r}` names no model, but --model is given: write NAME=URL"
+                ))
+            }
+            _ => (None, r.as_str()),
+        };
+        out.push(Backend {
+            model,
+            base: url.trim_end_matches('/').to_string(),
+            attached: false,
+            key_file: None,
+        });
+    }
+    for a in attach {
+        let (n, url) = pair("--attach", a)?;
+        if known(n)
+            || out
+                .iter()
+                .any(|b| b.attached && b.model.as_deref() == Some(n))
+        {
+            return Err(format!("--attach `{a}`: the name `{n}` is taken"));
+        }
+        out.push(Backend {
+            model: Some(n.to_string()),
+            base: attach::base_of(url),
+            attached: true,
+            key_file: None,
+        });
+    }
+    for k in keys {
+        let (n, f) = pair("--attach-key", k)?;
+        let b = out
+            .iter_mut()
+            .find(|b| b.attached && b.model.as_deref() == Some(n))
+            .ok_or_else(|| format!("--attach-key `{k}` names no --attach"))?;
+        b.key_file = Some(f.to_string());
+    }
+    if out.is_empty() {
+        return Err("no --replica and no --attach: nothing to route to".into());
+    }
+    Ok((named, out))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +229,12 @@ impl Metrics {
 struct Replica {
     base: String,
     label: ReplicaLabel,
+    /// Which of `Shared::groups` it serves.
+    group: usize,
+    /// Attached: its own key (never the job's), and the model ids its `/v1/models` gave.
+    attached: bool,
+    key: Option<String>,
+    ids: Mutex<Vec<String>>,
     health: Mutex<policy::Health>,
     outstanding: AtomicUsize,
     // this replica's metrics, looked up once (the families hash their labels on each lookup)
@@ -139,8 +244,20 @@ struct Replica {
     m_healthy: Gauge,
 }
 
+/// One model: what clients call it and which replicas serve it.
+struct Group {
+    name: String,
+    /// The name its engine serves it under (for an attached endpoint: the first id it lists).
+    served: String,
+    members: Vec<usize>,
+    attached: bool,
+}
+
 struct Shared {
     replicas: Vec<Replica>,
+    groups: Vec<Group>,
+    /// Requests go by model name (several models, or attached endpoints).
+    by_name: bool,
     turn: AtomicUsize,
     client: reqwest::Client,
     api_key: Option<String>,
@@ -156,14 +273,67 @@ fn log(msg: &str) {
 }
 
 impl Shared {
-    fn views(&self) -> Vec<policy::View> {
-        self.replicas
+    fn view(&self, i: usize) -> policy::View {
+        let r = &self.replicas[i];
+        policy::View {
+            healthy: r.health.lock().map(|h| h.healthy()).unwrap_or(false),
+            outstanding: r.outstanding.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The names a group answers to: its name, its served name, and what an attached
+    /// endpoint lists.
+    fn answers_to(&self, g: usize, model: &str) -> bool {
+        let grp = &self.groups[g];
+        grp.name == model
+            || grp.served == model
+            || (grp.attached
+                && grp.members.iter().any(|&i| {
+                    self.replicas[i]
+                        .ids
+                        .lock()
+                        .map(|ids| ids.iter().any(|x| x == model))
+                        .unwrap_or(false)
+                }))
+    }
+
+    /// What the engine behind group `g` calls its model.
+    fn target(&self, g: usize) -> String {
+        let grp = &self.groups[g];
+        if grp.attached {
+            if let Some(id) = grp.members.first().and_then(|&i| {
+                self.replicas[i]
+                    .ids
+                    .lock()
+                    .ok()
+                    .and_then(|v| v.first().cloned())
+            }) {
+                return id;
+            }
+        }
+        grp.served.clone()
+    }
+
+    /// `GET /v1/models` over the groups given: every model by the id clients use.
+    fn model_list(&self, groups: &[usize]) -> Response {
+        let data: Vec<serde_json::Value> = groups
             .iter()
-            .map(|r| policy::View {
-                healthy: r.health.lock().map(|h| h.healthy()).unwrap_or(false),
-                outstanding: r.outstanding.load(Ordering::Relaxed),
+            .map(|&g| {
+                serde_json::json!({
+                    "id": self.target(g),
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": if self.groups[g].attached { "attached" } else { "ray-launch" },
+                    "name": self.groups[g].name,
+                })
             })
-            .collect()
+            .collect();
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                serde_json::json!({ "object": "list", "data": data }).to_string(),
+            ))
+            .expect("a static response builds")
     }
 
     fn note(&self, i: usize, change: Option<policy::Change>) {
@@ -246,10 +416,32 @@ impl Drop for InFlight {
     }
 }
 
+/// The model a request asks for, from its body (`{"model": ...}`), if it names one.
+fn requested_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct M {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<M>(body).ok().and_then(|m| m.model)
+}
+
+/// The body with its `model` field set to `to`.
+fn with_model(body: &bytes::Bytes, to: &str) -> bytes::Bytes {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("model".into(), serde_json::Value::String(to.into()));
+            serde_json::to_vec(&m)
+                .map(bytes::Bytes::from)
+                .unwrap_or_else(|_| body.clone())
+        }
+        _ => body.clone(),
+    }
+}
+
 async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     match req.uri().path() {
         "/health" => {
-            return if st.views().iter().any(|v| v.healthy) {
+            return if (0..st.replicas.len()).any(|i| st.view(i).healthy) {
                 Response::new(Body::empty())
             } else {
                 error(
@@ -291,6 +483,43 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
         }
     }
     let (parts, body) = req.into_parts();
+    let mut pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let unknown = |model: &str| {
+        reject("unknown_model");
+        let body = serde_json::json!({ "error": {
+            "message": format!("The model `{model}` does not exist (this job serves {}).",
+                st.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+        }});
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("a static response builds")
+    };
+    // `/models/NAME/...`: that model alone, whatever the body says
+    let mut group: Option<usize> = None;
+    let mut by_path = false;
+    if st.by_name {
+        if let Some(rest) = pq.strip_prefix("/models/") {
+            let (name, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let Some(g) = st.groups.iter().position(|g| g.name == name) else {
+                return unknown(name);
+            };
+            group = Some(g);
+            by_path = true;
+            pq = if tail.is_empty() {
+                "/".into()
+            } else {
+                tail.to_string()
+            };
+        }
+    }
     let bytes = match axum::body::to_bytes(body, st.max_body).await {
         Ok(b) => b,
         Err(_) => {
@@ -305,21 +534,57 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
             );
         }
     };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let mut bytes = bytes;
+    if st.by_name {
+        let path = pq.split('?').next().unwrap_or_default();
+        if parts.method == axum::http::Method::GET && path == "/v1/models" {
+            let all: Vec<usize> = match group {
+                Some(g) => vec![g],
+                None => (0..st.groups.len()).collect(),
+            };
+            return st.model_list(&all);
+        }
+        let asked = requested_model(&bytes);
+        let g = match (group, asked.as_deref()) {
+            (Some(g), _) => g,
+            (None, Some(m)) => match (0..st.groups.len()).find(|&g| st.answers_to(g, m)) {
+                Some(g) => g,
+                None => return unknown(m),
+            },
+            // no model named: the first one, as an engine serves its first name
+            (None, None) => 0,
+        };
+        group = Some(g);
+        // the engine knows its model by its served name only
+        if let Some(m) = asked {
+            let target = st.target(g);
+            let theirs = st.groups[g].attached && st.answers_to(g, &m) && m != st.groups[g].name;
+            if m != target && !theirs && (by_path || m == st.groups[g].name) {
+                bytes = with_model(&bytes, &target);
+            }
+        }
+    }
+    let members: Vec<usize> = match group {
+        Some(g) => st.groups[g].members.clone(),
+        None => (0..st.replicas.len()).collect(),
+    };
     let mut tried: Vec<usize> = Vec::new();
     loop {
         let start = st.turn.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = policy::pick(&st.views(), start, &tried) else {
+        let views: Vec<policy::View> = members.iter().map(|&i| st.view(i)).collect();
+        let skip: Vec<usize> = (0..members.len())
+            .filter(|k| tried.contains(&members[*k]))
+            .collect();
+        let Some(i) = policy::pick(&views, start, &skip).map(|k| members[k]) else {
             reject("no_replica");
+            let of = match group {
+                Some(g) if st.by_name => format!(" of model `{}`", st.groups[g].name),
+                _ => String::new(),
+            };
             let why = if tried.is_empty() {
-                "no replica is serving (they are starting or restarting)".to_string()
+                format!("no replica{of} is serving (they are starting or restarting)")
             } else {
-                format!("no replica accepted the connection (tried {tried:?})")
+                format!("no replica{of} accepted the connection (tried {tried:?})")
             };
             return error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", &why);
         };
@@ -337,9 +602,14 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
             .request(parts.method.clone(), format!("{}{pq}", r.base))
             .body(bytes.clone());
         for (k, v) in parts.headers.iter() {
-            if !hop_by_hop(k) {
+            // the job's key stays in the job: an attached endpoint gets its own, or none
+            let theirs = r.attached && k == header::AUTHORIZATION;
+            if !hop_by_hop(k) && !theirs {
                 rb = rb.header(k, v);
             }
+        }
+        if let (true, Some(key)) = (r.attached, &r.key) {
+            rb = rb.bearer_auth(key);
         }
         let err = |kind: &str| {
             st.metrics
@@ -417,22 +687,36 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
 }
 
 async fn poll(st: Arc<Shared>, i: usize, interval: Duration) {
-    let url = format!("{}/health", st.replicas[i].base);
+    let r = &st.replicas[i];
+    let url = format!("{}/health", r.base);
     let timeout = policy::poll_timeout(interval);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let res = match st.client.get(&url).timeout(timeout).send().await {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(format!("/health answered {}", r.status())),
-            Err(e) if e.is_timeout() => Err(format!(
-                "/health did not answer within {}",
-                humantime::format_duration(timeout)
-            )),
-            Err(e) => Err(format!("/health failed: {e}")),
+        let res = if r.attached {
+            // an attached server: the check it passed before the job started
+            match attach::probe(&st.client, &r.base, r.key.as_deref(), timeout).await {
+                Ok(ids) => {
+                    if let Ok(mut v) = r.ids.lock() {
+                        *v = ids;
+                    }
+                    Ok(())
+                }
+                Err(why) => Err(format!("/v1/models {why}")),
+            }
+        } else {
+            match st.client.get(&url).timeout(timeout).send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("/health answered {}", r.status())),
+                Err(e) if e.is_timeout() => Err(format!(
+                    "/health did not answer within {}",
+                    humantime::format_duration(timeout)
+                )),
+                Err(e) => Err(format!("/health failed: {e}")),
+            }
         };
-        let change = st.replicas[i]
+        let change = r
             .health
             .lock()
             .ok()
@@ -451,30 +735,80 @@ pub async fn serve(o: Options) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let metrics = Metrics::new();
-    let replicas: Vec<Replica> = o
-        .replicas
+    let by_name = !o.models.is_empty() || o.backends.iter().any(|b| b.attached);
+    let mut groups: Vec<Group> = o
+        .models
         .iter()
-        .enumerate()
-        .map(|(i, base)| {
-            let label = ReplicaLabel {
-                replica: i.to_string(),
-            };
-            let m_healthy = metrics.healthy.get_or_create(&label).clone();
-            m_healthy.set(0);
-            Replica {
-                base: base.trim_end_matches('/').to_string(),
-                health: Mutex::new(policy::Health::new(o.health_failures)),
-                outstanding: AtomicUsize::new(0),
-                m_requests: metrics.requests.get_or_create(&label).clone(),
-                m_latency: metrics.latency.get_or_create(&label).clone(),
-                m_outstanding: metrics.outstanding.get_or_create(&label).clone(),
-                m_healthy,
-                label,
+        .map(|(name, served)| Group {
+            name: name.clone(),
+            served: served.clone(),
+            members: Vec::new(),
+            attached: false,
+        })
+        .collect();
+    if groups.is_empty() && o.backends.iter().any(|b| b.model.is_none()) {
+        groups.push(Group {
+            name: String::new(),
+            served: String::new(),
+            members: Vec::new(),
+            attached: false,
+        });
+    }
+    let mut replicas: Vec<Replica> = Vec::new();
+    for (i, b) in o.backends.iter().enumerate() {
+        let g = match (&b.model, b.attached) {
+            (Some(n), true) => {
+                groups.push(Group {
+                    name: n.clone(),
+                    served: n.clone(),
+                    members: Vec::new(),
+                    attached: true,
+                });
+                groups.len() - 1
             }
+            (Some(n), false) => groups.iter().position(|g| &g.name == n).unwrap_or(0),
+            (None, _) => 0,
+        };
+        groups[g].members.push(i);
+        let key = match &b.key_file {
+            Some(f) => Some(
+                crate::auth::read_key_file(std::path::Path::new(f))
+                    .map_err(|e| format!("the key of attached `{}`: {e}", groups[g].name))?,
+            ),
+            None => None,
+        };
+        let label = ReplicaLabel {
+            replica: i.to_string(),
+        };
+        let m_healthy = metrics.healthy.get_or_create(&label).clone();
+        m_healthy.set(0);
+        replicas.push(Replica {
+            base: b.base.trim_end_matches('/').to_string(),
+            group: g,
+            attached: b.attached,
+            key,
+            ids: Mutex::new(Vec::new()),
+            health: Mutex::new(policy::Health::new(o.health_failures)),
+            outstanding: AtomicUsize::new(0),
+            m_requests: metrics.requests.get_or_create(&label).clone(),
+            m_latency: metrics.latency.get_or_create(&label).clone(),
+            m_outstanding: metrics.outstanding.get_or_create(&label).clone(),
+            m_healthy,
+            label,
+        });
+    }
+    let shown: Vec<String> = replicas
+        .iter()
+        .map(|r| match (by_name, r.attached) {
+            (false, _) => r.base.clone(),
+            (true, false) => format!("{}={}", groups[r.group].name, r.base),
+            (true, true) => format!("{}={} (attached)", groups[r.group].name, r.base),
         })
         .collect();
     let shared = Arc::new(Shared {
         replicas,
+        groups,
+        by_name,
         turn: AtomicUsize::new(0),
         client,
         api_key: o.api_key.clone(),
@@ -490,8 +824,8 @@ pub async fn serve(o: Options) -> Result<(), String> {
     log(&format!(
         "{LISTENING} http://{} over {} replica(s): {}",
         o.listen,
-        o.replicas.len(),
-        o.replicas.join(" ")
+        shown.len(),
+        shown.join(" ")
     ));
     let app = axum::Router::new().fallback(handle).with_state(shared);
     use axum::serve::ListenerExt as _;

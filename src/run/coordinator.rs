@@ -44,8 +44,11 @@ pub enum Action {
     /// Close the connection to this rank (given up on as silent while the job goes on: if
     /// it wakes, it finds the master gone and tears itself down).
     Drop(usize),
-    /// Every replica's state changed: the endpoint file shows it.
-    Replicas(Vec<ReplicaStatus>),
+    /// Every replica's state changed (and the models dropped so far): the endpoint file
+    /// shows it.
+    Replicas(Vec<ReplicaStatus>, Vec<String>),
+    /// Check that every attached endpoint answers, then say [`Coord::on_attach_checked`].
+    CheckAttach(Vec<plan::AttachPlan>),
     /// Every rank has finished its teardown (or is gone).
     AllStopped,
 }
@@ -101,6 +104,10 @@ pub struct Coord {
     router_up: bool,
     /// A replica's failure restarts it (`replicas.on_failure`) instead of ending the job.
     restarts: bool,
+    /// Models with `required: false` dropped because all their replicas are down.
+    dropped: Vec<String>,
+    /// The attached endpoints are being checked: nothing has started yet.
+    attaching: bool,
     plan: Option<Plan>,
     phase: Phase,
     rendezvous_deadline: Instant,
@@ -150,6 +157,8 @@ impl Coord {
             reps: Vec::new(),
             router_up: false,
             restarts: false,
+            dropped: Vec::new(),
+            attaching: false,
             plan: None,
             phase: Phase::Rendezvous,
             rendezvous_deadline: now + rendezvous,
@@ -403,10 +412,57 @@ impl Coord {
         ];
         self.router_up = plan.router.is_none();
         self.restarts = plan.restarts_replicas(&self.settings);
+        let attached = plan.attached.clone();
         self.plan = Some(plan);
         acts.push(self.replicas_action());
+        if !attached.is_empty() {
+            // nothing starts before every attached endpoint answers
+            self.attaching = true;
+            acts.push(Action::Info(format!(
+                "checking the attached endpoint(s): {}",
+                attached
+                    .iter()
+                    .map(|a| format!("{} ({})", a.name, a.url))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+            acts.push(Action::CheckAttach(attached));
+            return acts;
+        }
         acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, None, now));
         acts
+    }
+
+    /// What the check of the attached endpoints found: each one's model ids, or why one
+    /// does not answer (the job then stops with nothing started).
+    pub fn on_attach_checked(
+        &mut self,
+        result: Result<Vec<(String, Vec<String>)>, String>,
+        now: Instant,
+    ) -> Vec<Action> {
+        if !self.attaching || self.phase != Phase::Starting {
+            return Vec::new();
+        }
+        self.attaching = false;
+        match result {
+            Err(why) => self.stop(exit::STARTUP_TIMEOUT, why, None),
+            Ok(found) => {
+                let mut acts = Vec::new();
+                for (name, ids) in found {
+                    acts.push(self.event(
+                        "attached",
+                        None,
+                        serde_json::json!({ "name": name, "models": ids }),
+                    ));
+                    acts.push(Action::Info(format!(
+                        "attached `{name}`: it serves {}",
+                        ids.join(", ")
+                    )));
+                }
+                acts.extend(self.start_after(0..self.n, StartAfter::Rendezvous, None, now));
+                acts
+            }
+        }
     }
 
     /// Send `Start` for every command of `ranks` whose plan says to start after `event`, and
@@ -712,7 +768,7 @@ impl Coord {
     /// Every replica's state, for the endpoint file.
     fn replicas_action(&self) -> Action {
         let Some(plan) = &self.plan else {
-            return Action::Replicas(Vec::new());
+            return Action::Replicas(Vec::new(), Vec::new());
         };
         Action::Replicas(
             self.reps
@@ -720,6 +776,7 @@ impl Coord {
                 .enumerate()
                 .map(|(i, r)| ReplicaStatus {
                     replica: i,
+                    model: plan.endpoints[i].model.clone(),
                     node: plan.endpoints[i].node.clone(),
                     url: plan.endpoints[i].url.clone(),
                     state: r.state,
@@ -727,6 +784,7 @@ impl Coord {
                     reason: r.reason.clone(),
                 })
                 .collect(),
+            self.dropped.clone(),
         )
     }
 
@@ -765,7 +823,7 @@ impl Coord {
                     Action::Warn(format!("replica {rep}: {reason}; it stays down")),
                     self.replicas_action(),
                 ];
-                acts.extend(self.check_serving(code, &reason, now));
+                acts.extend(self.check_serving(rep, code, &reason, now));
                 return acts;
             }
             return Vec::new();
@@ -852,39 +910,75 @@ impl Coord {
             self.reps[rep].restart_at = Some(now + self.reps[rep].backoff);
         }
         acts.push(self.replicas_action());
-        acts.extend(self.check_serving(code, &reason, now));
+        acts.extend(self.check_serving(rep, code, &reason, now));
         acts
     }
 
-    /// After a replica left: end the job when too few replicas serve (or can still come up),
+    /// After replica `rep` left: end the job when too few replicas of its model serve (or
+    /// can still come up), or drop the model when it is not required and none of it is left;
     /// else see whether the job is ready now (a replica down for good no longer holds it up).
-    fn check_serving(&mut self, code: i32, reason: &str, now: Instant) -> Vec<Action> {
-        let min = self.settings.config.replicas.min_healthy as usize;
-        let serving = self.serving();
-        let alive = self
-            .reps
+    fn check_serving(&mut self, rep: usize, code: i32, reason: &str, now: Instant) -> Vec<Action> {
+        let Some(plan) = &self.plan else {
+            return Vec::new();
+        };
+        let m = plan.model_of_replica(rep).clone();
+        let named = plan.models.len() > 1 || !plan.attached.is_empty();
+        let own = &self.reps[m.first_replica..m.first_replica + m.replicas];
+        let serving = own
             .iter()
-            .filter(|r| r.state != ReplicaState::Down)
+            .filter(|r| r.state == ReplicaState::Ready)
             .count();
+        let alive = own.iter().filter(|r| r.state != ReplicaState::Down).count();
+        let code = if exit::is_failure(code) {
+            exit::REPLICAS_DOWN
+        } else {
+            code
+        };
+        if !m.required {
+            let mut acts = Vec::new();
+            if alive == 0 && !self.dropped.contains(&m.name) {
+                self.dropped.push(m.name.clone());
+                acts.push(self.event(
+                    "model_dropped",
+                    None,
+                    serde_json::json!({ "model": m.name, "reason": reason }),
+                ));
+                acts.push(Action::Warn(format!(
+                    "model `{}` is dropped: all its {} replica(s) are down (it has `required: false`, so the job goes on); last: {reason}",
+                    m.name, m.replicas
+                )));
+                acts.push(self.replicas_action());
+            }
+            if self.reps.iter().all(|r| r.state == ReplicaState::Down) {
+                acts.extend(self.stop(
+                    code,
+                    format!("no model serves any more; last: {reason}"),
+                    None,
+                ));
+                return acts;
+            }
+            acts.extend(self.maybe_ready(now));
+            return acts;
+        }
+        let min = m.min_healthy;
         let too_few = if self.phase == Phase::Ready {
             serving < min
         } else {
             alive < min
         };
         if alive == 0 || too_few {
-            let code = if exit::is_failure(code) {
-                exit::REPLICAS_DOWN
-            } else {
-                code
-            };
-            return self.stop(
-                code,
+            let what = if named {
                 format!(
-                    "{serving} of {} replica(s) serve, fewer than replicas.min_healthy ({min}); last: {reason}",
-                    self.reps.len()
-                ),
-                None,
-            );
+                    "model `{}`: {serving} of its {} replica(s) serve, fewer than its min_healthy ({min})",
+                    m.name, m.replicas
+                )
+            } else {
+                format!(
+                    "{serving} of {} replica(s) serve, fewer than replicas.min_healthy ({min})",
+                    m.replicas
+                )
+            };
+            return self.stop(code, format!("{what}; last: {reason}"), None);
         }
         self.maybe_ready(now)
     }
@@ -965,7 +1059,7 @@ impl Coord {
 
     /// Every replica on a lost node stays down (or the job stops, without restarts).
     fn node_lost(&mut self, rank: usize, reason: String, now: Instant) -> Vec<Action> {
-        let slots = self.plan.as_ref().map_or(1, |p| p.replicas_per_node);
+        let slots = self.plan.as_ref().map_or(1, |p| p.slots_on(rank));
         let mut acts = Vec::new();
         for slot in 0..slots {
             acts.extend(self.replica_failed(
@@ -1135,6 +1229,7 @@ struct Shell {
     /// What the endpoint file says now (rewritten when the replicas change).
     status: (Status, Option<String>, Option<i32>),
     replicas: Vec<ReplicaStatus>,
+    dropped: Vec<String>,
 }
 
 impl Shell {
@@ -1189,17 +1284,17 @@ impl Shell {
         let urls: Vec<String> = plan
             .map(|p| p.endpoints.iter().map(|e| e.url.clone()).collect())
             .unwrap_or_default();
-        let c = &self.settings.config;
+        let first = &self.settings.models[0];
         let f = EndpointFile {
             status,
             url: plan.map(|p| p.url().to_string()),
             urls,
             replicas: self.replicas.clone(),
-            model: c.model.clone(),
-            served_model_name: c
-                .served_model_name
-                .clone()
-                .unwrap_or_else(|| c.model.clone()),
+            models: plan
+                .map(|p| crate::endpoint::model_statuses(p, &self.replicas, &self.dropped))
+                .unwrap_or_default(),
+            model: first.model.clone(),
+            served_model_name: first.served().to_string(),
             job_id: self.step.job_id.clone(),
             node: self.step.master().to_string(),
             updated_at: now_rfc3339(),
@@ -1240,6 +1335,8 @@ enum Inbound {
     },
     Msg(usize, ToMaster),
     Closed(usize),
+    /// What the check of the attached endpoints found.
+    Attached(Result<Vec<(String, Vec<String>)>, String>),
 }
 
 /// Bind the channel's port (before anything else starts, so a clash fails fast).
@@ -1346,6 +1443,7 @@ pub async fn serve(
         refused: 0,
         status: (Status::Starting, None, None),
         replicas: Vec::new(),
+        dropped: Vec::new(),
     };
     // the endpoint's API key: the user's own file, or one the launcher writes (0600)
     if settings.auth {
@@ -1456,6 +1554,7 @@ pub async fn serve(
                     Vec::new()
                 }
                 Inbound::Msg(rank, msg) => coord.on_message(rank, msg, Instant::now()),
+                Inbound::Attached(res) => coord.on_attach_checked(res, Instant::now()),
                 Inbound::Closed(rank) => {
                     writers.remove(&rank);
                     coord.on_closed(rank, Instant::now())
@@ -1495,8 +1594,9 @@ pub async fn serve(
                     reason,
                     code,
                 } => shell.endpoint(coord.plan(), status, reason.as_deref(), code),
-                Action::Replicas(v) => {
+                Action::Replicas(v, dropped) => {
                     shell.replicas = v;
+                    shell.dropped = dropped;
                     let (st, reason, code) = shell.status.clone();
                     if !st.is_final() {
                         shell.endpoint(coord.plan(), st, reason.as_deref(), code);
@@ -1504,6 +1604,14 @@ pub async fn serve(
                 }
                 Action::Drop(r) => {
                     writers.remove(&r);
+                }
+                Action::CheckAttach(all) => {
+                    let tx = in_tx.clone();
+                    let within = settings.config.timeouts.attach.0;
+                    tokio::spawn(async move {
+                        let res = crate::route::attach::check_all(&all, within).await;
+                        let _ = tx.send(Inbound::Attached(res));
+                    });
                 }
                 Action::Info(s) => tracing::info!("{s}"),
                 Action::Warn(s) => tracing::warn!("{s}"),
@@ -2042,7 +2150,7 @@ mod tests {
 
     fn states(acts: &[Action]) -> Option<Vec<(ReplicaState, u32)>> {
         acts.iter().rev().find_map(|a| match a {
-            Action::Replicas(v) => Some(v.iter().map(|r| (r.state, r.restarts)).collect()),
+            Action::Replicas(v, _) => Some(v.iter().map(|r| (r.state, r.restarts)).collect()),
             _ => None,
         })
     }

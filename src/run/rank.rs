@@ -693,7 +693,7 @@ impl Shell {
     fn start(&mut self, kind: Kind, slot: usize) -> Result<(), Event> {
         let plan = self.plan.as_ref().expect("started only once planned");
         let rank = &plan.ranks[self.me];
-        let side_by_side = plan.replicas_per_node > 1 && kind.of_replica();
+        let side_by_side = plan.slots_on(self.me) > 1 && kind.of_replica();
         let Some(cmd) = rank.command_in(kind, slot) else {
             return Err(Event::Failed {
                 code: exit::INTERNAL,
