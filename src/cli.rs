@@ -306,6 +306,26 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     for w in &plan.warnings {
         println!("warning: {w}");
     }
+    if !plan.attached.is_empty() {
+        // what the master checks before anything starts, checked now
+        let within = g.settings.config.timeouts.attach.0;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
+        match rt.block_on(crate::route::attach::check_all(&plan.attached, within)) {
+            Ok(found) => {
+                for (name, ids) in found {
+                    println!("attached `{name}` answers: it serves {}", ids.join(", "));
+                }
+            }
+            Err(why) => {
+                return Err(Error::new(crate::error::Kind::StartupTimeout, why).hint(
+                    "a job with this config would stop with exit 3 before starting anything",
+                ))
+            }
+        }
+    }
     println!(
         "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",
         g.settings.config_path,

@@ -807,6 +807,24 @@ fn replicas_side_by_side_on_a_node_restart_alone() {
         assert!(t0.elapsed() < Duration::from_secs(30), "{st:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // the master saw it serve; the router learns it from its own next poll (every second)
+    let t1 = Instant::now();
+    loop {
+        let m = Command::new("curl")
+            .args(["-s", "--noproxy", "*", &url.replace("/v1", "/metrics")])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&m.stdout)
+            .contains("ray_launch_router_replica_healthy{replica=\"3\"} 1")
+        {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "the router never took replica 3 back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let seen: std::collections::BTreeSet<usize> = (0..30)
         .map(|_| {
             routed(&format!("{url}/completions"), key, Some(body))
@@ -817,4 +835,47 @@ fn replicas_side_by_side_on_a_node_restart_alone() {
     assert_eq!(seen, (0..6).collect(), "the restarted one serves again");
     let all = scancel_all_143(&mut child, "rl-e2e");
     assert!(all.contains("replica 3 (leader node2) failed"), "{all}");
+}
+
+/// An `attach:` URL where nothing answers: every rank exits 3 within seconds, the message
+/// names the entry and the URL, and nothing was started (no Ray, no engine: the stand-in
+/// records nothing) or left.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn an_attach_url_that_does_not_answer_fails_fast_with_exit_3_and_starts_nothing() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        RAY3,
+        "attach:\n  - {name: judge, url: 'http://10.77.0.1:9/v1'}\ntimeouts: {attach: 5s, shutdown_grace: 5s, kill_wait: 30s}",
+    );
+    let t0 = Instant::now();
+    let out = bed.run_client(&cfg, &["true"], Duration::from_secs(90));
+    let took = t0.elapsed();
+    let all = text(&out);
+    eprintln!(
+        "{all}\nattach refused -> every rank gone: {:.1}s",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        exits(&all).values().copied().collect::<Vec<_>>(),
+        [3, 3, 3],
+        "{all}"
+    );
+    assert!(
+        all.contains("attach `judge`: GET http://10.77.0.1:9/v1/models failed"),
+        "{all}"
+    );
+    assert!(took < Duration::from_secs(45), "fails fast: {took:?}");
+    let records: Vec<String> = std::fs::read_dir(bed.path(""))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".vllm.json"))
+        .collect();
+    assert!(records.is_empty(), "an engine started: {records:?}");
+    let ep = endpoint_status(&endpoint_file(&bed.path(""))).unwrap();
+    assert_eq!(ep["status"], "failed");
+    assert_eq!(ep["exit_code"], 3);
+    assert!(!all.contains("Ray head up"), "{all}");
+    assert_no_leftovers("after the refused attach");
 }

@@ -7,7 +7,9 @@ passes vLLM's own validation; otherwise print the offending command and exit 1.
 import argparse, contextlib, io, json, sys
 
 plan = json.load(open(sys.argv[1]))
-checked = 0
+# a plan of several models has one engine and model per entry
+models = {m["model"] for m in plan.get("models", [])} or {plan["model"]}
+checked, engines = 0, set()
 for rank in plan["ranks"]:
     for cmd in rank["commands"]:
         if cmd["name"] != "engine":
@@ -16,7 +18,9 @@ for rank in plan["ranks"]:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                if plan["engine"] == "vllm":
+                sglang = argv[1:3] == ["-m", "sglang.launch_server"]
+                engines.add("sglang" if sglang else "vllm")
+                if not sglang:
                     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
                     from vllm.utils.argparse_utils import FlexibleArgumentParser
                     assert argv[1] == "serve", argv
@@ -24,17 +28,17 @@ for rank in plan["ranks"]:
                     # `vllm serve MODEL`: the model is the positional model_tag
                     args = parser.parse_args(argv[2:])
                     validate_parsed_serve_args(args)
-                    assert args.model_tag == plan["model"], args.model_tag
+                    assert args.model_tag in models, args.model_tag
                 else:
                     from sglang.srt.server_args import ServerArgs
                     assert argv[1:3] == ["-m", "sglang.launch_server"], argv
                     parser = argparse.ArgumentParser(prog="sglang.launch_server")
                     ServerArgs.add_cli_args(parser)
                     args = parser.parse_args(argv[3:])
-                    assert args.model_path == plan["model"]
+                    assert args.model_path in models, args.model_path
         except (SystemExit, Exception) as e:
             print(f"rank {rank['node_rank']} ({rank['node']}): {' '.join(argv)}\n  rejected: {e!r} {err.getvalue().strip()}")
             sys.exit(1)
         checked += 1
-print(f"{checked} engine command(s) accepted by the {plan['engine']} parser")
+print(f"{checked} engine command(s) accepted by the {' and '.join(sorted(engines))} parser")
 sys.exit(0 if checked else 1)

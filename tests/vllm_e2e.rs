@@ -289,10 +289,15 @@ fn every_example_configs_engine_argv_passes_the_engines_own_parser() {
         "configs/vllm-replicas.yaml",
         "configs/vllm-cpu-tiny.yaml",
         "configs/sglang.yaml",
+        "configs/rl-models.yaml",
+        "configs/vllm-cpu-models.yaml",
     ] {
         let (ok, out) = check_argv(&plan_json(dir.path(), cfg, &[]));
         assert!(ok, "{cfg}: {out}");
         assert!(out.contains("accepted"), "{out}");
+        if cfg.contains("rl-models") {
+            assert!(out.contains("by the sglang and vllm parser"), "{out}");
+        }
     }
 }
 
@@ -480,5 +485,143 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         res["ok"],
         failed.len(),
         back.as_secs_f64()
+    );
+}
+
+/// Several models in one job, the way users run it: `sbatch` a script whose `srun` runs
+/// configs/vllm-cpu-models.yaml (two real vLLM models, `policy` and `reward`, one node each)
+/// plus an attached server that runs outside the job (a stand-in on the controller's
+/// address, with its own key), with a client that uses the official SDK: every model by name
+/// through one URL and each at its own `RAY_LAUNCH_MODEL_<NAME>_URL`, an unknown one a 404.
+/// The client's exit 0 ends the job; nothing is left, and the attached server never saw the
+/// job's key.
+#[test]
+#[ignore = "needs the Slurm test bed and .venv-vllm: scripts/test.sh"]
+fn two_real_vllm_models_and_an_attached_server_behind_one_router() {
+    let py = vllm_python();
+    let bed = Bed::new();
+    // the attached server: outside the job, on the controller's bridge address
+    let port = {
+        let l = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let key_file = bed.path("judge.key");
+    std::fs::write(&key_file, "judge-key-0123456789\n").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let auth_log = bed.path("judge.auth");
+    let _judge = KillOnDrop(
+        Command::new("python3")
+            .arg(root().join("tests/standin/engine.py"))
+            .args(["vllm", "serve", "judge-8b", "--host", "10.77.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--api-key", "judge-key-0123456789"])
+            .env("STANDIN_AUTH_LOG", &auth_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cfg = bed.path("models.yaml");
+    let base = std::fs::read_to_string(root().join("configs/vllm-cpu-models.yaml")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{base}attach:\n  - name: judge\n    url: http://10.77.0.1:{port}/v1\n    api_key_file: {}\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let result = bed.path("client.json");
+    let script = bed.path("models.sbatch");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nsrun --kill-on-bad-exit=0 {} --config {} --log-dir {} --endpoint-file {} --event-log {} -- {} {} {} policy reward judge\necho \"srun exit $?\" > {}\n",
+            bin().display(),
+            cfg.display(),
+            bed.path("logs").display(),
+            bed.path("endpoint.json").display(),
+            bed.path("events.jsonl").display(),
+            py.display(),
+            root().join("tests/clients/models.py").display(),
+            result.display(),
+            bed.path("rc").display(),
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let out = slurm("sbatch")
+        .args([
+            "--parsable",
+            "-N2",
+            "-w",
+            "node[1-2]",
+            "--ntasks-per-node=1",
+            "-J",
+            "rl-models",
+        ])
+        .arg(format!("--output={}", bed.path("job.out").display()))
+        .arg(format!("--chdir={}", root().display()))
+        .arg(&script)
+        .output()
+        .unwrap();
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!job.is_empty(), "{}", text(&out));
+    loop {
+        let q = slurm("squeue").args(["-h", "-j", &job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(500),
+            "job {job} still runs: {}",
+            std::fs::read_to_string(bed.path("job.out")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = std::fs::read_to_string(bed.path("job.out")).unwrap_or_default();
+    let rc = std::fs::read_to_string(bed.path("rc")).unwrap_or_default();
+    assert_eq!(rc.trim(), "srun exit 0", "{log}");
+    let res: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {log}"));
+    assert_eq!(
+        res["listed"],
+        serde_json::json!(["judge-8b", "policy", "reward"]),
+        "{res}"
+    );
+    assert_eq!(
+        res["by_name"],
+        serde_json::json!({"policy": "policy", "reward": "reward", "judge": "judge-8b"}),
+        "{res}"
+    );
+    assert_eq!(res["unknown"], "model_not_found");
+    assert!(
+        log.contains("attached `judge`: it serves judge-8b"),
+        "{log}"
+    );
+    let ep = endpoint_status(&bed.path("endpoint.json")).unwrap();
+    assert_eq!(ep["status"], "stopped", "{ep}");
+    assert_eq!(
+        ep["models"]["policy"]["urls"].as_array().map(Vec::len),
+        Some(1),
+        "{ep}"
+    );
+    assert_eq!(ep["models"]["judge"]["status"], "attached", "{ep}");
+    assert_eq!(ep["models"]["reward"]["required"], false, "{ep}");
+    // every request the attached server saw carried its own key, never the job's
+    let seen = std::fs::read_to_string(&auth_log).unwrap();
+    assert!(!seen.is_empty());
+    for l in seen.lines() {
+        assert_eq!(l, "Bearer judge-key-0123456789", "{seen}");
+    }
+    assert_no_leftovers("after the client ended the job");
+    eprintln!(
+        "two real vLLM models + an attached server, sbatch to job gone: {:.1}s",
+        t0.elapsed().as_secs_f64()
     );
 }

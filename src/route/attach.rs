@@ -52,11 +52,12 @@ pub async fn probe(
                 humantime::format_duration(within)
             )
         } else {
-            // reqwest's Display hides the cause (`connection refused`) in its source chain
+            // reqwest's Display hides the cause (`Connection refused`) at the end of its
+            // source chain: say that one
             let mut why = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                why = format!("{why}: {s}");
+                why = s.to_string();
                 src = s.source();
             }
             format!("failed: {why}")
@@ -136,6 +137,43 @@ pub async fn check_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(url: String) -> AttachPlan {
+        AttachPlan {
+            name: "j".into(),
+            url,
+            api_key_file: None,
+            router_url: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_server_that_takes_the_connection_and_never_answers_times_out() {
+        // the kernel completes the handshake; nobody ever reads or answers
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", l.local_addr().unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = rt
+            .block_on(check_all(&[plan(url.clone())], Duration::from_millis(300)))
+            .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(
+            e.starts_with(&format!(
+                "attach `j`: GET {}/models did not answer within 300ms",
+                url
+            )),
+            "{e}"
+        );
+        drop(l);
+        let e = rt
+            .block_on(check_all(&[plan(url.clone())], Duration::from_millis(300)))
+            .unwrap_err();
+        assert!(e.contains("/models failed: Connection refused"), "{e}");
+    }
 
     #[test]
     fn model_lists() {

@@ -2356,6 +2356,93 @@ mod tests {
         assert!(c.stopping());
     }
 
+    /// Two one-node models (`a` required, `b` as `b_extra` says) and, with `attach`, an
+    /// attached endpoint; every engine and the router up.
+    fn two_models(b_extra: &str, attach: bool) -> (Coord, Instant, Vec<Action>) {
+        let yaml = format!(
+            "engine: vllm\nvllm: {{backend: mp}}\nmodels:\n  - {{name: a, model: m, parallel: {{tensor: 1}}, nodes: 1}}\n  - {{name: b, model: m, parallel: {{tensor: 1}}{b_extra}}}\nreplicas: {{max_restarts: 0}}\n{}",
+            if attach { "attach:\n  - {name: j, url: 'http://10.9.9.9:8000/v1'}\n" } else { "" }
+        );
+        let (mut c, infos, t0) = setup(&yaml, 2, &[]);
+        let mut acts = hello_all(&mut c, &infos, t0);
+        if attach {
+            // nothing starts before the attached endpoint answered
+            assert!(sends(&acts).is_empty(), "{acts:?}");
+            let check = acts.iter().find_map(|a| match a {
+                Action::CheckAttach(v) => Some(v.clone()),
+                _ => None,
+            });
+            assert_eq!(check.map(|v| v[0].name.clone()).as_deref(), Some("j"));
+            acts = c.on_attach_checked(Ok(vec![("j".into(), vec!["judge".into()])]), t0);
+        }
+        assert_eq!(
+            sends(&acts),
+            [
+                (0, "engine".into()),
+                (0, "router".into()),
+                (1, "engine".into())
+            ]
+        );
+        let mut all = Vec::new();
+        for (r, k) in [(0, Kind::Engine), (1, Kind::Engine), (0, Kind::Router)] {
+            all.extend(c.on_message(r, ToMaster::Up { name: k, slot: 0 }, t0));
+        }
+        assert!(is_ready(&all), "{all:?}");
+        (c, t0, all)
+    }
+
+    #[test]
+    fn a_model_whose_replicas_are_down_ends_the_job_unless_it_is_not_required() {
+        let s = Duration::from_secs(1);
+        // b is required: its only replica down (no restarts left) ends the job with exit 7
+        let (mut c, t0, _) = two_models(", nodes: 1", false);
+        let acts = c.on_message(1, exited(Kind::Engine), t0 + s);
+        assert!(c.stopping());
+        assert!(sends(&acts).contains(&(0, format!("stop {}", exit::REPLICAS_DOWN))));
+        let why = acts.iter().find_map(|a| match a {
+            Action::Send(_, ToRank::Stop { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        });
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.starts_with("model `b`: 0 of its 1 replica(s) serve")),
+            "{why:?}"
+        );
+        // `required: false`: b is dropped, a goes on serving
+        let (mut c, t0, _) = two_models(", required: false", false);
+        let acts = c.on_message(1, exited(Kind::Engine), t0 + s);
+        assert!(!c.stopping(), "{acts:?}");
+        let dropped = acts.iter().rev().find_map(|a| match a {
+            Action::Replicas(_, d) => Some(d.clone()),
+            _ => None,
+        });
+        assert_eq!(dropped, Some(vec!["b".to_string()]));
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::Warn(w) if w.starts_with("model `b` is dropped"))));
+        // then a's own failure ends it: nothing serves
+        c.on_message(0, exited(Kind::Engine), t0 + 2 * s);
+        assert!(c.stopping());
+    }
+
+    #[test]
+    fn an_attached_endpoint_that_does_not_answer_stops_the_job_before_anything_starts() {
+        let (c, _, _) = two_models(", nodes: 1", true);
+        assert!(!c.stopping());
+        // the same setup, but the check fails: exit 3, and no Start was ever sent
+        let yaml = "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'http://10.9.9.9:8000/v1'}\n";
+        let (mut c, infos, t0) = setup(yaml, 1, &[]);
+        let acts = hello_all(&mut c, &infos, t0);
+        assert!(sends(&acts).is_empty());
+        let why = "attach `j`: GET http://10.9.9.9:8000/v1/models failed: connection refused";
+        let acts = c.on_attach_checked(Err(why.into()), t0);
+        assert!(c.stopping());
+        assert_eq!(
+            sends(&acts),
+            [(0, format!("stop {}", exit::STARTUP_TIMEOUT))]
+        );
+    }
+
     #[test]
     fn a_replica_that_never_comes_up_does_not_hold_the_job_back_once_down() {
         let yaml = replicas_yaml("replicas:\n  max_restarts: 1\ntimeouts:\n  engine_ready: 60s\n");

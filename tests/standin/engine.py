@@ -13,7 +13,9 @@ Accepts the command lines ray-launch builds for `vllm serve ...` and
   `Authorization: Bearer KEY`, and /health stays open, as in vLLM.
 Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES,
 STANDIN_FAIL_REPLICA + STANDIN_REPLICA (the config's `{replica}`): when equal, exit 1 after
-half a second, as an engine whose model does not load (tests of replica restarts).
+half a second, as an engine whose model does not load (tests of replica restarts);
+STANDIN_AUTH_LOG: append the Authorization header of every request there (tests that a key
+goes only where it belongs). Like vLLM, a request for a model it does not serve is a 404.
 """
 import json, os, signal, socket, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,6 +131,10 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def authorized(self):
+        log = os.environ.get("STANDIN_AUTH_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(self.headers.get("Authorization", "-") + "\n")
         if api_key is None or not self.path.startswith("/v1"):
             return True
         if self.headers.get("Authorization", "") == f"Bearer {api_key}":
@@ -148,8 +154,15 @@ class H(BaseHTTPRequestHandler):
 
     def do_POST(self):
         n = int(self.headers.get("Content-Length", 0))
-        self.rfile.read(n)
+        raw = self.rfile.read(n)
         if not self.authorized():
+            return
+        try:
+            asked = json.loads(raw or b"{}").get("model")
+        except ValueError:
+            asked = None
+        if asked is not None and asked != served:
+            self.reply(404, {"error": {"message": f"The model `{asked}` does not exist.", "type": "NotFoundError", "code": 404}})
             return
         self.reply(200, {"choices": [{"text": " stand-in", "index": 0}], "model": served})
 
