@@ -47,6 +47,7 @@ fn cases() -> Vec<Case> {
         c("models no engine", "models:\n  - {name: a, model: m, parallel: {tensor: 1}}\n", "`models[0]` (a): `engine` is missing"),
         c("models owned flag", "engine: vllm\nmodels:\n  - name: a\n    model: m\n    parallel: {tensor: 1}\n    engine_args: [--port=1]\n", "test.yaml:3: `models[0]` (a): `engine_args` contains `--port`"),
         c("attach https", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'https://x:1/v1'}\n", "is not plain http"),
+        c("attach credentials in url", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'http://u:pw@x:1/v1'}\n", "holds a user name or password"),
         c("attach no v1", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'http://x:1/'}\n", "is not an OpenAI base URL"),
         c("attach without router", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nrouter: {enabled: false}\nattach:\n  - {name: j, url: 'http://x:1/v1'}\n", "`router.enabled` is false, but the job serves several models"),
         Case { name: "models do not fit", yaml: Some("engine: vllm\nmodels:\n  - {name: a, model: m, parallel: {tensor: 8}, nodes: 2}\n  - {name: b, model: m, parallel: {tensor: 8}, nodes: 2}\n"), env: &[], args: &["plan", "--nodelist", "n[1-3]", "--gpus-per-node", "8"], want: "the models ask for 4 node(s) (a 2, b 2) but the step has 3" },

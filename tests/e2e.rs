@@ -879,3 +879,86 @@ fn an_attach_url_that_does_not_answer_fails_fast_with_exit_3_and_starts_nothing(
     assert!(!all.contains("Ray head up"), "{all}");
     assert_no_leftovers("after the refused attach");
 }
+
+/// Two models of stand-in engines: `chat` on node1 and node2 (two one-node replicas), `judge`
+/// on node3 with `required: false`, whose engine fails at every start. The judge is dropped
+/// after its restart, the job is ready and serves the chat model by name; a request for the
+/// judge is a 503 that names it, an unknown model a 404; the chat model losing a replica does
+/// not end the job; scancel leaves nothing.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_model_that_is_not_required_is_dropped_and_the_others_serve() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: vllm\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_REPLICA: '{replica}', STANDIN_FAIL_REPLICA: '2'}\nmodels:\n  - {name: chat, model: tiny, parallel: {tensor: 1, nodes_per_replica: 1}, nodes: 2}\n  - {name: judge, model: tiny, parallel: {tensor: 1}, required: false}\nreplicas: {max_restarts: 1, restart_window: 10m}",
+        "",
+    );
+    let (mut child, ep) = serve(&bed, &cfg);
+    let f = endpoint_status(&ep).unwrap();
+    assert_eq!(f["models"]["judge"]["status"], "dropped", "{f}");
+    assert_eq!(f["models"]["chat"]["status"], "ready", "{f}");
+    assert_eq!(f["replicas"][2]["model"], "judge");
+    assert_eq!(f["replicas"][2]["state"], "down");
+    let url = f["url"].as_str().unwrap().to_string();
+    let key = api_key(&f);
+    let ask = |model: &str| {
+        routed_body(
+            &format!("{url}/completions"),
+            &key,
+            Some(&format!(
+                r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#
+            )),
+        )
+    };
+    let (code, replica, body) = ask("chat");
+    assert_eq!(
+        (code, replica.is_some_and(|r| r < 2)),
+        (200, true),
+        "{body}"
+    );
+    assert!(body.contains(r#""model": "chat""#), "{body}");
+    let (code, _, body) = ask("judge");
+    assert_eq!(code, 503, "{body}");
+    // (the router still tries a replica it holds unhealthy when there is no other)
+    assert!(
+        body.contains("no replica of model `judge` is serving")
+            || body.contains("no replica of model `judge` accepted the connection"),
+        "{body}"
+    );
+    let (code, _, body) = ask("llama");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("model_not_found"), "{body}");
+    // the model's own URL
+    let own = f["models"]["chat"]["url"].as_str().unwrap();
+    assert_eq!(ask_at(own, &key), 200);
+    let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
+    assert!(events.contains(r#""event":"model_dropped""#), "{events}");
+    // one of chat's replicas dies: it restarts, the job goes on
+    let pid =
+        pid_on(2, "python").unwrap_or_else(|| panic!("no engine on node2: {:#?}", node_procs()));
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    while replica_states(&ep)[1] != ("ready".to_string(), 1) {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            replica_states(&ep)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all = scancel_all_143(&mut child, "rl-e2e");
+    assert!(
+        all.contains("model `judge` is dropped: all its 1 replica(s) are down"),
+        "{all}"
+    );
+}
+
+fn ask_at(base: &str, key: &str) -> u16 {
+    routed(
+        &format!("{base}/completions"),
+        key,
+        Some(r#"{"model":"whatever","prompt":"hi","max_tokens":1}"#),
+    )
+    .0
+}

@@ -1065,6 +1065,13 @@ fn validate_models(l: &Loaded) -> Result<()> {
                     "the router speaks plain HTTP to what it attaches: give an `http://` URL (an HTTPS service needs a local proxy)".into(),
                 ))
             }
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                return Err(err(
+                    "url",
+                    "holds a user name or password, which would show in logs and the endpoint file".into(),
+                    "remove it from the URL and put the key in `api_key_file` (a 0600 file)".into(),
+                ))
+            }
             Ok(u) if u.host_str().is_none() || u.query().is_some() || !u.path().trim_end_matches('/').ends_with("/v1") => {
                 return Err(err("url", format!("`{}` is not an OpenAI base URL (a host, a path ending in `/v1`, no query)", a.url), fix))
             }
