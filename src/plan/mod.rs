@@ -1618,20 +1618,19 @@ pub fn render_text(p: &Plan, show: &[usize]) -> String {
         }
     } else {
         let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
-    }
-    if several {
-    } else if p.replicas_per_node > 1 {
-        let _ = writeln!(
-            o,
-            "{} node(s), {} replica(s): {} per node, side by side, {} GPU(s) per node",
-            p.nodes, p.replicas, p.replicas_per_node, p.gpus_per_node
-        );
-    } else {
-        let _ = writeln!(
-            o,
-            "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
-            p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
-        );
+        if p.replicas_per_node > 1 {
+            let _ = writeln!(
+                o,
+                "{} node(s), {} replica(s): {} per node, side by side, {} GPU(s) per node",
+                p.nodes, p.replicas, p.replicas_per_node, p.gpus_per_node
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
+                p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
+            );
+        }
     }
     for w in &p.warnings {
         let _ = writeln!(o, "warning: {w}");
