@@ -57,6 +57,8 @@ pub enum Cmd {
     Hostlist(HostlistCmd),
     /// Wait until an endpoint file says ready; print its URL.
     Wait(WaitArgs),
+    /// Where a job is: its state, URL, models and replicas, from its endpoint file.
+    Status(StatusArgs),
     /// Serve one OpenAI endpoint over several replicas (what the master runs when the job has
     /// more than one; the API key comes from RAY_LAUNCH_ROUTER_API_KEY).
     Route(RouteArgs),
@@ -175,6 +177,15 @@ pub struct RouteArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The endpoint file (the config's `endpoint_file`, or RAY_LAUNCH_ENDPOINT).
+    #[arg(env = ev::RAY_LAUNCH_ENDPOINT)]
+    pub endpoint_file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
 pub struct WaitArgs {
     /// The endpoint file (the config's `endpoint_file`, or RAY_LAUNCH_ENDPOINT).
     #[arg(env = ev::RAY_LAUNCH_ENDPOINT)]
@@ -203,6 +214,7 @@ pub fn main() -> i32 {
         Some(Cmd::Check(a)) => cmd_check(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
+        Some(Cmd::Status(a)) => cmd_status(a),
         Some(Cmd::Route(r)) => {
             crate::route::backends(&r.models, &r.replicas, &r.attach, &r.attach_keys)
                 .map_err(|e| {
@@ -363,6 +375,23 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
             };
             println!("{}", hostlist::compress(&hosts)?);
         }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn cmd_status(a: StatusArgs) -> Result<i32> {
+    use crate::endpoint::EndpointFile;
+    let shown = a.endpoint_file.display().to_string();
+    let f = EndpointFile::read(&a.endpoint_file)
+        .map_err(|e| Error::usage(e).hint("give the endpoint file of a job (its `endpoint_file`, by default ray-launch-JOBID/endpoint.json)"))?
+        .ok_or_else(|| {
+            Error::usage(format!("{shown} does not exist (yet)"))
+                .hint("the master writes it as soon as it starts: is the job running (squeue)? `ray-launch wait` waits for it")
+        })?;
+    let now = std::time::SystemTime::now();
+    match a.format {
+        Format::Json => println!("{}", crate::endpoint::status_json(&f, now)),
+        Format::Text => print!("{}", crate::endpoint::status_text(&f, now)),
     }
     Ok(exit::SUCCESS)
 }

@@ -186,6 +186,110 @@ impl EndpointFile {
     }
 }
 
+/// How long the job has served: from `ready_at` to now, or to its last update once over.
+fn uptime(f: &EndpointFile, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let since = humantime::parse_rfc3339_weak(f.ready_at.as_deref()?).ok()?;
+    let until = if f.status.is_final() {
+        humantime::parse_rfc3339_weak(&f.updated_at).ok()?
+    } else {
+        now
+    };
+    until.duration_since(since).ok()
+}
+
+/// A duration to the second (`1h 2m 3s`).
+fn secs(d: std::time::Duration) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// `ray-launch status --format json`: the file, plus `uptime_s`.
+pub fn status_json(f: &EndpointFile, now: std::time::SystemTime) -> String {
+    let mut v = serde_json::to_value(f).expect("the endpoint file serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "uptime_s".into(),
+            uptime(f, now).map_or(serde_json::Value::Null, |d| d.as_secs().into()),
+        );
+    }
+    serde_json::to_string_pretty(&v).expect("JSON serializes")
+}
+
+/// `ray-launch status`: the job's state, URL, models and replicas as a short table.
+pub fn status_text(f: &EndpointFile, now: std::time::SystemTime) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let up = match (uptime(f, now), f.status) {
+        (Some(d), Status::Ready) => format!(", serving for {}", secs(d)),
+        (Some(d), s) if s.is_final() => format!(" after serving for {}", secs(d)),
+        _ => String::new(),
+    };
+    let code = f
+        .exit_code
+        .map(|c| format!(" (exit {c})"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "job {} on {}: {}{code}{up}",
+        f.job_id,
+        f.node,
+        f.status.as_str()
+    );
+    if let Some(r) = &f.reason {
+        let _ = writeln!(o, "reason: {r}");
+    }
+    if let Some(u) = &f.url {
+        let _ = writeln!(o, "url: {u}");
+    }
+    if let Some(k) = &f.api_key_path {
+        let _ = writeln!(o, "api key: {k}");
+    }
+    if f.models.len() > 1 {
+        let _ = writeln!(
+            o,
+            "\n{:<16} {:<10} {:<20} url",
+            "model", "status", "served as"
+        );
+        for (name, m) in &f.models {
+            let _ = writeln!(
+                o,
+                "{:<16} {:<10} {:<20} {}",
+                name,
+                m.status,
+                if m.served_model_name.is_empty() {
+                    "-"
+                } else {
+                    &m.served_model_name
+                },
+                m.url
+            );
+        }
+    }
+    if !f.replicas.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<8} {:<16} {:<12} {:<11} {:<9} url",
+            "replica", "model", "node", "state", "restarts"
+        );
+        for r in &f.replicas {
+            let _ = writeln!(
+                o,
+                "{:<8} {:<16} {:<12} {:<11} {:<9} {}",
+                r.replica,
+                if r.model.is_empty() { "-" } else { &r.model },
+                r.node,
+                r.state.as_str(),
+                r.restarts,
+                r.url
+            );
+            if let (Some(why), false) = (&r.reason, r.state == ReplicaState::Ready) {
+                let _ = writeln!(o, "         last failure: {why}");
+            }
+        }
+    }
+    let _ = writeln!(o, "\nupdated {}", f.updated_at);
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +339,59 @@ mod tests {
         assert_eq!(v["replicas"][0]["state"], "restarting");
         assert_eq!(v["models"]["m"]["status"], "starting");
         assert_eq!(EndpointFile::read(&p).unwrap(), Some(f));
+    }
+
+    #[test]
+    fn status_says_state_uptime_and_each_replica() {
+        let f = EndpointFile {
+            status: Status::Ready,
+            url: Some("http://10.0.0.1:20010/v1".into()),
+            replicas: vec![
+                ReplicaStatus {
+                    replica: 0,
+                    model: "m".into(),
+                    node: "node1".into(),
+                    url: "http://10.0.0.1:20020/v1".into(),
+                    state: ReplicaState::Ready,
+                    restarts: 0,
+                    reason: None,
+                },
+                ReplicaStatus {
+                    replica: 1,
+                    model: "m".into(),
+                    node: "node2".into(),
+                    url: "http://10.0.0.2:20020/v1".into(),
+                    state: ReplicaState::Restarting,
+                    restarts: 2,
+                    reason: Some("engine died".into()),
+                },
+            ],
+            job_id: "7".into(),
+            node: "node1".into(),
+            updated_at: "2026-12-02T05:00:00Z".into(),
+            ready_at: Some("2026-12-02T04:00:00Z".into()),
+            ..Default::default()
+        };
+        let now = humantime::parse_rfc3339("2026-12-02T05:30:05Z").unwrap();
+        let t = status_text(&f, now);
+        assert!(
+            t.starts_with("job 7 on node1: ready, serving for 1h 30m 5s\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\n1        m                node2        restarting  2"),
+            "{t}"
+        );
+        assert!(t.contains("last failure: engine died"), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&status_json(&f, now)).unwrap();
+        assert_eq!(v["uptime_s"], 5405);
+        // once over, the uptime ends at the last update
+        let done = EndpointFile {
+            status: Status::Stopped,
+            exit_code: Some(143),
+            ..f
+        };
+        assert!(status_text(&done, now)
+            .starts_with("job 7 on node1: stopped (exit 143) after serving for 1h\n"));
     }
 }

@@ -49,6 +49,13 @@ pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 // ---- set by ray-launch on the processes it starts
 /// This node's address, for vLLM (and inherited by Ray workers when set on `ray start`).
 pub const VLLM_HOST_IP: &str = "VLLM_HOST_IP";
+/// vLLM's usage report to its authors: off (compute nodes rarely reach the internet, and a
+/// site's users did not agree to it).
+pub const VLLM_NO_USAGE_STATS: &str = "VLLM_NO_USAGE_STATS";
+/// Compile caches, on the node's own disk inside the job's private temp dir.
+pub const VLLM_CACHE_ROOT: &str = "VLLM_CACHE_ROOT";
+pub const TRITON_CACHE_DIR: &str = "TRITON_CACHE_DIR";
+pub const TORCHINDUCTOR_CACHE_DIR: &str = "TORCHINDUCTOR_CACHE_DIR";
 pub const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
 pub const NCCL_SOCKET_IFNAME: &str = "NCCL_SOCKET_IFNAME";
 /// The Ray cluster the engine joins (`IP:GCS_PORT`), so it never starts a private one.

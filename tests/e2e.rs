@@ -947,11 +947,45 @@ fn a_model_that_is_not_required_is_dropped_and_the_others_serve() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // `ray-launch status` on the running job, then on the stopped one
+    let status = |fmt: &str| {
+        let o = Command::new(bin())
+            .args(["status", "--format", fmt])
+            .arg(&ep)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let running = status("text");
+    eprintln!("{running}");
+    assert!(running.contains(": ready, serving for"), "{running}");
+    assert!(
+        running
+            .lines()
+            .any(|l| l.starts_with("judge") && l.contains("dropped")),
+        "{running}"
+    );
+    assert!(
+        running.lines().any(|l| l.starts_with("1 ")
+            && l.contains("chat")
+            && l.contains("node2")
+            && l.contains("ready")),
+        "{running}"
+    );
     let all = scancel_all_143(&mut child, "rl-e2e");
     assert!(
         all.contains("model `judge` is dropped: all its 1 replica(s) are down"),
         "{all}"
     );
+    let stopped = status("text");
+    assert!(
+        stopped.contains(": stopped (exit 143) after serving for"),
+        "{stopped}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&status("json")).unwrap();
+    assert_eq!(v["status"], "stopped");
+    assert!(v["uptime_s"].as_u64().is_some(), "{v}");
 }
 
 fn ask_at(base: &str, key: &str) -> u16 {

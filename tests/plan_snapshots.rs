@@ -32,6 +32,7 @@ fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::err
             cpus: 64,
             object_store_bytes: 64 << 30,
             gpu_ids: vec![],
+            preset_ifname: vec![],
         })
         .collect();
     plan::build(&s, &step, &nodes)
@@ -144,6 +145,7 @@ fn two_jobs_get_different_ports() {
         cpus: 1,
         object_store_bytes: 1 << 30,
         gpu_ids: vec![],
+        preset_ifname: vec![],
     };
     let b = plan::build(&s, &step, &[n]).unwrap().ports;
     assert_ne!(a.channel, b.channel);
@@ -518,4 +520,139 @@ fn a_model_that_does_not_fit_says_what_each_needs() {
         "{}",
         e.msg
     );
+}
+
+/// MoE layouts on 4 x 8 GPUs: vLLM mp with data 4 x tensor 8 over 4 nodes (one replica),
+/// vLLM on Ray with data 2 x tensor 8 over 2 nodes (two replicas), SGLang tensor 16 with
+/// data-parallel attention 4 over 2 nodes (two replicas).
+#[test]
+fn data_and_expert_parallel_layouts_on_four_eight_gpu_nodes() {
+    let mp = plan_for(
+        "engine: vllm\nmodel: /models/DeepSeek-V3\nparallel: {data: 4, tensor: 8, expert: true}\nvllm: {backend: mp}\n",
+        4,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!((mp.replicas, mp.nodes_per_replica), (1, 4));
+    let argv = &mp.ranks[3].commands[0].argv;
+    for (flag, value) in [
+        ("--data-parallel-size", "4"),
+        ("--nnodes", "4"),
+        ("--node-rank", "3"),
+        (
+            "--data-parallel-rpc-port",
+            &mp.ports.data_parallel_rpc.to_string(),
+        ),
+    ] {
+        assert!(
+            argv.windows(2).any(|w| w[0] == flag && w[1] == value),
+            "{flag} {value}: {argv:?}"
+        );
+    }
+    assert!(argv.contains(&"--enable-expert-parallel".to_string()));
+    assert!(argv.contains(&"--headless".to_string()));
+    insta::assert_snapshot!("vllm_mp_data_4_tensor_8_expert", text(&mp));
+
+    let ray = plan_for(
+        "engine: vllm\nmodel: /models/Qwen3-30B-A3B\nparallel: {data: 2, tensor: 8, expert: true}\n",
+        4,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!((ray.replicas, ray.nodes_per_replica), (2, 2));
+    let engine = ray.ranks[2]
+        .command(ray_launch::plan::lifecycle::Kind::Engine)
+        .unwrap();
+    assert!(engine
+        .argv
+        .windows(2)
+        .any(|w| w == ["--data-parallel-backend", "ray"]));
+    assert!(engine
+        .argv
+        .windows(2)
+        .any(|w| w == ["--data-parallel-address", "10.1.0.3"]));
+    insta::assert_snapshot!("vllm_ray_data_2_tensor_8_expert", text(&ray));
+
+    let sg = plan_for(
+        "engine: sglang\nmodel: /models/Qwen3-235B-A22B\nparallel: {tensor: 16, data: 4, expert: true}\n",
+        4,
+        8,
+        &[],
+    )
+    .unwrap();
+    assert_eq!((sg.replicas, sg.nodes_per_replica), (2, 2));
+    let argv = &sg.ranks[1].commands[0].argv;
+    assert!(
+        argv.windows(3)
+            .any(|w| w == ["--dp-size", "4", "--enable-dp-attention"]),
+        "{argv:?}"
+    );
+    assert!(
+        argv.windows(2).any(|w| w == ["--ep-size", "16"]),
+        "{argv:?}"
+    );
+    assert!(
+        !argv.contains(&"--pp-size".to_string()),
+        "only when > 1: {argv:?}"
+    );
+    insta::assert_snapshot!("sglang_tensor_16_data_4_expert", text(&sg));
+
+    // what does not fit says which counts would
+    let e = plan_for(
+        "engine: vllm\nmodel: m\nparallel: {data: 4, tensor: 8}\nvllm: {backend: mp}\n",
+        3,
+        8,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.msg,
+        "one replica needs 4 nodes (data 4 x tensor 8 x pipeline 1 = 32 GPUs at 8 per node) but the step has 3"
+    );
+}
+
+#[test]
+fn site_interface_variables_stay_unless_the_config_names_the_network() {
+    let yaml = "engine: vllm\nmodel: m\nparallel: {tensor: 8}\n";
+    let env_of = |yaml: &str, preset: &[&str]| {
+        let loaded = config::parse("test.yaml", yaml).unwrap();
+        let mut step = Step::preview(vec!["node1".into()], "1".into());
+        step.self_rank = Some(0);
+        let s = settings::resolve(
+            &loaded,
+            &Overrides {
+                gpus_per_node: Some(8),
+                ..Default::default()
+            },
+            &step,
+            vec![],
+            Path::new("/w"),
+        );
+        let nodes = vec![NodeInfo {
+            name: "node1".into(),
+            address: "10.0.0.1".into(),
+            interface: Some("ib0".into()),
+            cpus: 8,
+            object_store_bytes: 1 << 30,
+            gpu_ids: vec![],
+            preset_ifname: preset.iter().map(|p| p.to_string()).collect(),
+        }];
+        plan::build(&s, &step, &nodes).unwrap().ranks[0].commands[0]
+            .env
+            .clone()
+    };
+    // the site exported NCCL_SOCKET_IFNAME=hsn: ray-launch leaves it, sets only Gloo's
+    let env = env_of(yaml, &["NCCL_SOCKET_IFNAME"]);
+    assert!(!env.contains_key("NCCL_SOCKET_IFNAME"), "{env:?}");
+    assert_eq!(env["GLOO_SOCKET_IFNAME"], "ib0");
+    // network.interface says which: both are set
+    let env = env_of(
+        &format!("{yaml}network: {{interface: ib0}}\n"),
+        &["NCCL_SOCKET_IFNAME"],
+    );
+    assert_eq!(env["NCCL_SOCKET_IFNAME"], "ib0");
+    assert_eq!(env["VLLM_NO_USAGE_STATS"], "1");
+    assert_eq!(env["TRITON_CACHE_DIR"], "/tmp/rl-1.0-0/cache/triton");
 }

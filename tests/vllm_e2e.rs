@@ -290,6 +290,8 @@ fn every_example_configs_engine_argv_passes_the_engines_own_parser() {
         "configs/vllm-cpu-tiny.yaml",
         "configs/sglang.yaml",
         "configs/rl-models.yaml",
+        "configs/vllm-moe.yaml",
+        "configs/sglang-moe.yaml",
         "configs/vllm-cpu-models.yaml",
     ] {
         let (ok, out) = check_argv(&plan_json(dir.path(), cfg, &[]));

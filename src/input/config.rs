@@ -151,6 +151,15 @@ pub struct Parallel {
     pub tensor: u32,
     #[serde(default = "one")]
     pub pipeline: u32,
+    /// Data-parallel size of one replica (MoE models: DeepSeek, Qwen-MoE, Mixtral). vLLM:
+    /// `--data-parallel-size`, data × tensor × pipeline GPUs per replica; SGLang: `--dp-size`
+    /// with `--enable-dp-attention`, inside the tensor-parallel GPUs.
+    #[serde(default = "one")]
+    pub data: u32,
+    /// Expert parallelism for MoE layers: vLLM `--enable-expert-parallel`, SGLang
+    /// `--ep-size` = tensor size.
+    #[serde(default)]
+    pub expert: bool,
     /// Nodes one model instance spans. `auto`: tensor × pipeline ÷ GPUs per node, rounded up;
     /// all nodes of the step when there are no GPUs (CPU runs).
     #[serde(default)]
@@ -493,6 +502,29 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// GPUs (engine ranks) one replica runs: data × tensor × pipeline for vLLM; tensor ×
+    /// pipeline for SGLang, whose data-parallel attention runs inside the tensor GPUs.
+    pub fn world(&self) -> usize {
+        let p = &self.parallel;
+        let data = match self.engine {
+            Engine::Vllm => p.data as usize,
+            Engine::Sglang => 1,
+        };
+        data * p.tensor as usize * p.pipeline as usize
+    }
+
+    /// `tensor T x pipeline P` (with `data D x ` in front for vLLM data parallelism): how
+    /// messages name a replica's shape.
+    pub fn shape(&self) -> String {
+        let p = &self.parallel;
+        let tp = format!("tensor {} x pipeline {}", p.tensor, p.pipeline);
+        if self.engine == Engine::Vllm && p.data > 1 {
+            format!("data {} x {tp}", p.data)
+        } else {
+            tp
+        }
+    }
+
     /// What clients put in `model`: `served_model_name`, else the model path.
     pub fn served(&self) -> &str {
         self.served_model_name.as_deref().unwrap_or(&self.model)
@@ -607,6 +639,36 @@ const OWNED_ENGINE_FLAGS: &[(&str, &str)] = &[
     ("--dist-init-addr", "the elected master"),
     ("--headless", "the node's role"),
     ("--served-model-name", "served_model_name"),
+    ("--data-parallel-size", "parallel.data"),
+    ("-dp", "parallel.data"),
+    (
+        "--data-parallel-rank",
+        "parallel.data (ranks follow the node's rank)",
+    ),
+    ("-dpn", "parallel.data (ranks follow the node's rank)"),
+    (
+        "--data-parallel-start-rank",
+        "parallel.data (ranks follow the node's rank)",
+    ),
+    ("-dpr", "parallel.data (ranks follow the node's rank)"),
+    (
+        "--data-parallel-size-local",
+        "parallel.data (split over the replica's nodes)",
+    ),
+    ("-dpl", "parallel.data (split over the replica's nodes)"),
+    ("--data-parallel-address", "the elected master"),
+    ("-dpa", "the elected master"),
+    ("--data-parallel-rpc-port", "the job's port block"),
+    ("-dpp", "the job's port block"),
+    ("--data-parallel-backend", "vllm.backend"),
+    ("-dpb", "vllm.backend"),
+    ("--dp-size", "parallel.data"),
+    ("--dp", "parallel.data"),
+    ("--enable-dp-attention", "parallel.data"),
+    ("--enable-expert-parallel", "parallel.expert"),
+    ("-ep", "parallel.expert"),
+    ("--ep-size", "parallel.expert"),
+    ("--ep", "parallel.expert"),
     ("--model-path", "model"),
     ("--model", "model"),
 ];
@@ -1192,6 +1254,24 @@ fn validate_model(m: &ModelSpec, err: KeyErr) -> Result<()> {
             "use `pipeline: 1` for no pipeline parallelism".into(),
         ));
     }
+    if p.data == 0 {
+        return Err(err(
+            "parallel.data",
+            "must be at least 1".into(),
+            "use `data: 1` for no data parallelism".into(),
+        ));
+    }
+    if m.engine == Engine::Sglang && p.data > 1 && !p.tensor.is_multiple_of(p.data) {
+        return Err(err(
+            "parallel.data",
+            format!("({}) does not divide parallel.tensor ({}): SGLang's data-parallel attention splits the tensor-parallel GPUs", p.data, p.tensor),
+            format!(
+                "use a data size that divides {}, e.g. {}",
+                p.tensor,
+                (1..=p.data).rev().find(|d| p.tensor.is_multiple_of(*d)).unwrap_or(1)
+            ),
+        ));
+    }
     if p.nodes_per_replica == Auto::Value(0) {
         return Err(err(
             "parallel.nodes_per_replica",
@@ -1287,6 +1367,8 @@ impl Config {
                 parallel: self.parallel.clone().unwrap_or(Parallel {
                     tensor: 1,
                     pipeline: 1,
+                    data: 1,
+                    expert: false,
                     nodes_per_replica: Auto::Auto,
                     replicas_per_node: Auto::Auto,
                 }),

@@ -29,6 +29,10 @@ pub struct NodeInfo {
     /// replicas side by side on a node get slices of this list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_ids: Vec<String>,
+    /// Which of `GLOO_SOCKET_IFNAME` and `NCCL_SOCKET_IFNAME` the site already set on this
+    /// node (e.g. `NCCL_SOCKET_IFNAME=hsn`): kept unless `network.*` names an interface.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preset_ifname: Vec<String>,
 }
 
 /// How this rank proves it belongs to the job, and the user's own API key if any.
@@ -202,6 +206,11 @@ fn local_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts) -> NodeI
                     .collect()
             })
             .unwrap_or_default(),
+        preset_ifname: [ev::GLOO_SOCKET_IFNAME, ev::NCCL_SOCKET_IFNAME]
+            .into_iter()
+            .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+            .map(str::to_string)
+            .collect(),
     }
 }
 

@@ -190,14 +190,16 @@ pub struct Ports {
     pub replica_http: u16,
     /// vLLM mp `--master-port` / SGLang `--dist-init-addr` port.
     pub engine_rendezvous: u16,
+    /// vLLM `--data-parallel-rpc-port` (with `parallel.data`; + slot side by side).
+    pub data_parallel_rpc: u16,
     pub min_worker: u16,
     pub max_worker: u16,
 }
 
 impl Ports {
     /// Offsets: 0 channel, 1-9 Ray daemons, 10 engine HTTP (or the router), 11 engine
-    /// rendezvous, 20 the engines behind the router, 12-19 and 21-31 left free for ports
-    /// engines pick near their own, 32-255 Ray worker ports.
+    /// rendezvous, 12 vLLM's data-parallel RPC (12-19 with replicas side by side), 20 the
+    /// engines behind the router (20-27), 28-31 left free, 32-255 Ray worker ports.
     pub fn for_block(base: u16) -> Ports {
         Ports {
             channel: base,
@@ -212,6 +214,7 @@ impl Ports {
             ray_client_server: base + 9,
             engine_http: base + 10,
             engine_rendezvous: base + 11,
+            data_parallel_rpc: base + 12,
             replica_http: base + 20,
             min_worker: base + 32,
             max_worker: base + PORT_BLOCK - 1,
@@ -520,9 +523,11 @@ impl RankPlan {
     }
 }
 
-/// `vllm serve MODEL -tp T -pp P --distributed-executor-backend B`, common to both backends.
-fn vllm_serve(c: &Config, m: &ModelSpec, backend: &str) -> Vec<String> {
-    vec![
+/// `vllm serve MODEL -tp T -pp P --distributed-executor-backend B`, common to both backends,
+/// with `--data-parallel-size D` and `--enable-expert-parallel` when asked for. `rpc`: the
+/// data-parallel RPC port (vLLM's default, 29550, is the same for every job on a node).
+fn vllm_serve(c: &Config, m: &ModelSpec, backend: &str, rpc: u16) -> Vec<String> {
+    let mut v = vec![
         c.vllm.executable.clone(),
         "serve".into(),
         m.model.clone(),
@@ -532,23 +537,48 @@ fn vllm_serve(c: &Config, m: &ModelSpec, backend: &str) -> Vec<String> {
         m.parallel.pipeline.to_string(),
         "--distributed-executor-backend".into(),
         backend.into(),
-    ]
+    ];
+    if m.parallel.data > 1 {
+        v.extend([
+            "--data-parallel-size".into(),
+            m.parallel.data.to_string(),
+            "--data-parallel-rpc-port".into(),
+            rpc.to_string(),
+        ]);
+    }
+    if m.parallel.expert {
+        v.push("--enable-expert-parallel".into());
+    }
+    v
 }
 
-/// `python -m sglang.launch_server --model-path M --tp-size T --pp-size P`, common to every
-/// SGLang command line.
+/// `python -m sglang.launch_server --model-path M --tp-size T [--pp-size P]`, common to every
+/// SGLang command line, with `--dp-size D --enable-dp-attention` and `--ep-size T` when asked.
 fn sglang_launch(c: &Config, m: &ModelSpec) -> Vec<String> {
-    vec![
+    let p = &m.parallel;
+    let mut v = vec![
         c.sglang.python.clone(),
         "-m".into(),
         "sglang.launch_server".into(),
         "--model-path".into(),
         m.model.clone(),
         "--tp-size".into(),
-        m.parallel.tensor.to_string(),
-        "--pp-size".into(),
-        m.parallel.pipeline.to_string(),
-    ]
+        p.tensor.to_string(),
+    ];
+    if p.pipeline > 1 {
+        v.extend(["--pp-size".into(), p.pipeline.to_string()]);
+    }
+    if p.data > 1 {
+        v.extend([
+            "--dp-size".into(),
+            p.data.to_string(),
+            "--enable-dp-attention".into(),
+        ]);
+    }
+    if p.expert {
+        v.extend(["--ep-size".into(), p.tensor.to_string()]);
+    }
+    v
 }
 
 /// The job's API key for the engine that serves HTTP.
@@ -603,7 +633,7 @@ pub const MAX_REPLICAS_PER_NODE: usize = 8;
 /// counts would work.
 fn layout(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<Layout> {
     let c = m;
-    let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
+    let world = m.world();
     let gpus = s.gpus_per_node as usize;
     let spans_one_node = matches!(c.parallel.nodes_per_replica, Auto::Auto | Auto::Value(1));
     let per_node = match c.parallel.replicas_per_node {
@@ -626,12 +656,14 @@ fn layout(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<Layout> {
         }
         if gpus > 0 && per_node * world > gpus {
             return Err(Error::usage(format!(
-                "{per_node} replicas of tensor {} x pipeline {} = {} GPUs per node, but a node has {gpus}",
-                c.parallel.tensor,
-                c.parallel.pipeline,
+                "{per_node} replicas of {} = {} GPUs per node, but a node has {gpus}",
+                m.shape(),
                 per_node * world
             ))
-            .hint(format!("use parallel.replicas_per_node: {} (or auto)", gpus / world.max(1))));
+            .hint(format!(
+                "use parallel.replicas_per_node: {} (or auto)",
+                gpus / world.max(1)
+            )));
         }
         let mut warnings = Vec::new();
         if gpus > per_node * world {
@@ -651,11 +683,10 @@ fn layout(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<Layout> {
     let mut warnings = Vec::new();
     if gpus > 0 && npr * gpus > world {
         warnings.push(format!(
-            "{} of the {} GPUs of each replica stay idle: tensor {} x pipeline {} = {world} over {npr} node(s) of {gpus}",
+            "{} of the {} GPUs of each replica stay idle: {} = {world} over {npr} node(s) of {gpus}",
             npr * gpus - world,
             npr * gpus,
-            c.parallel.tensor,
-            c.parallel.pipeline
+            m.shape()
         ));
     }
     Ok(Layout {
@@ -669,7 +700,7 @@ fn layout(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<Layout> {
 /// Nodes per replica and replica count, or an error that says which node counts would work.
 fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, usize)> {
     let c = m;
-    let world = (c.parallel.tensor as usize) * (c.parallel.pipeline as usize);
+    let world = m.world();
     let gpus = s.gpus_per_node as usize;
     let why;
     let npr = match c.parallel.nodes_per_replica {
@@ -682,10 +713,7 @@ fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, us
             nnodes
         }
         Auto::Auto => {
-            why = format!(
-                "tensor {} x pipeline {} = {world} GPUs at {gpus} per node",
-                c.parallel.tensor, c.parallel.pipeline
-            );
+            why = format!("{} = {world} GPUs at {gpus} per node", m.shape());
             world.div_ceil(gpus)
         }
     };
@@ -694,7 +722,7 @@ fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, us
             "one replica needs {npr} nodes ({why}) but the step has {nnodes}"
         ))
         .hint(format!(
-            "run on {npr} nodes (`srun -N{npr}`), or lower parallel.tensor/pipeline"
+            "run on {npr} nodes (`srun -N{npr}`), or lower parallel.data/tensor/pipeline"
         )));
     }
     if !nnodes.is_multiple_of(npr) {
@@ -710,10 +738,10 @@ fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, us
     let backend_needs_even = c.engine == Engine::Sglang || s.config.vllm.backend == VllmBackend::Mp;
     if backend_needs_even && !world.is_multiple_of(npr) {
         return Err(Error::usage(format!(
-            "tensor {} x pipeline {} = {world} ranks do not split evenly over {npr} nodes per replica",
-            c.parallel.tensor, c.parallel.pipeline
+            "{} = {world} ranks do not split evenly over {npr} nodes per replica",
+            m.shape()
         ))
-        .hint("every node of a replica runs the same number of engine ranks: make tensor x pipeline a multiple of the nodes per replica"));
+        .hint("every node of a replica runs the same number of engine ranks: make their product a multiple of the nodes per replica"));
     }
     if gpus > 0 {
         let per_node = world.div_ceil(npr);
@@ -725,9 +753,8 @@ fn layout_nodes(s: &Settings, m: &ModelSpec, nnodes: usize) -> Result<(usize, us
         }
         if world > npr * gpus {
             return Err(Error::usage(format!(
-                "tensor {} x pipeline {} = {world} GPUs, but a replica of {npr} nodes has {}",
-                c.parallel.tensor,
-                c.parallel.pipeline,
+                "{} = {world} GPUs, but a replica of {npr} nodes has {}",
+                m.shape(),
                 npr * gpus
             ))
             .hint(
@@ -749,7 +776,7 @@ fn endpoints(
     first: usize,
     gpus: usize,
 ) -> Vec<EndpointUrl> {
-    let world = (m.parallel.tensor * m.parallel.pipeline) as usize;
+    let world = m.world();
     let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
     (0..l.replicas)
         .map(|r| {
@@ -895,10 +922,28 @@ fn slot<'a>(j: &Job<'_>, nodes: &'a [NodeInfo], rank: usize, local: usize) -> Re
     let mut base = BTreeMap::new();
     if m.engine == Engine::Vllm {
         base.insert(ev::VLLM_HOST_IP.to_string(), n.address.clone());
+        base.insert(ev::VLLM_NO_USAGE_STATS.to_string(), "1".into());
     }
     if let Some(ifname) = &n.interface {
-        base.insert(ev::GLOO_SOCKET_IFNAME.to_string(), ifname.clone());
-        base.insert(ev::NCCL_SOCKET_IFNAME.to_string(), ifname.clone());
+        // what the site set on the node (`NCCL_SOCKET_IFNAME=hsn`) stays, unless the config
+        // names the network
+        let named = c.network.interface.is_some() || c.network.cidr.is_some();
+        for var in [ev::GLOO_SOCKET_IFNAME, ev::NCCL_SOCKET_IFNAME] {
+            if named || !n.preset_ifname.iter().any(|p| p == var) {
+                base.insert(var.to_string(), ifname.clone());
+            }
+        }
+    }
+    // compile caches on the node's own disk, private to the job: parallel jobs on a shared
+    // $HOME race on ~/.cache/vllm, ~/.triton and the Inductor cache
+    for (var, sub) in [
+        (ev::VLLM_CACHE_ROOT, "vllm"),
+        (ev::TRITON_CACHE_DIR, "triton"),
+        (ev::TORCHINDUCTOR_CACHE_DIR, "inductor"),
+    ] {
+        if var != ev::VLLM_CACHE_ROOT || m.engine == Engine::Vllm {
+            base.insert(var.to_string(), format!("{temp_dir}/cache/{sub}"));
+        }
     }
     let user = m
         .env
@@ -985,7 +1030,16 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
     };
     let mut commands = vec![x.command(j, kind, argv, env.clone(), lifecycle)];
     if rr == 0 {
-        let mut argv = vllm_serve(c, j.m, "ray");
+        let mut argv = vllm_serve(c, j.m, "ray", j.ports.data_parallel_rpc);
+        if j.m.parallel.data > 1 {
+            // vLLM places every data-parallel rank on the replica's Ray cluster from here
+            argv.extend([
+                "--data-parallel-backend".into(),
+                "ray".into(),
+                "--data-parallel-address".into(),
+                x.leader.address.clone(),
+            ]);
+        }
         argv.extend(http_args(c, j.m, j.serve_port));
         argv.extend(j.m.engine_args.iter().cloned());
         let mut env = env;
@@ -1010,7 +1064,7 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
 fn side_by_side_command(j: &Job<'_>, x: &Slot<'_>, local: usize) -> Command {
     let (c, m) = (j.c, j.m);
     let mut argv: Vec<String> = match m.engine {
-        Engine::Vllm => vllm_serve(c, m, "mp"),
+        Engine::Vllm => vllm_serve(c, m, "mp", j.ports.data_parallel_rpc + local as u16),
         Engine::Sglang => sglang_launch(c, m),
     };
     argv.extend(http_args(c, m, j.serve_port + local as u16));
@@ -1038,7 +1092,7 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
     };
     let mut argv: Vec<String> = match m.engine {
         Engine::Vllm => {
-            let mut v = vllm_serve(c, m, "mp");
+            let mut v = vllm_serve(c, m, "mp", ports.data_parallel_rpc);
             v.extend([
                 "--nnodes".into(),
                 npr.to_string(),

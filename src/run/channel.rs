@@ -443,6 +443,7 @@ mod tests {
             cpus: 4,
             object_store_bytes: 1 << 30,
             gpu_ids: vec![],
+            preset_ifname: vec![],
         }
     }
 

@@ -1814,6 +1814,7 @@ mod tests {
                 cpus: 2,
                 object_store_bytes: 1 << 30,
                 gpu_ids: vec![],
+                preset_ifname: vec![],
             })
             .collect();
         let now = Instant::now();

@@ -31,6 +31,7 @@ impl Who {
             cpus: 64,
             object_store_bytes: 1 << 30,
             gpu_ids: vec![],
+            preset_ifname: vec![],
         }
     }
 }
