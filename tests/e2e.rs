@@ -996,3 +996,64 @@ fn ask_at(base: &str, key: &str) -> u16 {
     )
     .0
 }
+
+/// A hung engine (stand-in: from its third completion on, requests hang and no token is
+/// generated while /health answers 200) is a stall once busy for `health.stall_timeout`
+/// without a token: its replica fails with a reason that says so and is restarted, while
+/// the other replicas serve.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_hung_engine_that_still_answers_health_is_caught_by_its_token_counter() {
+    let bed = Bed::new();
+    let cfg = bed.config(
+        "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_REPLICA: '{replica}', STANDIN_STALL_REPLICA: '1', STANDIN_STALL_AFTER: '2'}\nhealth: {interval: 1s, stall_timeout: 3s}",
+        "",
+    );
+    let (mut child, ep) = serve(&bed, &cfg);
+    let f = endpoint_status(&ep).unwrap();
+    let key = api_key(&f);
+    let own = f["urls"][1].as_str().unwrap().to_string();
+    let body = r#"{"model":"tiny","prompt":"hi","max_tokens":1}"#;
+    for _ in 0..2 {
+        assert_eq!(
+            routed(&format!("{own}/completions"), &key, Some(body)).0,
+            200
+        );
+    }
+    // the third hangs (curl gives up after 10 s); /health still answers meanwhile
+    let hung = {
+        let (u, k) = (format!("{own}/completions"), key.clone());
+        std::thread::spawn(move || routed(&u, &k, Some(body)).0)
+    };
+    let t0 = Instant::now();
+    while replica_states(&ep)[1].1 == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no stall seen: {:?}",
+            replica_states(&ep)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t0.elapsed();
+    let reason = endpoint_status(&ep).unwrap()["replicas"][1]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("engine stalled: 1 request(s) running or waiting and no token generated for 3s (health.stall_timeout"),
+        "{reason}"
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "not before the timeout: {took:?}"
+    );
+    assert_eq!(replica_states(&ep)[0], ("ready".to_string(), 0));
+    let _ = hung.join();
+    let all = scancel_all_143(&mut child, "rl-e2e");
+    eprintln!(
+        "stall detected {:.1}s after the hung request",
+        took.as_secs_f64()
+    );
+    assert!(all.contains("engine stalled"), "{all}");
+}

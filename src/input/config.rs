@@ -342,6 +342,9 @@ pub struct Health {
     pub heartbeat_interval: Dur,
     /// Silence after which a rank (or the master) counts as lost.
     pub heartbeat_timeout: Dur,
+    /// While the engine has requests running or waiting (its `/metrics`), its generated-token
+    /// counter must advance within this long; else it counts as stalled (an engine failure).
+    pub stall_timeout: Dur,
 }
 
 impl Default for Health {
@@ -351,6 +354,7 @@ impl Default for Health {
             failures: 3,
             heartbeat_interval: Dur(Duration::from_secs(1)),
             heartbeat_timeout: Dur(Duration::from_secs(4)),
+            stall_timeout: Dur(Duration::from_secs(180)),
         }
     }
 }
@@ -923,6 +927,7 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
         ("health.interval", c.health.interval),
         ("health.heartbeat_interval", c.health.heartbeat_interval),
         ("health.heartbeat_timeout", c.health.heartbeat_timeout),
+        ("health.stall_timeout", c.health.stall_timeout),
     ] {
         if durv.0.is_zero() {
             return Err(l.key_error(

@@ -66,6 +66,7 @@ pub struct Health {
     pub failures: u32,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    pub stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -141,6 +142,7 @@ pub fn resolve(
             failures: c.health.failures,
             heartbeat_interval: c.health.heartbeat_interval.0,
             heartbeat_timeout: c.health.heartbeat_timeout.0,
+            stall_timeout: c.health.stall_timeout.0,
         },
         port_range: loaded.port_range,
         auth: c.security.auth != config::AuthSetting::Off,

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod coordinator;
 pub mod ports;
 pub mod proc;
+pub mod progress;
 pub mod rank;
 pub mod reaper;
 pub mod restarts;

@@ -839,11 +839,21 @@ impl Shell {
             }
             Ready::Http { url } => {
                 let h = &self.settings.health;
-                self.watchers.push((
-                    kind,
-                    slot,
-                    tokio::spawn(health(kind, url.clone(), pid, h.interval, h.failures, tx)),
-                ));
+                let engine = self
+                    .plan
+                    .as_ref()
+                    .map_or(crate::input::config::Engine::Vllm, |p| {
+                        p.model_of_rank(self.me).engine
+                    });
+                let probe = Probe {
+                    url: url.clone(),
+                    every: h.interval,
+                    failures: h.failures,
+                    timeout: probe_timeout(engine),
+                    stall: h.stall_timeout,
+                };
+                self.watchers
+                    .push((kind, slot, tokio::spawn(health(kind, probe, pid, tx))));
             }
             Ready::Spawned => {
                 let _ = tx.send(Event::Up(kind, slot));
@@ -1412,19 +1422,39 @@ async fn watch_daemons(
     });
 }
 
-/// Readiness, then liveness, of the engine's HTTP server. Proxies are ignored: cluster shells
-/// often export http_proxy, and this is a local address.
-async fn health(
-    kind: Kind,
+/// How long one `/health` may take: SGLang's runs a one-token generation and allows itself
+/// 20 s; vLLM's answers at once.
+pub fn probe_timeout(engine: crate::input::config::Engine) -> Duration {
+    match engine {
+        crate::input::config::Engine::Sglang => Duration::from_secs(25),
+        crate::input::config::Engine::Vllm => Duration::from_secs(5),
+    }
+}
+
+/// What the engine's health watcher polls, and how.
+struct Probe {
     url: String,
-    session: i32,
     every: Duration,
     failures: u32,
-    tx: Reports,
-) {
+    timeout: Duration,
+    /// `health.stall_timeout`: busy without a new token this long is a stall.
+    stall: Duration,
+}
+
+/// Readiness, then liveness, of the engine's HTTP server: `/health`, and progress from its
+/// `/metrics` (busy without new tokens is a stall). Proxies are ignored: cluster shells
+/// often export http_proxy, and this is a local address.
+async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
+    let Probe {
+        url,
+        every,
+        failures,
+        timeout,
+        stall,
+    } = p;
     let client = match reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(5))
+        .timeout(timeout)
         .build()
     {
         Ok(c) => c,
@@ -1472,8 +1502,36 @@ async fn health(
     }
     let _ = tx.send(Event::Up(kind, tx.slot));
     let mut bad = 0;
+    let metrics = url.strip_suffix("/health").map(|b| format!("{b}/metrics"));
+    let mut progress = crate::run::progress::Progress::new(stall);
     loop {
         tokio::time::sleep(every).await;
+        if let Some(m) = &metrics {
+            let sample = match client.get(m).send().await {
+                Ok(r) if r.status().is_success() => r
+                    .text()
+                    .await
+                    .ok()
+                    .and_then(|t| crate::run::progress::parse(&t)),
+                _ => None,
+            };
+            if let Some(s) = sample {
+                if let Some(d) = progress.on_sample(s, std::time::Instant::now()) {
+                    let _ = tx.send(Event::Failed {
+                        code: exit::ENGINE_FAILURE,
+                        reason: format!(
+                            "engine stalled: {} request(s) running or waiting and no token generated for {} (health.stall_timeout; {} tokens so far)",
+                            s.busy,
+                            humantime::format_duration(Duration::from_secs(d.as_secs())),
+                            s.tokens
+                        ),
+                        kind: Some(kind),
+                        slot: tx.slot,
+                    });
+                    return;
+                }
+            }
+        }
         match probe(&client).await {
             Ok(()) => bad = 0,
             Err(e) => {

@@ -15,7 +15,11 @@ Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXP
 STANDIN_FAIL_REPLICA + STANDIN_REPLICA (the config's `{replica}`): when equal, exit 1 after
 half a second, as an engine whose model does not load (tests of replica restarts);
 STANDIN_AUTH_LOG: append the Authorization header of every request there (tests that a key
-goes only where it belongs). Like vLLM, a request for a model it does not serve is a 404.
+goes only where it belongs). Like vLLM, a request for a model it does not serve is a 404,
+and /metrics counts requests running and tokens generated (vLLM's names);
+STANDIN_STALL_AFTER=N (with STANDIN_STALL_REPLICA equal to STANDIN_REPLICA, when set): from
+the N+1th completion on, requests hang and no token is generated while /health still answers
+200, as a hung engine does.
 """
 import json, os, signal, socket, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +120,12 @@ if "--headless" in args or (flavour == "sglang" and node_rank > 0):
         time.sleep(1)
 
 served = opt("--served-model-name", model)
+import threading
+stats = {"running": 0, "tokens": 0, "done": 0}
+stats_lock = threading.Lock()
+stall_after = os.environ.get("STANDIN_STALL_AFTER")
+stall_rep = os.environ.get("STANDIN_STALL_REPLICA")
+stalls = stall_after is not None and (stall_rep is None or stall_rep == os.environ.get("STANDIN_REPLICA"))
 api_key = opt("--api-key") or os.environ.get("VLLM_API_KEY")
 
 class H(BaseHTTPRequestHandler):
@@ -147,6 +157,17 @@ class H(BaseHTTPRequestHandler):
             return
         if self.path == "/health":
             self.reply(200, {})
+        elif self.path == "/metrics":
+            with stats_lock:
+                text = (f"vllm:num_requests_running{{model_name=\"{served}\"}} {stats['running']}\n"
+                        f"vllm:num_requests_waiting{{model_name=\"{served}\"}} 0\n"
+                        f"vllm:generation_tokens_total{{model_name=\"{served}\"}} {stats['tokens']}\n")
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif self.path == "/v1/models":
             self.reply(200, {"object": "list", "data": [{"id": served, "object": "model"}]})
         else:
@@ -164,6 +185,15 @@ class H(BaseHTTPRequestHandler):
         if asked is not None and asked != served:
             self.reply(404, {"error": {"message": f"The model `{asked}` does not exist.", "type": "NotFoundError", "code": 404}})
             return
+        with stats_lock:
+            stats["running"] += 1
+            hang = stalls and stats["done"] >= int(stall_after)
+        while hang:
+            time.sleep(1)
+        with stats_lock:
+            stats["running"] -= 1
+            stats["done"] += 1
+            stats["tokens"] += 2
         self.reply(200, {"choices": [{"text": " stand-in", "index": 0}], "model": served})
 
 host, port = opt("--host", "0.0.0.0"), int(opt("--port", "8000"))
