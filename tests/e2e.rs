@@ -1057,3 +1057,83 @@ fn a_hung_engine_that_still_answers_health_is_caught_by_its_token_counter() {
     );
     assert!(all.contains("engine stalled"), "{all}");
 }
+
+/// `on_node_failure: requeue`: kill -9 of node2's launcher (a lost node) ends the step with
+/// exit 4 and, once the teardown is over, the master runs `scontrol requeue JOB` (a stand-in
+/// `scontrol` first on PATH records its argv); kill -9 of the engine (exit 5) does not.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_lost_node_requeues_the_job_and_an_engine_failure_does_not() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "on_node_failure: requeue");
+    let bin_dir = bed.path("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let record = bed.path("scontrol.argv");
+    let fake = bin_dir.join("scontrol");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", record.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (node, comm, code) in [(2, "ray-launch", 4), (1, "python", 5)] {
+        let _ = std::fs::remove_file(&record);
+        let mut c = bed.srun(&[
+            "-J",
+            "rl-requeue",
+            bin().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        c.env("PATH", &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let t0 = Instant::now();
+        let job = loop {
+            let ready = std::fs::read_dir(bed.path(""))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ray-launch-"))
+                .any(|d| {
+                    endpoint_status(&d.path().join("endpoint.json"))
+                        .is_some_and(|v| v["status"] == "ready")
+                });
+            if ready {
+                break job_id("rl-requeue");
+            }
+            assert!(child.try_wait().unwrap().is_none(), "ended before ready");
+            assert!(t0.elapsed() < Duration::from_secs(90), "not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let pid = pid_on(node, comm)
+            .unwrap_or_else(|| panic!("no {comm} on node{node}: {:#?}", node_procs()));
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let out = wait_limited(&mut child, Duration::from_secs(60));
+        let all = text(&out);
+        eprintln!("{all}");
+        assert_eq!(exits(&all).get("node1"), Some(&code), "{all}");
+        let argv = std::fs::read_to_string(&record).unwrap_or_default();
+        if code == 4 {
+            assert_eq!(argv.trim(), format!("requeue {job}"), "{all}");
+            assert!(
+                all.contains(&format!("requeueing job {job} (on_node_failure: requeue)")),
+                "{all}"
+            );
+        } else {
+            assert_eq!(argv, "", "an engine failure must not requeue: {all}");
+        }
+        // each node's own cleanup, then the next round
+        assert_no_leftovers(&format!("after kill -9 of {comm}"));
+        for d in std::fs::read_dir(bed.path("")).unwrap().flatten() {
+            if d.file_name().to_string_lossy().starts_with("ray-launch-") {
+                std::fs::remove_dir_all(d.path()).unwrap();
+            }
+        }
+    }
+}

@@ -359,6 +359,18 @@ impl Default for Health {
     }
 }
 
+/// `on_node_failure`: what the job does when a node fails under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNodeFailure {
+    /// End (exit 4).
+    #[default]
+    Stop,
+    /// End, and put the job back in the queue (`scontrol requeue`): for a lost node or a Ray
+    /// or launcher death on another node, never for config or engine errors.
+    Requeue,
+}
+
 /// `replicas.on_failure`: what a replica's failure does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -606,6 +618,8 @@ pub struct Config {
     pub replicas: Replicas,
     #[serde(default)]
     pub router: Router,
+    #[serde(default)]
+    pub on_node_failure: OnNodeFailure,
     /// Per-node process logs. Placeholders `{job}`; relative paths are from the working directory.
     #[serde(default = "default_log_dir")]
     pub log_dir: String,

@@ -51,6 +51,9 @@ pub enum Action {
     CheckAttach(Vec<plan::AttachPlan>),
     /// Every rank has finished its teardown (or is gone).
     AllStopped,
+    /// Put the job back in Slurm's queue once the teardown is over (`on_node_failure:
+    /// requeue`, a node failed): why.
+    Requeue(String),
 }
 
 /// One replica, as the master tracks it.
@@ -230,6 +233,19 @@ impl Coord {
                     },
                 ));
             }
+        }
+        // a node that failed under the job is the cluster's fault, not the user's: with
+        // `on_node_failure: requeue` the job goes back in the queue (exit 4 only: config,
+        // engine and startup errors would fail again)
+        let requeue = code == exit::PEER_FAILURE
+            && self.settings.config.on_node_failure == crate::input::config::OnNodeFailure::Requeue;
+        if requeue {
+            acts.push(self.event(
+                "requeue",
+                node,
+                serde_json::json!({ "job_id": self.step.job_id, "reason": reason }),
+            ));
+            acts.push(Action::Requeue(reason.clone()));
         }
         acts.push(Action::Endpoint {
             status: if exit::is_failure(code) {
@@ -1313,6 +1329,37 @@ impl Shell {
     }
 }
 
+/// `scontrol requeue JOB` once every node has torn down: Slurm ends what is left of the job
+/// and queues it again (a batch job, requeue allowed on the cluster); what it says is logged.
+async fn requeue_job(step: &Step, why: &str) {
+    if step.kind != crate::input::slurm::StepKind::Srun {
+        tracing::warn!("on_node_failure is requeue, but this is no Slurm job: nothing to requeue");
+        return;
+    }
+    tracing::warn!(
+        "requeueing job {} (on_node_failure: requeue): {why}",
+        step.job_id
+    );
+    let run = tokio::process::Command::new("scontrol")
+        .args(["requeue", &step.job_id])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(o)) if o.status.success() => {
+            tracing::info!("job {} is back in the queue (scontrol requeue)", step.job_id)
+        }
+        Ok(Ok(o)) => tracing::warn!(
+            "scontrol requeue {} failed ({}): {}; submit with `sbatch --requeue` on a cluster that allows it",
+            step.job_id,
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Ok(Err(e)) => tracing::warn!("cannot run scontrol requeue {}: {e}", step.job_id),
+        Err(_) => tracing::warn!("scontrol requeue {} did not answer within 10s", step.job_id),
+    }
+}
+
 /// The API key file the launcher writes next to the endpoint file (`endpoint.json` →
 /// `endpoint.api-key`).
 pub fn api_key_file(endpoint_file: &str) -> PathBuf {
@@ -1521,6 +1568,7 @@ pub async fn serve(
     let mut hb = tokio::time::interval(settings.health.heartbeat_interval);
     let mut ticker = tokio::time::interval(tick);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let mut requeue: Option<String> = None;
     loop {
         // heartbeats out first, then what arrived, then the clock: a queued message counts
         // before a rank's silence is judged
@@ -1616,6 +1664,7 @@ pub async fn serve(
                 Action::Info(s) => tracing::info!("{s}"),
                 Action::Warn(s) => tracing::warn!("{s}"),
                 Action::AllStopped => done = true,
+                Action::Requeue(why) => requeue = Some(why),
             }
         }
         if !coord.in_rendezvous() {
@@ -1663,6 +1712,9 @@ pub async fn serve(
         if let Some(p) = &shell.api_key_path {
             let _ = std::fs::remove_file(p);
         }
+    }
+    if let Some(why) = requeue {
+        requeue_job(&shell.step, &why).await;
     }
     let _ = finished.send(());
 }
@@ -2442,6 +2494,32 @@ mod tests {
             sends(&acts),
             [(0, format!("stop {}", exit::STARTUP_TIMEOUT))]
         );
+    }
+
+    #[test]
+    fn a_lost_node_requeues_with_on_node_failure_requeue_and_nothing_else_does() {
+        let requeues = |acts: &[Action]| {
+            acts.iter()
+                .filter(|a| matches!(a, Action::Requeue(_)))
+                .count()
+        };
+        let yaml = "engine: vllm\nmodel: m\nparallel:\n  tensor: 3\non_node_failure: requeue\n";
+        // node3's launcher is gone: exit 4, and the job goes back in the queue
+        let (mut c, infos, t0) = setup(yaml, 3, &[]);
+        hello_all(&mut c, &infos, t0);
+        let acts = c.on_closed(2, t0 + Duration::from_secs(1));
+        assert!(sends(&acts).contains(&(0, format!("stop {}", exit::PEER_FAILURE))));
+        assert_eq!(requeues(&acts), 1, "{acts:?}");
+        // the engine's own failure is not the cluster's: no requeue
+        let (mut c, infos, t0) = setup(yaml, 3, &[]);
+        hello_all(&mut c, &infos, t0);
+        let acts = c.on_message(0, exited(Kind::Engine), t0 + Duration::from_secs(1));
+        assert!(c.stopping());
+        assert_eq!(requeues(&acts), 0, "{acts:?}");
+        // and without the key a lost node only stops the job
+        let (mut c, infos, t0) = setup(RAY, 3, &[]);
+        hello_all(&mut c, &infos, t0);
+        assert_eq!(requeues(&c.on_closed(2, t0 + Duration::from_secs(1))), 0);
     }
 
     #[test]
