@@ -50,6 +50,7 @@ fn cases() -> Vec<Case> {
         c("data parallel in engine_args", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nengine_args: [-dp, '2']\n", "contains `-dp`, which ray-launch sets from parallel.data"),
         c("expert parallel in engine_args", "engine: sglang\nmodel: m\nparallel: {tensor: 8}\nengine_args: [--ep-size=8]\n", "set parallel.expert instead"),
         c("sglang data not dividing tensor", "engine: sglang\nmodel: m\nparallel: {tensor: 8, data: 3}\n", "`parallel.data` (3) does not divide parallel.tensor (8)"),
+        c("bad advertise", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nserver: {advertise: 'http://x/'}\n", "`server.advertise` `http://x/` is not a host name or address"),
         c("attach credentials in url", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'http://u:pw@x:1/v1'}\n", "holds a user name or password"),
         c("attach no v1", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nattach:\n  - {name: j, url: 'http://x:1/'}\n", "is not an OpenAI base URL"),
         c("attach without router", "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nrouter: {enabled: false}\nattach:\n  - {name: j, url: 'http://x:1/v1'}\n", "`router.enabled` is false, but the job serves several models"),

@@ -656,3 +656,35 @@ fn site_interface_variables_stay_unless_the_config_names_the_network() {
     assert_eq!(env["VLLM_NO_USAGE_STATS"], "1");
     assert_eq!(env["TRITON_CACHE_DIR"], "/tmp/rl-1.0-0/cache/triton");
 }
+
+#[test]
+fn server_advertise_names_the_host_clients_get_and_the_router_keeps_the_address() {
+    let p = plan_for(
+        "engine: vllm\nmodel: m\nparallel: {tensor: 8}\nserver: {advertise: '{node}.ext.cluster'}\n",
+        2,
+        8,
+        &["python", "x.py"],
+    )
+    .unwrap();
+    assert_eq!(p.url(), "http://node1.ext.cluster:30762/v1");
+    assert_eq!(p.endpoints[1].url, "http://node2.ext.cluster:30772/v1");
+    let router = p.ranks[0]
+        .command(ray_launch::plan::lifecycle::Kind::Router)
+        .unwrap();
+    assert!(
+        router
+            .argv
+            .windows(2)
+            .any(|w| w == ["--replica", "http://10.1.0.2:30772"]),
+        "{:?}",
+        router.argv
+    );
+    let client = p.ranks[0]
+        .command(ray_launch::plan::lifecycle::Kind::Client)
+        .unwrap();
+    assert_eq!(
+        client.env["OPENAI_BASE_URL"],
+        "http://node1.ext.cluster:30762/v1"
+    );
+    assert!(client.env["NO_PROXY"].contains("node2.ext.cluster"));
+}

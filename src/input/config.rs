@@ -213,6 +213,10 @@ pub struct Server {
     /// Bring your own API key: a file (mode 0600) holding it, readable on every node. Unset:
     /// the key is derived from the job's key and written to `api_key_path` of the endpoint file.
     pub api_key_file: Option<String>,
+    /// The host clients are given (endpoint file, `OPENAI_BASE_URL`), when the serving
+    /// address is not what login nodes reach: a name or address, `{node}` for the node's
+    /// name (`{node}.ext.cluster`). Unset: the node's address.
+    pub advertise: Option<String>,
 }
 
 impl Default for Server {
@@ -221,6 +225,7 @@ impl Default for Server {
             host: "0.0.0.0".into(),
             port: Auto::Auto,
             api_key_file: None,
+            advertise: None,
         }
     }
 }
@@ -889,6 +894,22 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
                 "secret_env",
                 format!("names `{name}`, which is not in `env`"),
                 "list only names that `env:` sets",
+            ));
+        }
+    }
+    if let Some(a) = &c.server.advertise {
+        let host = a.replace("{node}", "node");
+        let ok = !host.is_empty()
+            && check_placeholders_in(a, &["node"]).is_ok()
+            && (host.parse::<IpAddr>().is_ok()
+                || host
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-.".contains(ch)));
+        if !ok {
+            return Err(l.key_error(
+                "server.advertise",
+                format!("`{a}` is not a host name or address"),
+                "give a name or address clients reach, `{node}` standing for the node's name, e.g. `{node}.ext.cluster`",
             ));
         }
     }

@@ -308,8 +308,11 @@ pub struct EndpointUrl {
     /// The model it serves (its `name`).
     pub model: String,
     pub node: String,
-    /// OpenAI-compatible base URL for clients.
+    /// OpenAI-compatible base URL for clients (with `server.advertise`, its host).
     pub url: String,
+    /// Where the router reaches it: the leader's own address, without `/v1`.
+    #[serde(skip_serializing)]
+    pub internal: String,
     /// What the leader's supervisor polls (on the leader itself).
     pub health_url: String,
     /// Its slice of the node's GPUs (`CUDA_VISIBLE_DEVICES`), when a node runs several.
@@ -800,12 +803,22 @@ fn endpoints(
                 replica: first + r,
                 model: m.name.clone(),
                 node: leader.name.clone(),
-                url: format!("http://{host}:{port}/v1"),
+                url: format!("http://{}:{port}/v1", advertised(c, leader, &host)),
+                internal: format!("http://{host}:{port}"),
                 health_url: format!("http://{probe}:{port}/health"),
                 gpus: (l.per_node > 1 && gpus > 0).then(|| gpu_slice(leader, slot, world)),
             }
         })
         .collect()
+}
+
+/// The host clients are given for a server on `node`: `server.advertise` with `{node}`
+/// filled in (a name or address login nodes reach), else `host`.
+fn advertised(c: &Config, node: &NodeInfo, host: &str) -> String {
+    match &c.server.advertise {
+        Some(a) => a.replace("{node}", &node.name),
+        None => host.to_string(),
+    }
 }
 
 /// The `CUDA_VISIBLE_DEVICES` of replica `slot` on `node`: positions `slot × world ..` of the
@@ -1226,7 +1239,7 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
         "--listen".into(),
         r.listen.clone(),
     ];
-    let base = |e: &EndpointUrl| e.url.trim_end_matches("/v1").to_string();
+    let base = |e: &EndpointUrl| e.internal.clone();
     if w.by_name {
         for m in w.models {
             argv.push("--model".into());
@@ -1420,7 +1433,11 @@ pub fn build_in(
         };
         RouterPlan {
             node: nodes[0].name.clone(),
-            url: format!("http://{host}:{}/v1", ports.engine_http),
+            url: format!(
+                "http://{}:{}/v1",
+                advertised(c, &nodes[0], &host),
+                ports.engine_http
+            ),
             listen: format!("{}:{}", c.server.host, ports.engine_http),
         }
     });
