@@ -318,6 +318,29 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     for w in &plan.warnings {
         println!("warning: {w}");
     }
+    for need in crate::plan::versions::needs(&plan, &g.settings) {
+        let answer = std::process::Command::new(&need.argv[0])
+            .args(&need.argv[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+        match crate::plan::versions::judge(&need, answer.as_deref()) {
+            Ok(line) => println!("{line}"),
+            Err(why) => {
+                return Err(Error::usage(why).hint(format!(
+                    "install a newer {} (or point {} at one)",
+                    need.what,
+                    match need.what {
+                        "Ray" => "ray.executable",
+                        "vLLM" => "vllm.executable",
+                        _ => "sglang.python",
+                    }
+                )))
+            }
+        }
+    }
     if !plan.attached.is_empty() {
         // what the master checks before anything starts, checked now
         let within = g.settings.config.timeouts.attach.0;

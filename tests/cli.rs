@@ -128,3 +128,36 @@ fn hostlist_compress_reads_stdin() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "n1\nn2\nx\n");
 }
+
+#[test]
+fn check_refuses_an_engine_too_old_for_the_config_and_says_which_version_is_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let vllm = dir.path().join("vllm");
+    std::fs::write(&vllm, "#!/bin/sh\necho 0.10.1\n").unwrap();
+    std::fs::set_permissions(&vllm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = dir.path().join("c.yaml");
+    let yaml = |data: u32| {
+        format!(
+            "engine: vllm\nmodel: m\nparallel: {{tensor: 1, data: {data}}}\ngpus_per_node: 0\nvllm: {{backend: mp, executable: {}}}\n",
+            vllm.display()
+        )
+    };
+    std::fs::write(&cfg, yaml(2)).unwrap();
+    let out = rl().args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("vLLM 0.10.1 is too old for this config: its own multi-node backend (--nnodes/--node-rank/--headless) and data parallelism over it needs 0.11.0 or newer"),
+        "{err}"
+    );
+    // without data parallelism nothing needs 0.11: reported, accepted
+    std::fs::write(&cfg, yaml(1)).unwrap();
+    let out = rl().args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(so.contains("vLLM 0.10.1\n"), "{so}");
+}

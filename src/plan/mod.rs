@@ -8,6 +8,7 @@
 //! Fields are only ever added within one schema version.
 
 pub mod lifecycle;
+pub mod versions;
 
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
