@@ -164,6 +164,22 @@ fn real_vllm_serves_across_two_nodes_and_scancel_leaves_nothing() {
         c2.contains("--master-addr 10.77.0.11") && c2.contains("VLLM_HOST_IP=10.77.0.12"),
         "{c2}"
     );
+    // the engine's startup phases, read from its log, are in the event log, in start order
+    let ev = std::fs::read_to_string(bed.path("events.jsonl")).unwrap_or_default();
+    let seen: Vec<String> = ev
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "engine_phase" && v["node"] == "node1")
+        .map(|v| v["phase"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        seen.first().is_some_and(|p| p == "loading weights"),
+        "{seen:?}\n{ev}"
+    );
+    assert!(
+        seen.last().is_some_and(|p| p == "starting the server"),
+        "{seen:?}\n{ev}"
+    );
     let jid = job_id("rl-vllm");
     let t0 = Instant::now();
     assert!(slurm("scancel").arg(&jid).status().unwrap().success());

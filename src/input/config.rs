@@ -313,8 +313,11 @@ pub struct Timeouts {
     pub rendezvous: Dur,
     /// Every Ray worker has joined (or every engine rank has started).
     pub worker_join: Dur,
-    /// The engine answers `/health` with 200.
+    /// The engine answers `/health` with 200; each new startup phase in its log (loading
+    /// weights, compiling, capturing graphs) gives it this long again, up to `engine_ready_max`.
     pub engine_ready: Dur,
+    /// The hard cap on an engine's start, however its phases move.
+    pub engine_ready_max: Dur,
     /// How long each stage of teardown waits after SIGTERM before SIGKILL.
     pub shutdown_grace: Dur,
     /// Slurm's KillWait on this cluster: teardown must finish well inside it.
@@ -329,6 +332,7 @@ impl Default for Timeouts {
             rendezvous: Dur(Duration::from_secs(300)),
             worker_join: Dur(Duration::from_secs(180)),
             engine_ready: Dur(Duration::from_secs(1800)),
+            engine_ready_max: Dur(Duration::from_secs(7200)),
             shutdown_grace: Dur(Duration::from_secs(10)),
             kill_wait: Dur(Duration::from_secs(30)),
             attach: Dur(Duration::from_secs(30)),
@@ -956,6 +960,7 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
         ("timeouts.rendezvous", c.timeouts.rendezvous),
         ("timeouts.worker_join", c.timeouts.worker_join),
         ("timeouts.engine_ready", c.timeouts.engine_ready),
+        ("timeouts.engine_ready_max", c.timeouts.engine_ready_max),
         ("timeouts.shutdown_grace", c.timeouts.shutdown_grace),
         ("timeouts.kill_wait", c.timeouts.kill_wait),
         ("timeouts.attach", c.timeouts.attach),
@@ -982,6 +987,17 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
                 "no Slurm job runs that long: write it like `30s`, `5m` or `2h`",
             ));
         }
+    }
+    if c.timeouts.engine_ready_max.0 < c.timeouts.engine_ready.0 {
+        return Err(l.key_error(
+            "timeouts.engine_ready_max",
+            format!(
+                "({}) is shorter than `timeouts.engine_ready` ({})",
+                humantime::format_duration(c.timeouts.engine_ready_max.0),
+                humantime::format_duration(c.timeouts.engine_ready.0)
+            ),
+            "the cap must be at least the deadline it caps: raise it or lower engine_ready",
+        ));
     }
     if c.health.failures == 0 {
         return Err(l.key_error(

@@ -52,6 +52,7 @@ pub struct Timeouts {
     pub rendezvous: Duration,
     pub worker_join: Duration,
     pub engine_ready: Duration,
+    pub engine_ready_max: Duration,
     pub shutdown_grace: Duration,
     pub kill_wait: Duration,
     /// The longest teardown of one rank: the engine's grace, then Ray's, then a second for
@@ -133,6 +134,7 @@ pub fn resolve(
             rendezvous: c.timeouts.rendezvous.0,
             worker_join: c.timeouts.worker_join.0,
             engine_ready: c.timeouts.engine_ready.0,
+            engine_ready_max: c.timeouts.engine_ready_max.0,
             shutdown_grace: c.timeouts.shutdown_grace.0,
             kill_wait: c.timeouts.kill_wait.0,
             teardown_budget: config::teardown_budget(c),

@@ -127,6 +127,13 @@ pub enum ToMaster {
         #[serde(default, skip_serializing_if = "is_zero")]
         slot: usize,
     },
+    /// A starting command's phase changed (read from its log: `loading weights`, ...).
+    Phase {
+        name: Kind,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        slot: usize,
+        phase: String,
+    },
     /// The replica's processes on this rank are gone (after a `Reset`).
     ResetDone {
         #[serde(default, skip_serializing_if = "is_zero")]

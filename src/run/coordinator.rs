@@ -100,6 +100,10 @@ pub struct Coord {
     up: Vec<BTreeSet<(Kind, usize)>>,
     /// Started, not yet up: (rank, kind, slot, deadline, which deadline).
     pending: Vec<(usize, Kind, usize, Instant, Deadline)>,
+    /// Each starting command's phase from its log, and since when: (rank, kind, slot).
+    phases: BTreeMap<(usize, Kind, usize), (String, Instant)>,
+    /// When each command with a deadline was started (the cap on extending it counts from here).
+    started_at: BTreeMap<(usize, Kind, usize), Instant>,
     /// Replicas whose Ray nodes have all joined (their `replica-joined` commands started).
     joined: Vec<bool>,
     reps: Vec<Rep>,
@@ -156,6 +160,8 @@ impl Coord {
             own_stall: crate::run::stall::OwnStall::new(heartbeat_interval),
             up: vec![BTreeSet::new(); n],
             pending: Vec::new(),
+            phases: BTreeMap::new(),
+            started_at: BTreeMap::new(),
             joined: Vec::new(),
             reps: Vec::new(),
             router_up: false,
@@ -513,6 +519,8 @@ impl Coord {
                 if let Some(d) = c.lifecycle.deadline {
                     let dur = d.duration(&self.settings.timeouts);
                     self.pending.push((r, c.kind, c.slot, now + dur, d));
+                    self.started_at.insert((r, c.kind, c.slot), now);
+                    self.phases.remove(&(r, c.kind, c.slot));
                 }
                 if c.kind == Kind::Engine {
                     engines.push(r);
@@ -592,6 +600,7 @@ impl Coord {
                 self.stop(code, reason, Some(rank))
             }
             ToMaster::ResetDone { slot } => self.on_reset_done(rank, slot, now),
+            ToMaster::Phase { name, slot, phase } => self.on_phase(rank, name, slot, phase, now),
             ToMaster::Stopping { signal } => {
                 let code = signals::exit_code_for(signal);
                 let what = if signal == signals::libc_sig::USR1 {
@@ -608,6 +617,45 @@ impl Coord {
                 acts
             }
         }
+    }
+
+    /// A starting command entered a new phase: say so, and give it `timeouts.engine_ready`
+    /// again from now, never past `timeouts.engine_ready_max` after its start.
+    fn on_phase(
+        &mut self,
+        rank: usize,
+        kind: Kind,
+        slot: usize,
+        phase: String,
+        now: Instant,
+    ) -> Vec<Action> {
+        let key = (rank, kind, slot);
+        if self.phase == Phase::Stopping || !self.started_at.contains_key(&key) {
+            return Vec::new();
+        }
+        // from a peer: bounded, printable
+        let phase: String = phase.chars().filter(|c| !c.is_control()).take(64).collect();
+        self.phases.insert(key, (phase.clone(), now));
+        let t = &self.settings.timeouts;
+        let cap = self.started_at[&key] + t.engine_ready_max;
+        for p in self.pending.iter_mut() {
+            if (p.0, p.1, p.2) == key && p.4 == Deadline::EngineReady {
+                p.3 = p.3.max((now + t.engine_ready).min(cap));
+            }
+        }
+        let rep = self.plan.as_ref().map(|p| p.replica_of(rank, slot));
+        vec![
+            self.event(
+                "engine_phase",
+                Some(rank),
+                serde_json::json!({ "replica": rep, "kind": kind, "phase": phase }),
+            ),
+            Action::Info(format!(
+                "replica {}: {kind} on {}: {phase}",
+                rep.unwrap_or(0),
+                self.node(rank)
+            )),
+        ]
     }
 
     fn on_up(&mut self, rank: usize, kind: Kind, slot: usize, now: Instant) -> Vec<Action> {
@@ -1134,12 +1182,19 @@ impl Coord {
                     .find(|(_, _, _, dl, _)| now >= *dl)
                     .cloned()
                 {
-                    let reason = format!(
+                    let mut reason = format!(
                         "{kind} on {} did not come up within {} ({})",
                         self.node(r),
                         dur(d.duration(&self.settings.timeouts)),
                         d.key()
                     );
+                    if let Some((phase, since)) = self.phases.get(&(r, kind, slot)) {
+                        reason.push_str(&format!(
+                            "; stuck in `{phase}` for {} (each new phase gives it that long again, up to timeouts.engine_ready_max {})",
+                            dur(Duration::from_secs(now.duration_since(*since).as_secs())),
+                            dur(self.settings.timeouts.engine_ready_max)
+                        ));
+                    }
                     if !kind.of_replica() {
                         return self.stop(exit::STARTUP_TIMEOUT, reason, Some(r));
                     }
@@ -2520,6 +2575,58 @@ mod tests {
         let (mut c, infos, t0) = setup(RAY, 3, &[]);
         hello_all(&mut c, &infos, t0);
         assert_eq!(requeues(&c.on_closed(2, t0 + Duration::from_secs(1))), 0);
+    }
+
+    #[test]
+    fn a_moving_phase_extends_the_engine_deadline_up_to_the_cap() {
+        let yaml = "engine: vllm\nmodel: m\nparallel: {tensor: 1}\nvllm: {backend: mp}\ntimeouts: {engine_ready: 10s, engine_ready_max: 25s}\n";
+        let (mut c, infos, t0) = setup(yaml, 1, &[]);
+        let acts = hello_all(&mut c, &infos, t0);
+        assert_eq!(sends(&acts), [(0, "engine".to_string())]);
+        let s = Duration::from_secs(1);
+        let phase = |c: &mut Coord, p: &str, t: Instant| {
+            c.on_message(
+                0,
+                ToMaster::Phase {
+                    name: Kind::Engine,
+                    slot: 0,
+                    phase: p.into(),
+                },
+                t,
+            )
+        };
+        let acts = phase(&mut c, "loading weights", t0 + 8 * s);
+        assert!(acts.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                event: "engine_phase",
+                ..
+            }
+        )));
+        assert!(
+            beat(&mut c, t0 + 12 * s).is_empty() && !c.stopping(),
+            "extended to 18 s"
+        );
+        phase(&mut c, "compiling", t0 + 17 * s);
+        beat(&mut c, t0 + 24 * s);
+        assert!(!c.stopping(), "extended to the cap, 25 s");
+        let acts = beat(&mut c, t0 + 26 * s);
+        assert!(c.stopping());
+        let why = acts.iter().find_map(|a| match a {
+            Action::Send(_, ToRank::Stop { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        });
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains(
+                "did not come up within 10s (timeouts.engine_ready); stuck in `compiling` for 9s"
+            )),
+            "{why:?}"
+        );
+        // without phases the first deadline holds
+        let (mut c, infos, t0) = setup(yaml, 1, &[]);
+        hello_all(&mut c, &infos, t0);
+        beat(&mut c, t0 + 11 * s);
+        assert!(c.stopping());
     }
 
     #[test]

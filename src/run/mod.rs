@@ -10,6 +10,7 @@
 
 pub mod channel;
 pub mod coordinator;
+pub mod phases;
 pub mod ports;
 pub mod proc;
 pub mod progress;

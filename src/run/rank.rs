@@ -72,6 +72,8 @@ pub enum Event {
         kind: Option<Kind>,
         slot: usize,
     },
+    /// While starting, its log says it entered this phase (`loading weights`, ...).
+    Phase(Kind, usize, &'static str),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -440,6 +442,13 @@ impl RankMachine {
                 acts.push(Action::Info(format!("{kind} is up")));
                 acts.push(Action::Send(ToMaster::Up { name: kind, slot }));
             }
+            Input::Local(Event::Phase(kind, slot, phase)) => {
+                acts.push(Action::Send(ToMaster::Phase {
+                    name: kind,
+                    slot,
+                    phase: phase.to_string(),
+                }));
+            }
             Input::Local(Event::Failed {
                 code,
                 reason,
@@ -542,6 +551,7 @@ fn event_kind(ev: &Event) -> Option<Kind> {
         Event::Up(k, _) => Some(*k),
         Event::Exited { kind, .. } => Some(*kind),
         Event::Failed { kind, .. } => *kind,
+        Event::Phase(k, _, _) => Some(*k),
     }
 }
 
@@ -659,7 +669,8 @@ impl Shell {
             self.settings.timeouts.shutdown_grace,
         );
         let rank = &plan.ranks[self.me];
-        if rank.commands.iter().any(|c| c.kind.is_ray()) {
+        // the node's private temp dir: Ray's files, and every engine's compile caches
+        if !rank.commands.is_empty() {
             let dir = PathBuf::from(&rank.temp_dir);
             for p in private::remove_stale_siblings(&dir) {
                 info!(
@@ -852,6 +863,15 @@ impl Shell {
                     timeout: probe_timeout(engine),
                     stall: h.stall_timeout,
                 };
+                if let Some(l) = log.clone() {
+                    let tx = Reports {
+                        tx: self.local_tx.clone(),
+                        slot,
+                        epoch: tx.epoch,
+                    };
+                    self.watchers
+                        .push((kind, slot, tokio::spawn(watch_phases(l, from, kind, tx))));
+                }
                 self.watchers
                     .push((kind, slot, tokio::spawn(health(kind, probe, pid, tx))));
             }
@@ -1361,6 +1381,47 @@ async fn watch_log(path: &Path, needle: &str, from: u64) -> bool {
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A starting engine's phases, from the lines its log gains after `from` (read in pieces,
+/// at most 1 MiB a time): each new one, in start order, is reported; done once it serves.
+async fn watch_phases(path: PathBuf, from: u64, kind: Kind, tx: Reports) {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut offset = from;
+    let mut carry = String::new();
+    let mut last: Option<&'static str> = None;
+    loop {
+        if let Ok(mut f) = tokio::fs::File::open(&path).await {
+            if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = (&mut f).take(1 << 20).read_to_end(&mut buf).await {
+                    offset += n as u64;
+                    carry.push_str(&String::from_utf8_lossy(&buf));
+                }
+            }
+        }
+        // whole lines only (progress bars rewrite theirs with \r)
+        while let Some(i) = carry.find(['\n', '\r']) {
+            let line: String = carry.drain(..=i).collect();
+            if let Some(p) = crate::run::phases::of_line(&line) {
+                let later =
+                    last.is_none_or(|l| crate::run::phases::rank(p) > crate::run::phases::rank(l));
+                if later {
+                    last = Some(p);
+                    if tx.send(Event::Phase(kind, tx.slot, p)).is_err() {
+                        return;
+                    }
+                    if p == "starting the server" {
+                        return;
+                    }
+                }
+            }
+        }
+        if carry.len() > 1 << 16 {
+            carry.clear();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
