@@ -56,6 +56,9 @@ pub const VLLM_NO_USAGE_STATS: &str = "VLLM_NO_USAGE_STATS";
 pub const VLLM_CACHE_ROOT: &str = "VLLM_CACHE_ROOT";
 pub const TRITON_CACHE_DIR: &str = "TRITON_CACHE_DIR";
 pub const TORCHINDUCTOR_CACHE_DIR: &str = "TORCHINDUCTOR_CACHE_DIR";
+/// vLLM's config root, where it reads `ray_non_carry_over_env_vars.json`: the head's engine
+/// gets one of its own in the private temp dir (not the user's ~/.config/vllm).
+pub const VLLM_CONFIG_ROOT: &str = "VLLM_CONFIG_ROOT";
 pub const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
 pub const NCCL_SOCKET_IFNAME: &str = "NCCL_SOCKET_IFNAME";
 /// The Ray cluster the engine joins (`IP:GCS_PORT`), so it never starts a private one.

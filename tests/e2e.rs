@@ -82,6 +82,14 @@ fn ray_mode_reaches_ready_and_client_exit_code_is_the_steps() {
     );
     // the engine ran on the master only, as a driver of the 3-node Ray cluster
     let (argv, env) = bed.argv("node1", "vllm");
+    // what differs between the nodes is kept off vLLM's copy to the Ray workers
+    let nco = bed.record("node1", "vllm")["non_carry_over"].clone();
+    assert!(
+        nco.as_array()
+            .is_some_and(|v| v.iter().any(|x| x == "VLLM_CACHE_ROOT")
+                && v.iter().any(|x| x == "VLLM_HOST_IP")),
+        "{nco}"
+    );
     assert!(
         has(&argv, "--distributed-executor-backend", "ray"),
         "{argv:?}"

@@ -49,6 +49,17 @@ fn vllm_ray_two_nodes() {
     let p = plan_for(RAY, 2, 8, &[]).unwrap();
     assert_eq!(p.master.node, "node1");
     assert_eq!(p.ranks[1].role, plan::Role::RayWorker);
+    // per-node values stay per node on the Ray workers: vLLM's non-carry-over list
+    let engine = p.ranks[0]
+        .command(ray_launch::plan::lifecycle::Kind::Engine)
+        .unwrap();
+    assert!(engine
+        .non_carry_over
+        .contains(&"VLLM_CACHE_ROOT".to_string()));
+    assert!(
+        !engine.non_carry_over.contains(&"HF_HOME".to_string()),
+        "the same on every node"
+    );
     insta::assert_snapshot!(text(&p));
     insta::assert_json_snapshot!(p);
 }

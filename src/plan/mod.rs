@@ -81,6 +81,10 @@ pub struct Command {
     pub lifecycle: Lifecycle,
     /// Which of the node's replicas it belongs to, when a node runs several (else 0).
     pub slot: usize,
+    /// vLLM with Ray: variables whose values differ between the replica's nodes, written to
+    /// `$VLLM_CONFIG_ROOT/ray_non_carry_over_env_vars.json` before the engine starts, so
+    /// vLLM does not copy the head's values to the workers.
+    pub non_carry_over: Vec<String>,
 }
 
 impl Serialize for Command {
@@ -98,6 +102,9 @@ impl Serialize for Command {
         }
         if !self.secret_args.is_empty() {
             m.serialize_entry("secret_args", &self.secret_args)?;
+        }
+        if !self.non_carry_over.is_empty() {
+            m.serialize_entry("non_carry_over", &self.non_carry_over)?;
         }
         m.serialize_entry("lifecycle", &self.lifecycle)?;
         m.end()
@@ -120,6 +127,7 @@ impl Command {
             masked: Default::default(),
             lifecycle,
             slot: 0,
+            non_carry_over: Vec::new(),
         }
     }
 
@@ -1287,6 +1295,46 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
     cmd
 }
 
+/// vLLM's Ray executor copies the driver's environment to every worker: a value that differs
+/// between a replica's nodes (its address, compile cache paths, a `{node}` in `env`, an
+/// interface name) would be the head's everywhere. The head's engine gets those names for
+/// vLLM's non-carry-over list, in a config root of its own.
+fn keep_per_node_values(ranks: &mut [RankPlan], models: &[ModelPlan]) {
+    for m in models
+        .iter()
+        .filter(|m| m.backend == Some(VllmBackend::Ray))
+    {
+        for rep in 0..m.replicas {
+            let first = m.first_node + rep * m.nodes_per_replica;
+            let nodes = first..first + m.nodes_per_replica;
+            let envs: Vec<&BTreeMap<String, String>> = nodes
+                .clone()
+                .filter_map(|r| ranks[r].commands.iter().find(|c| c.kind.is_ray()))
+                .map(|c| &c.env)
+                .collect();
+            let names: std::collections::BTreeSet<&String> =
+                envs.iter().flat_map(|e| e.keys()).collect();
+            let differ: Vec<String> = names
+                .into_iter()
+                .filter(|k| envs.iter().any(|e| e.get(*k) != envs[0].get(*k)))
+                .cloned()
+                .collect();
+            if differ.is_empty() {
+                continue;
+            }
+            let leader = &mut ranks[first];
+            let root = format!("{}/vllm-config", leader.temp_dir);
+            if let Some(engine) = leader.commands.iter_mut().find(|c| c.kind == Kind::Engine) {
+                engine
+                    .env
+                    .entry(ev::VLLM_CONFIG_ROOT.into())
+                    .or_insert(root);
+                engine.non_carry_over = differ;
+            }
+        }
+    }
+}
+
 /// The plan with the step's first candidate port block (a preview, or before the rendezvous).
 pub fn build(s: &Settings, step: &Step, nodes: &[NodeInfo]) -> Result<Plan> {
     build_in(s, step, nodes, step_blocks(step, s.port_range)[0], None)
@@ -1574,6 +1622,7 @@ pub fn build_in(
             });
         }
     }
+    keep_per_node_values(&mut ranks, &models);
     let first = &models[0];
     let mut warnings = Vec::new();
     for (m, l) in models.iter().zip(layouts) {

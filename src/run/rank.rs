@@ -723,6 +723,14 @@ impl Shell {
                 slot,
             }),
         };
+        if !cmd.non_carry_over.is_empty() {
+            write_non_carry_over(cmd, rank.temp_dir.as_str()).map_err(|reason| Event::Failed {
+                code: exit::LAUNCH_FAILURE,
+                reason,
+                kind: Some(kind),
+                slot,
+            })?;
+        }
         let mut env = cmd.env.clone();
         for (k, s) in &cmd.secret_env {
             env.insert(k.clone(), secret(s)?);
@@ -1382,6 +1390,26 @@ async fn watch_log(path: &Path, needle: &str, from: u64) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// vLLM's non-carry-over list for Ray workers, in the engine's own config root when that is
+/// inside the node's private temp dir (a `VLLM_CONFIG_ROOT` of the user's own is left alone).
+fn write_non_carry_over(cmd: &plan::Command, temp_dir: &str) -> Result<(), String> {
+    let Some(root) = cmd.env.get(crate::env_vars::VLLM_CONFIG_ROOT) else {
+        return Ok(());
+    };
+    if !root.starts_with(&format!("{temp_dir}/")) {
+        warn!(
+            "VLLM_CONFIG_ROOT is yours ({root}): the per-node values {} are copied from the head to the Ray workers",
+            cmd.non_carry_over.join(", ")
+        );
+        return Ok(());
+    }
+    let dir = Path::new(root);
+    private::private_dir(dir).map_err(|e| format!("{root}: {e}"))?;
+    let body = serde_json::to_vec(&cmd.non_carry_over).expect("names serialize");
+    private::write_atomic(&dir.join("ray_non_carry_over_env_vars.json"), &body)
+        .map_err(|e| format!("cannot write {root}/ray_non_carry_over_env_vars.json: {e}"))
 }
 
 /// A starting engine's phases, from the lines its log gains after `from` (read in pieces,

@@ -43,8 +43,12 @@ if rec:
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "NCCL_", "GLOO_", "RAY_ADDRESS", "RAY_AUTH", "HF_", "STANDIN_"))}
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = "<set>"  # the record is no place for the key either
+    record = {"argv": sys.argv[1:], "env": env, "pid": os.getpid()}
+    nco = os.path.join(os.environ.get("VLLM_CONFIG_ROOT", "/nonexistent"), "ray_non_carry_over_env_vars.json")
+    if os.path.exists(nco):
+        record["non_carry_over"] = json.load(open(nco))
     with open(os.path.join(rec, f"{node}.{flavour}.json"), "w") as f:
-        json.dump({"argv": sys.argv[1:], "env": env, "pid": os.getpid()}, f)
+        json.dump(record, f)
 
 fail = os.environ.get("STANDIN_FAIL_REPLICA")
 if fail is not None and fail == os.environ.get("STANDIN_REPLICA"):
