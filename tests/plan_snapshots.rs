@@ -33,6 +33,7 @@ fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::err
             object_store_bytes: 64 << 30,
             gpu_ids: vec![],
             preset_ifname: vec![],
+            ray_client: false,
         })
         .collect();
     plan::build(&s, &step, &nodes)
@@ -157,6 +158,7 @@ fn two_jobs_get_different_ports() {
         object_store_bytes: 1 << 30,
         gpu_ids: vec![],
         preset_ifname: vec![],
+        ray_client: false,
     };
     let b = plan::build(&s, &step, &[n]).unwrap().ports;
     assert_ne!(a.channel, b.channel);
@@ -649,6 +651,7 @@ fn site_interface_variables_stay_unless_the_config_names_the_network() {
             object_store_bytes: 1 << 30,
             gpu_ids: vec![],
             preset_ifname: preset.iter().map(|p| p.to_string()).collect(),
+            ray_client: false,
         }];
         plan::build(&s, &step, &nodes).unwrap().ranks[0].commands[0]
             .env
@@ -698,4 +701,63 @@ fn server_advertise_names_the_host_clients_get_and_the_router_keeps_the_address(
         "http://node1.ext.cluster:30762/v1"
     );
     assert!(client.env["NO_PROXY"].contains("node2.ext.cluster"));
+}
+
+#[test]
+fn with_ray_client_installed_the_heads_client_server_is_explicitly_off() {
+    let loaded = config::parse("test.yaml", RAY).unwrap();
+    let mut step = Step::preview(vec!["node1".into(), "node2".into()], "1".into());
+    step.self_rank = Some(0);
+    let s = settings::resolve(
+        &loaded,
+        &Overrides {
+            gpus_per_node: Some(8),
+            ..Default::default()
+        },
+        &step,
+        vec![],
+        Path::new("/w"),
+    );
+    let node = |name: &str, ip: &str| NodeInfo {
+        name: name.into(),
+        address: ip.into(),
+        interface: None,
+        cpus: 8,
+        object_store_bytes: 1 << 30,
+        gpu_ids: vec![],
+        preset_ifname: vec![],
+        ray_client: true,
+    };
+    let p = plan::build(
+        &s,
+        &step,
+        &[node("node1", "10.0.0.1"), node("node2", "10.0.0.2")],
+    )
+    .unwrap();
+    let head = &p.ranks[0].commands[0].argv;
+    assert!(
+        head.contains(&"--ray-client-server-port=0".to_string()),
+        "{head:?}"
+    );
+    // `ray.client_server: true`: on the block's port
+    let loaded =
+        config::parse("test.yaml", &format!("{RAY}ray: {{client_server: true}}\n")).unwrap();
+    let s = settings::resolve(
+        &loaded,
+        &Overrides {
+            gpus_per_node: Some(8),
+            ..Default::default()
+        },
+        &step,
+        vec![],
+        Path::new("/w"),
+    );
+    let p = plan::build(
+        &s,
+        &step,
+        &[node("node1", "10.0.0.1"), node("node2", "10.0.0.2")],
+    )
+    .unwrap();
+    let want = format!("--ray-client-server-port={}", p.ports.ray_client_server);
+    assert!(p.ranks[0].commands[0].argv.contains(&want));
 }

@@ -33,6 +33,10 @@ pub struct NodeInfo {
     /// node (e.g. `NCCL_SOCKET_IFNAME=hsn`): kept unless `network.*` names an interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preset_ifname: Vec<String>,
+    /// Whether `ray[client]` is installed next to this node's `ray` (then `ray start --head`
+    /// binds 10001 for its client server unless told otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ray_client: bool,
 }
 
 /// How this rank proves it belongs to the job, and the user's own API key if any.
@@ -211,6 +215,7 @@ fn local_info(s: &Settings, step: &Step, name: &str, facts: &HostFacts) -> NodeI
             .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
             .map(str::to_string)
             .collect(),
+        ray_client: has_ray_client(&s.config.ray.executable),
     }
 }
 
@@ -282,4 +287,62 @@ pub fn gather(req: Request<'_>) -> Result<Gathered> {
         facts,
         nodes,
     })
+}
+
+/// Whether the Python that runs `ray` has `grpc` (what `ray[client]` adds, and what Ray
+/// checks before it starts a client server): read from the files, nothing is run.
+pub fn has_ray_client(ray: &str) -> bool {
+    let exe = if ray.contains('/') {
+        Some(std::path::PathBuf::from(ray))
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(ray))
+                .find(|c| c.is_file())
+        })
+    };
+    let Some(exe) = exe else { return false };
+    let Ok(text) = std::fs::read(&exe) else {
+        return false;
+    };
+    let first = String::from_utf8_lossy(&text[..text.len().min(512)])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let Some(python) = first
+        .strip_prefix("#!")
+        .map(|p| p.split_whitespace().next().unwrap_or_default().to_string())
+    else {
+        return false;
+    };
+    // PREFIX/bin/python -> PREFIX/lib/python3.X/site-packages/grpc
+    let Some(prefix) = Path::new(&python).parent().and_then(Path::parent) else {
+        return false;
+    };
+    std::fs::read_dir(prefix.join("lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| d.path().join("site-packages/grpc/__init__.py").is_file())
+}
+
+#[cfg(test)]
+mod ray_client_tests {
+    use super::*;
+
+    #[test]
+    fn ray_client_is_found_next_to_the_python_that_runs_ray() {
+        let d = tempfile::tempdir().unwrap();
+        let bin = d.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let ray = bin.join("ray");
+        std::fs::write(&ray, format!("#!{}/python\nimport ray\n", bin.display())).unwrap();
+        assert!(!has_ray_client(ray.to_str().unwrap()), "no grpc yet");
+        let grpc = d.path().join("lib/python3.11/site-packages/grpc");
+        std::fs::create_dir_all(&grpc).unwrap();
+        std::fs::write(grpc.join("__init__.py"), "").unwrap();
+        assert!(has_ray_client(ray.to_str().unwrap()));
+        assert!(!has_ray_client("/nonexistent/ray"));
+    }
 }

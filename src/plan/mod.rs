@@ -1038,6 +1038,10 @@ fn ray_commands(j: &Job<'_>, x: &Slot<'_>) -> (Role, Vec<Command>) {
                 "--ray-client-server-port={}",
                 ports.ray_client_server
             ));
+        } else if n.ray_client {
+            // with ray[client] installed Ray binds 10001, the same for every job on the node:
+            // 0 turns its client server off
+            argv.push("--ray-client-server-port=0".into());
         }
         argv.push(format!("--include-dashboard={}", c.ray.dashboard));
         if c.ray.dashboard {

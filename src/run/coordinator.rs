@@ -1922,6 +1922,7 @@ mod tests {
                 object_store_bytes: 1 << 30,
                 gpu_ids: vec![],
                 preset_ifname: vec![],
+                ray_client: false,
             })
             .collect();
         let now = Instant::now();

@@ -32,6 +32,7 @@ impl Who {
             object_store_bytes: 1 << 30,
             gpu_ids: vec![],
             preset_ifname: vec![],
+            ray_client: false,
         }
     }
 }
