@@ -72,6 +72,9 @@ pub struct ReplicaStatus {
     pub restarts: u32,
     /// Why it last failed.
     pub reason: Option<String>,
+    /// While it starts: its engine's phase (`loading weights`, ...), from the engine's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// A model's state: `starting`, `ready` (a replica serves), `down` (none does),
@@ -271,13 +274,17 @@ pub fn status_text(f: &EndpointFile, now: std::time::SystemTime) -> String {
             "replica", "model", "node", "state", "restarts"
         );
         for r in &f.replicas {
+            let state = match (&r.phase, r.state) {
+                (Some(p), ReplicaState::Starting) => format!("starting ({p})"),
+                _ => r.state.as_str().to_string(),
+            };
             let _ = writeln!(
                 o,
                 "{:<8} {:<16} {:<12} {:<11} {:<9} {}",
                 r.replica,
                 if r.model.is_empty() { "-" } else { &r.model },
                 r.node,
-                r.state.as_str(),
+                state,
                 r.restarts,
                 r.url
             );
@@ -308,6 +315,7 @@ mod tests {
                 state: ReplicaState::Restarting,
                 restarts: 1,
                 reason: Some("engine died".into()),
+                phase: None,
             }],
             models: [(
                 "m".to_string(),
@@ -355,6 +363,7 @@ mod tests {
                     state: ReplicaState::Ready,
                     restarts: 0,
                     reason: None,
+                    phase: None,
                 },
                 ReplicaStatus {
                     replica: 1,
@@ -364,6 +373,7 @@ mod tests {
                     state: ReplicaState::Restarting,
                     restarts: 2,
                     reason: Some("engine died".into()),
+                    phase: None,
                 },
             ],
             job_id: "7".into(),

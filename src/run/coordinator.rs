@@ -655,6 +655,7 @@ impl Coord {
                 rep.unwrap_or(0),
                 self.node(rank)
             )),
+            self.replicas_action(),
         ]
     }
 
@@ -846,6 +847,14 @@ impl Coord {
                     state: r.state,
                     restarts: r.restarts,
                     reason: r.reason.clone(),
+                    phase: (r.state == ReplicaState::Starting)
+                        .then(|| {
+                            let leader = plan.replica_ranks(i).start;
+                            self.phases
+                                .get(&(leader, Kind::Engine, plan.slot_of(i)))
+                                .map(|(p, _)| p.clone())
+                        })
+                        .flatten(),
                 })
                 .collect(),
             self.dropped.clone(),
