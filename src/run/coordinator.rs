@@ -2613,6 +2613,12 @@ mod tests {
                 ..
             }
         )));
+        // the endpoint file (and `ray-launch status`) shows it
+        let shown = acts.iter().find_map(|a| match a {
+            Action::Replicas(v, _) => v[0].phase.clone(),
+            _ => None,
+        });
+        assert_eq!(shown.as_deref(), Some("loading weights"));
         assert!(
             beat(&mut c, t0 + 12 * s).is_empty() && !c.stopping(),
             "extended to 18 s"
