@@ -165,6 +165,9 @@ pub struct RouteArgs {
     /// How often each replica's `/health` is polled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
+    /// How long one poll may take (SGLang's `/health` generates a token: up to 20 s).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
     /// Failed polls in a row before a replica leaves (a refused connection: at once).
     #[arg(long, default_value_t = 3)]
     pub health_failures: u32,
@@ -226,6 +229,7 @@ pub fn main() -> i32 {
                         backends,
                         models,
                         health_interval: r.health_interval,
+                        health_timeout: r.health_timeout,
                         health_failures: r.health_failures,
                         max_body: r.max_body,
                         request_timeout: r.request_timeout,

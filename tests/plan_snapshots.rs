@@ -7,6 +7,17 @@ use ray_launch::plan::{self, NodeInfo, Plan};
 use std::path::Path;
 
 fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::error::Result<Plan> {
+    plan_with(yaml, n, gpus, client, |_| {})
+}
+
+/// [`plan_for`] with each node's facts changed by `node` (what a node reports of itself).
+fn plan_with(
+    yaml: &str,
+    n: usize,
+    gpus: u32,
+    client: &[&str],
+    node: impl Fn(&mut NodeInfo),
+) -> ray_launch::error::Result<Plan> {
     let loaded = config::parse("test.yaml", yaml)?;
     let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
     let mut step = Step::preview(names.clone(), "4242".into());
@@ -25,15 +36,19 @@ fn plan_for(yaml: &str, n: usize, gpus: u32, client: &[&str]) -> ray_launch::err
     let nodes: Vec<NodeInfo> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| NodeInfo {
-            name: name.clone(),
-            address: format!("10.1.0.{}", i + 1),
-            interface: Some("ib0".into()),
-            cpus: 64,
-            object_store_bytes: 64 << 30,
-            gpu_ids: vec![],
-            preset_ifname: vec![],
-            ray_client: false,
+        .map(|(i, name)| {
+            let mut info = NodeInfo {
+                name: name.clone(),
+                address: format!("10.1.0.{}", i + 1),
+                interface: Some("ib0".into()),
+                cpus: 64,
+                object_store_bytes: 64 << 30,
+                gpu_ids: vec![],
+                preset_ifname: vec![],
+                ray_client: false,
+            };
+            node(&mut info);
+            info
         })
         .collect();
     plan::build(&s, &step, &nodes)
@@ -630,32 +645,11 @@ fn data_and_expert_parallel_layouts_on_four_eight_gpu_nodes() {
 fn site_interface_variables_stay_unless_the_config_names_the_network() {
     let yaml = "engine: vllm\nmodel: m\nparallel: {tensor: 8}\n";
     let env_of = |yaml: &str, preset: &[&str]| {
-        let loaded = config::parse("test.yaml", yaml).unwrap();
-        let mut step = Step::preview(vec!["node1".into()], "1".into());
-        step.self_rank = Some(0);
-        let s = settings::resolve(
-            &loaded,
-            &Overrides {
-                gpus_per_node: Some(8),
-                ..Default::default()
-            },
-            &step,
-            vec![],
-            Path::new("/w"),
-        );
-        let nodes = vec![NodeInfo {
-            name: "node1".into(),
-            address: "10.0.0.1".into(),
-            interface: Some("ib0".into()),
-            cpus: 8,
-            object_store_bytes: 1 << 30,
-            gpu_ids: vec![],
-            preset_ifname: preset.iter().map(|p| p.to_string()).collect(),
-            ray_client: false,
-        }];
-        plan::build(&s, &step, &nodes).unwrap().ranks[0].commands[0]
-            .env
-            .clone()
+        let p = plan_with(yaml, 1, 8, &[], |n| {
+            n.preset_ifname = preset.iter().map(|p| p.to_string()).collect()
+        })
+        .unwrap();
+        p.ranks[0].commands[0].env.clone()
     };
     // the site exported NCCL_SOCKET_IFNAME=hsn: ray-launch leaves it, sets only Gloo's
     let env = env_of(yaml, &["NCCL_SOCKET_IFNAME"]);
@@ -668,7 +662,7 @@ fn site_interface_variables_stay_unless_the_config_names_the_network() {
     );
     assert_eq!(env["NCCL_SOCKET_IFNAME"], "ib0");
     assert_eq!(env["VLLM_NO_USAGE_STATS"], "1");
-    assert_eq!(env["TRITON_CACHE_DIR"], "/tmp/rl-1.0-0/cache/triton");
+    assert_eq!(env["TRITON_CACHE_DIR"], "/tmp/rl-4242.0-0/cache/triton");
 }
 
 #[test]
@@ -705,59 +699,15 @@ fn server_advertise_names_the_host_clients_get_and_the_router_keeps_the_address(
 
 #[test]
 fn with_ray_client_installed_the_heads_client_server_is_explicitly_off() {
-    let loaded = config::parse("test.yaml", RAY).unwrap();
-    let mut step = Step::preview(vec!["node1".into(), "node2".into()], "1".into());
-    step.self_rank = Some(0);
-    let s = settings::resolve(
-        &loaded,
-        &Overrides {
-            gpus_per_node: Some(8),
-            ..Default::default()
-        },
-        &step,
-        vec![],
-        Path::new("/w"),
-    );
-    let node = |name: &str, ip: &str| NodeInfo {
-        name: name.into(),
-        address: ip.into(),
-        interface: None,
-        cpus: 8,
-        object_store_bytes: 1 << 30,
-        gpu_ids: vec![],
-        preset_ifname: vec![],
-        ray_client: true,
-    };
-    let p = plan::build(
-        &s,
-        &step,
-        &[node("node1", "10.0.0.1"), node("node2", "10.0.0.2")],
-    )
-    .unwrap();
+    let p = plan_with(RAY, 2, 8, &[], |n| n.ray_client = true).unwrap();
     let head = &p.ranks[0].commands[0].argv;
     assert!(
         head.contains(&"--ray-client-server-port=0".to_string()),
         "{head:?}"
     );
     // `ray.client_server: true`: on the block's port
-    let loaded =
-        config::parse("test.yaml", &format!("{RAY}ray: {{client_server: true}}\n")).unwrap();
-    let s = settings::resolve(
-        &loaded,
-        &Overrides {
-            gpus_per_node: Some(8),
-            ..Default::default()
-        },
-        &step,
-        vec![],
-        Path::new("/w"),
-    );
-    let p = plan::build(
-        &s,
-        &step,
-        &[node("node1", "10.0.0.1"), node("node2", "10.0.0.2")],
-    )
-    .unwrap();
+    let yaml = format!("{RAY}ray: {{client_server: true}}\n");
+    let p = plan_with(&yaml, 2, 8, &[], |n| n.ray_client = true).unwrap();
     let want = format!("--ray-client-server-port={}", p.ports.ray_client_server);
     assert!(p.ranks[0].commands[0].argv.contains(&want));
 }

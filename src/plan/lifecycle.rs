@@ -6,6 +6,15 @@
 use crate::exit;
 use serde::{Deserialize, Serialize};
 
+/// How long one `/health` of an engine may take: SGLang's runs a one-token generation and
+/// allows itself 20 s; vLLM's answers at once.
+pub fn probe_timeout(engine: crate::input::config::Engine) -> std::time::Duration {
+    match engine {
+        crate::input::config::Engine::Sglang => std::time::Duration::from_secs(25),
+        crate::input::config::Engine::Vllm => std::time::Duration::from_secs(5),
+    }
+}
+
 /// What Ray prints once `ray start` has brought the node up.
 pub const RAY_STARTED: &str = "Ray runtime started";
 

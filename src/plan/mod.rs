@@ -1286,6 +1286,15 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
             .to_string(),
         "--health-failures".into(),
         s.health.failures.to_string(),
+        "--health-timeout".into(),
+        humantime::format_duration(
+            w.models
+                .iter()
+                .map(|m| lifecycle::probe_timeout(m.engine))
+                .max()
+                .unwrap_or(std::time::Duration::from_secs(5)),
+        )
+        .to_string(),
         "--max-body".into(),
         max_body.to_string(),
         "--request-timeout".into(),

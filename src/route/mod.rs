@@ -61,6 +61,8 @@ pub struct Options {
     /// (name, served name) of each model when requests go by model name; empty: one model.
     pub models: Models,
     pub health_interval: Duration,
+    /// How long one poll may take (at least the interval).
+    pub health_timeout: Duration,
     pub health_failures: u32,
     pub max_body: usize,
     pub request_timeout: Duration,
@@ -686,10 +688,10 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     }
 }
 
-async fn poll(st: Arc<Shared>, i: usize, interval: Duration) {
+async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) {
     let r = &st.replicas[i];
     let url = format!("{}/health", r.base);
-    let timeout = policy::poll_timeout(interval);
+    let timeout = policy::poll_timeout(interval).max(timeout);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -819,7 +821,7 @@ pub async fn serve(o: Options) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", o.listen))?;
     for i in 0..shared.replicas.len() {
-        tokio::spawn(poll(shared.clone(), i, o.health_interval));
+        tokio::spawn(poll(shared.clone(), i, o.health_interval, o.health_timeout));
     }
     log(&format!(
         "{LISTENING} http://{} over {} replica(s): {}",

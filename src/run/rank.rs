@@ -868,7 +868,7 @@ impl Shell {
                     url: url.clone(),
                     every: h.interval,
                     failures: h.failures,
-                    timeout: probe_timeout(engine),
+                    timeout: crate::plan::lifecycle::probe_timeout(engine),
                     stall: h.stall_timeout,
                 };
                 if let Some(l) = log.clone() {
@@ -1509,15 +1509,6 @@ async fn watch_daemons(
         log: Some(log.display().to_string()),
         tail: proc::log_tail(log, 5),
     });
-}
-
-/// How long one `/health` may take: SGLang's runs a one-token generation and allows itself
-/// 20 s; vLLM's answers at once.
-pub fn probe_timeout(engine: crate::input::config::Engine) -> Duration {
-    match engine {
-        crate::input::config::Engine::Sglang => Duration::from_secs(25),
-        crate::input::config::Engine::Vllm => Duration::from_secs(5),
-    }
 }
 
 /// What the engine's health watcher polls, and how.
