@@ -286,9 +286,14 @@ fn plan_json(dir: &Path, config: &str, extra: &[&str]) -> PathBuf {
 }
 
 fn check_argv(plan: &Path) -> (bool, String) {
+    check_argvs(&[plan.to_path_buf()])
+}
+
+/// Every plan through the parsers in one Python process (vLLM's import alone takes seconds).
+fn check_argvs(plans: &[PathBuf]) -> (bool, String) {
     let o = Command::new(vllm_python())
         .arg(root().join("tests/engine_argv.py"))
-        .arg(plan)
+        .args(plans)
         .env("PYTHONPATH", root().join(".cache/sglang-parser/site"))
         .output()
         .unwrap();
@@ -299,22 +304,31 @@ fn check_argv(plan: &Path) -> (bool, String) {
 #[ignore = "needs .venv-vllm: scripts/test.sh"]
 fn every_example_configs_engine_argv_passes_the_engines_own_parser() {
     let dir = tempfile::tempdir().unwrap();
-    for cfg in [
+    let configs = [
         "configs/vllm-ray.yaml",
         "configs/vllm-mp.yaml",
         "configs/vllm-replicas.yaml",
         "configs/vllm-cpu-tiny.yaml",
         "configs/sglang.yaml",
         "configs/rl-models.yaml",
+        "configs/vllm-cpu-models.yaml",
         "configs/vllm-moe.yaml",
         "configs/sglang-moe.yaml",
-        "configs/vllm-cpu-models.yaml",
-    ] {
-        let (ok, out) = check_argv(&plan_json(dir.path(), cfg, &[]));
-        assert!(ok, "{cfg}: {out}");
-        assert!(out.contains("accepted"), "{out}");
+    ];
+    let plans: Vec<PathBuf> = configs
+        .iter()
+        .map(|cfg| plan_json(dir.path(), cfg, &[]))
+        .collect();
+    let (ok, out) = check_argvs(&plans);
+    assert!(ok, "{out}");
+    for (cfg, plan) in configs.iter().zip(&plans) {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{}: ", plan.display())))
+            .unwrap_or_else(|| panic!("{cfg} not checked: {out}"));
+        assert!(line.contains("accepted"), "{cfg}: {line}");
         if cfg.contains("rl-models") {
-            assert!(out.contains("by the sglang and vllm parser"), "{out}");
+            assert!(line.contains("by the sglang and vllm parser"), "{line}");
         }
     }
 }
