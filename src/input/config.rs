@@ -1205,7 +1205,7 @@ fn validate_models(l: &Loaded) -> Result<()> {
             }
         }
     }
-    if (c.models.len() > 1 || !c.attach.is_empty()) && c.router.enabled == Some(false) {
+    if c.serves_several() && c.router.enabled == Some(false) {
         return Err(l.key_error(
             "router.enabled",
             "is false, but the job serves several models (or attaches endpoints)",
@@ -1458,9 +1458,15 @@ impl Config {
             .collect()
     }
 
-    /// Whether the job has one URL over several models or attached endpoints.
+    /// Whether the job has one URL over several models or attached endpoints (it needs
+    /// the router).
     pub fn serves_several(&self) -> bool {
         self.models.len() > 1 || !self.attach.is_empty()
+    }
+
+    /// Whether requests are routed by model name: a `models:` list or `attach:` entries.
+    pub fn routes_by_name(&self) -> bool {
+        !self.models.is_empty() || !self.attach.is_empty()
     }
 }
 

@@ -102,21 +102,19 @@ pub fn security(s: &Settings, step: &Step) -> Result<Security> {
     let user_api_key = match &c.server.api_key_file {
         None => None,
         Some(f) => {
-            let p = Path::new(f);
-            let key = auth::read_secret_file(p).map_err(|e| {
-                Error::usage(format!("server.api_key_file: {e}"))
-                    .hint("keep the key in a 0600 file of yours that every node can read")
-            })?;
-            let key = String::from_utf8(key).map_err(|_| {
-                Error::usage(format!("server.api_key_file: {f} is not text"))
-                    .hint("the key must be printable text")
-            })?;
-            if key.contains(|c: char| c.is_control() || c.is_whitespace()) {
-                return Err(Error::usage(format!(
-                    "server.api_key_file: {f} holds more than one word"
-                ))
-                .hint("put only the key in the file"));
-            }
+            // the same rules as an attached server's key, and as long as a secret
+            let key = auth::read_key_file(Path::new(f))
+                .and_then(|k| {
+                    if k.len() < 16 {
+                        Err(format!("{f} holds {} bytes; a secret needs at least 16", k.len()))
+                    } else {
+                        Ok(k)
+                    }
+                })
+                .map_err(|e| {
+                    Error::usage(format!("server.api_key_file: {e}"))
+                        .hint("keep only the key, printable and 16 characters or more, in a 0600 file of yours that every node can read")
+                })?;
             Some(key)
         }
     };

@@ -1454,7 +1454,7 @@ pub fn build_in(
         ports.engine_http = p;
     }
     // with `models:` or `attach:`, requests go by model name
-    let by_name = specs.iter().any(|m| m.named) || !c.attach.is_empty();
+    let by_name = c.routes_by_name();
     let routed = c.router.enabled.unwrap_or(replicas > 1 || by_name);
     let mut min_healthy = Vec::new();
     for (m, l) in specs.iter().zip(&layouts) {
