@@ -13,7 +13,7 @@ use ray_launch::input::config;
 use ray_launch::input::settings::{self, Overrides};
 use ray_launch::input::slurm::Step;
 use ray_launch::run::channel::{ToMaster, ToRank};
-use ray_launch::run::coordinator;
+use ray_launch::run::master as coordinator;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};

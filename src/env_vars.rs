@@ -18,6 +18,10 @@ pub const RAY_LAUNCH_SECRET: &str = "RAY_LAUNCH_SECRET";
 /// A 0600 file holding that secret (default `~/.config/ray-launch/secret`).
 pub const RAY_LAUNCH_SECRET_FILE: &str = "RAY_LAUNCH_SECRET_FILE";
 
+/// The job's API key, for the router (`ray-launch route`): a masked secret of its
+/// environment, never in argv.
+pub const RAY_LAUNCH_ROUTER_API_KEY: &str = "RAY_LAUNCH_ROUTER_API_KEY";
+
 // ---- set by ray-launch for the client command
 /// The endpoint file's path, for the client (and for `ray-launch wait`).
 pub const RAY_LAUNCH_ENDPOINT: &str = "RAY_LAUNCH_ENDPOINT";

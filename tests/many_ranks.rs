@@ -14,7 +14,7 @@ use ray_launch::input::settings::{self, Overrides};
 use ray_launch::input::slurm::Step;
 use ray_launch::plan::lifecycle::Kind;
 use ray_launch::run::channel::{ToMaster, ToRank};
-use ray_launch::run::coordinator;
+use ray_launch::run::master as coordinator;
 use std::time::{Duration, Instant};
 
 const N: usize = 1000;

@@ -36,6 +36,23 @@ pub struct Settings {
     /// `-step{N}` for steps after the first, so two steps of one job never share a log name
     /// or a default endpoint file; empty for step 0.
     pub step_suffix: String,
+    pub policy: Policy,
+}
+
+/// What the run decides by, from the config (so `run/` never reads [`Config`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Restarts of one replica allowed within `restart_window` (`replicas.*`).
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    /// A lost node puts the job back in the queue (`on_node_failure: requeue`).
+    pub requeue_on_node_failure: bool,
+    /// How long an attached endpoint may take to answer the check (`timeouts.attach`).
+    pub attach_timeout: Duration,
+    /// The user's own API key file (`server.api_key_file`); else the launcher writes one.
+    pub api_key_file: Option<String>,
+    /// The config's ports that do not come from the block (`ray.port`, `server.port`).
+    pub fixed_ports: Vec<u16>,
 }
 
 /// Whether a variable's name says its value is secret.
@@ -156,6 +173,20 @@ pub fn resolve(
             .cloned()
             .collect(),
         step_suffix,
+        policy: Policy {
+            max_restarts: c.replicas.max_restarts,
+            restart_window: c.replicas.restart_window.0,
+            requeue_on_node_failure: c.on_node_failure == config::OnNodeFailure::Requeue,
+            attach_timeout: c.timeouts.attach.0,
+            api_key_file: c.server.api_key_file.clone(),
+            fixed_ports: [c.ray.port, c.server.port]
+                .into_iter()
+                .filter_map(|p| match p {
+                    Auto::Value(v) => Some(v),
+                    Auto::Auto => None,
+                })
+                .collect(),
+        },
     };
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));

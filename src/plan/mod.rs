@@ -375,15 +375,8 @@ impl ModelPlan {
     }
 }
 
-/// An endpoint that already runs (`attach:`): behind the router, never started or stopped.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AttachPlan {
-    pub name: String,
-    pub url: String,
-    pub api_key_file: Option<String>,
-    /// The router's URL for it alone.
-    pub router_url: String,
-}
+/// An endpoint that already runs (`attach:`): the router's own spec of it.
+pub use crate::route::attach::AttachSpec;
 
 /// What a planned argv[0] of `ray-launch` means: this launcher's own binary (the rank runs
 /// the executable it was started from).
@@ -436,7 +429,7 @@ pub struct Plan {
     /// top-level `engine` … `replicas_per_node` fields are the first model's.
     pub models: Vec<ModelPlan>,
     /// Endpoints the router adds that the job does not run.
-    pub attached: Vec<AttachPlan>,
+    pub attached: Vec<AttachSpec>,
     pub ranks: Vec<RankPlan>,
 }
 
@@ -1168,7 +1161,7 @@ fn engine_command(j: &Job<'_>, x: &Slot<'_>) -> (Role, Command) {
 struct Whole<'a> {
     endpoints: &'a [EndpointUrl],
     models: &'a [ModelPlan],
-    attached: &'a [AttachPlan],
+    attached: &'a [AttachSpec],
     /// The router routes by model name (`models:` or `attach:` in the config).
     by_name: bool,
 }
@@ -1303,7 +1296,7 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
     let mut cmd = x.command(j, Kind::Router, argv, BTreeMap::new(), Lifecycle::router());
     if s.auth {
         cmd.secret_env
-            .insert(crate::route::API_KEY_VAR.into(), Secret::ApiKey);
+            .insert(crate::env_vars::RAY_LAUNCH_ROUTER_API_KEY.into(), Secret::ApiKey);
     }
     cmd
 }
@@ -1576,10 +1569,10 @@ pub fn build_in(
         ));
         first_replica += l.replicas;
     }
-    let attached: Vec<AttachPlan> = c
+    let attached: Vec<AttachSpec> = c
         .attach
         .iter()
-        .map(|a| AttachPlan {
+        .map(|a| AttachSpec {
             name: a.name.clone(),
             url: a.url.trim_end_matches('/').to_string(),
             api_key_file: a.api_key_file.clone(),

@@ -2,8 +2,19 @@
 //! master checks that each answers `GET /v1/models` ([`check_all`]); the router then polls the
 //! same URL as their health check and learns the model ids they serve ([`probe`]).
 
-use crate::plan::AttachPlan;
+use serde::Serialize;
 use std::time::Duration;
+
+/// An endpoint that already runs (`attach:`): behind the router, never started or stopped.
+/// The plan carries one per entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttachSpec {
+    pub name: String,
+    pub url: String,
+    pub api_key_file: Option<String>,
+    /// The router's URL for it alone.
+    pub router_url: String,
+}
 
 /// The most of a `/v1/models` answer that is read (a list of model ids is small).
 pub const MAX_ANSWER: usize = 1 << 20;
@@ -101,7 +112,7 @@ pub fn client(connect_within: Duration) -> Result<reqwest::Client, String> {
 /// Every attached endpoint answers within `within`: their model ids, or the first failure
 /// named by its entry and URL.
 pub async fn check_all(
-    all: &[AttachPlan],
+    all: &[AttachSpec],
     within: Duration,
 ) -> Result<Vec<(String, Vec<String>)>, String> {
     let client = client(within)?;
@@ -138,8 +149,8 @@ pub async fn check_all(
 mod tests {
     use super::*;
 
-    fn plan(url: String) -> AttachPlan {
-        AttachPlan {
+    fn plan(url: String) -> AttachSpec {
+        AttachSpec {
             name: "j".into(),
             url,
             api_key_file: None,

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 pub const LISTENING: &str = "router listening on";
 
 /// The variable the router reads the job's API key from (never a flag: flags show in `ps`).
-pub const API_KEY_VAR: &str = "RAY_LAUNCH_ROUTER_API_KEY";
+pub use crate::env_vars::RAY_LAUNCH_ROUTER_API_KEY as API_KEY_VAR;
 
 /// One place a request can go.
 #[derive(Debug, Clone, PartialEq)]

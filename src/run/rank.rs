@@ -22,7 +22,7 @@ use crate::plan::lifecycle::{self, Ending, Kind, Output, Ready, Stage};
 use crate::plan::{self, NodeInfo, Plan};
 use crate::private::{self, DirState};
 use crate::run::channel::{self, Connection, Hello, ToMaster, ToRank};
-use crate::run::coordinator;
+use crate::run::master as coordinator;
 use crate::run::ports;
 use crate::run::proc;
 use crate::run::reaper::{Note, Reaper};
@@ -1137,14 +1137,7 @@ async fn join(
 
 /// The ports from the config that do not come from the block (`ray.port`, `server.port`).
 fn fixed_ports(s: &Settings) -> Vec<u16> {
-    use crate::input::config::Auto;
-    [s.config.ray.port, s.config.server.port]
-        .into_iter()
-        .filter_map(|p| match p {
-            Auto::Value(v) => Some(v),
-            Auto::Auto => None,
-        })
-        .collect()
+    s.policy.fixed_ports.clone()
 }
 
 /// Run this rank until its exit code. `preview` is the plan from this node's own view (it
