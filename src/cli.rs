@@ -516,6 +516,6 @@ fn run(a: RunArgs) -> Result<i32> {
                 tracing::warn!("{w}");
             }
         }
-        Ok(crate::run::rank::run(g, plan, security, sigs).await)
+        Ok(crate::run::node(g, plan, security, sigs).await)
     })
 }

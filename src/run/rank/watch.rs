@@ -1,0 +1,284 @@
+//! Watchers of one process: its ready line in its log, the phases a starting engine logs,
+//! the Ray daemons it started (pidfds), and the engine's health and progress over HTTP.
+//! Each reports [`Event`]s tagged with the rank's reset epoch.
+
+use super::Event;
+use crate::exit;
+use crate::plan::lifecycle::Kind;
+use crate::run::{ports, proc};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// Where a watcher reports, tagged with the rank's reset epoch at the process's start: a
+/// report about a process a reset already stopped is dropped.
+#[derive(Clone)]
+pub(super) struct Reports {
+    pub(super) tx: mpsc::UnboundedSender<(usize, u64, Event)>,
+    pub(super) slot: usize,
+    pub(super) epoch: u64,
+}
+
+impl Reports {
+    pub(super) fn send(&self, ev: Event) -> Result<(), ()> {
+        self.tx.send((self.slot, self.epoch, ev)).map_err(|_| ())
+    }
+}
+
+/// The command an event is about.
+pub(super) fn event_kind(ev: &Event) -> Option<Kind> {
+    match ev {
+        Event::Up(k, _) => Some(*k),
+        Event::Exited { kind, .. } => Some(*kind),
+        Event::Failed { kind, .. } => *kind,
+        Event::Phase(k, _, _) => Some(*k),
+    }
+}
+
+/// Wait until `needle` appears in the file (appended to by a child).
+/// Only what was written from byte `from` on counts (a restarted command appends to its log).
+pub(super) async fn watch_log(path: &Path, needle: &str, from: u64) -> bool {
+    let mut offset = from as usize;
+    let mut carry = String::new();
+    loop {
+        // off the runtime thread, which carries the heartbeats
+        if let Ok(data) = tokio::fs::read(path).await {
+            if data.len() > offset {
+                carry.push_str(&String::from_utf8_lossy(&data[offset..]));
+                offset = data.len();
+                if carry.contains(needle) {
+                    return true;
+                }
+                let keep = carry.len().saturating_sub(needle.len());
+                let cut = (0..=keep)
+                    .rev()
+                    .find(|i| carry.is_char_boundary(*i))
+                    .unwrap_or(0);
+                carry.drain(..cut);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A starting engine's phases, from the lines its log gains after `from` (read in pieces,
+/// at most 1 MiB a time): each new one, in start order, is reported; done once it serves.
+pub(super) async fn watch_phases(path: PathBuf, from: u64, kind: Kind, tx: Reports) {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut offset = from;
+    let mut carry = String::new();
+    let mut last: Option<&'static str> = None;
+    loop {
+        if let Ok(mut f) = tokio::fs::File::open(&path).await {
+            if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = (&mut f).take(1 << 20).read_to_end(&mut buf).await {
+                    offset += n as u64;
+                    carry.push_str(&String::from_utf8_lossy(&buf));
+                }
+            }
+        }
+        // whole lines only (progress bars rewrite theirs with \r)
+        while let Some(i) = carry.find(['\n', '\r']) {
+            let line: String = carry.drain(..=i).collect();
+            if let Some(p) = crate::run::phases::of_line(&line) {
+                let later =
+                    last.is_none_or(|l| crate::run::phases::rank(p) > crate::run::phases::rank(l));
+                if later {
+                    last = Some(p);
+                    if tx.send(Event::Phase(kind, tx.slot, p)).is_err() {
+                        return;
+                    }
+                    if p == "starting the server" {
+                        return;
+                    }
+                }
+            }
+        }
+        if carry.len() > 1 << 16 {
+            carry.clear();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Once `kind` is up: the first of its `daemons` (in session `sid`) to exit is reported as
+/// the command's end, the moment the kernel says so (pidfd), instead of when `ray start
+/// --block`, which polls its children, notices.
+pub(super) async fn watch_daemons(
+    kind: Kind,
+    sid: i32,
+    daemons: &[String],
+    log: &Path,
+    leader_ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tx: Reports,
+) {
+    if daemons.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = daemons.iter().map(String::as_str).collect();
+    // they are started before the ready line, but give a slow /proc a moment
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = proc::session_named(sid, &names);
+        if names.iter().all(|n| found.iter().any(|(_, c)| c == n)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fds = Vec::new();
+    for (pid, name) in found {
+        match proc::PidFd::open(pid) {
+            Ok(fd) => fds.push((pid, name, fd)),
+            Err(e) => warn!("cannot watch {name} (pid {pid}) of {kind}: {e}; its death is seen when `{kind}` notices"),
+        }
+    }
+    if fds.is_empty() {
+        return;
+    }
+    let (pid, name) = {
+        let each = fds.iter().map(|(pid, name, fd)| {
+            Box::pin(async move {
+                fd.exited().await;
+                (*pid, name.clone())
+            })
+        });
+        futures_util::future::select_all(each).await.0
+    };
+    // killing `ray start` takes its daemons along: then its own end is the news
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if leader_ended.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let _ = tx.send(Event::Exited {
+        kind,
+        slot: tx.slot,
+        status: format!("its {name} (pid {pid}) is gone"),
+        code: 1,
+        log: Some(log.display().to_string()),
+        tail: proc::log_tail(log, 5),
+    });
+}
+
+/// What the engine's health watcher polls, and how.
+pub(super) struct Probe {
+    pub(super) url: String,
+    pub(super) every: Duration,
+    pub(super) failures: u32,
+    pub(super) timeout: Duration,
+    /// `health.stall_timeout`: busy without a new token this long is a stall.
+    pub(super) stall: Duration,
+}
+
+/// Readiness, then liveness, of the engine's HTTP server: `/health`, and progress from its
+/// `/metrics` (busy without new tokens is a stall). Proxies are ignored: cluster shells
+/// often export http_proxy, and this is a local address.
+pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
+    let Probe {
+        url,
+        every,
+        failures,
+        timeout,
+        stall,
+    } = p;
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Event::Failed {
+                code: exit::INTERNAL,
+                reason: format!("HTTP client: {e}"),
+                kind: Some(kind),
+                slot: tx.slot,
+            });
+            return;
+        }
+    };
+    let probe = |c: &reqwest::Client| {
+        let req = c.get(&url).send();
+        async move {
+            match req.await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
+                Err(e) => Err(if e.is_connect() {
+                    "connection refused".to_string()
+                } else {
+                    e.to_string()
+                }),
+            }
+        }
+    };
+    while probe(&client).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Ready only if the engine itself answered: someone else may have bound the port first.
+    let port = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.port_or_known_default());
+    if let Some(port) = port {
+        if let Err(why) = ports::held_by_session(port, session) {
+            let _ = tx.send(Event::Failed {
+                code: exit::LAUNCH_FAILURE,
+                reason: why,
+                kind: Some(kind),
+                slot: tx.slot,
+            });
+            return;
+        }
+    }
+    let _ = tx.send(Event::Up(kind, tx.slot));
+    let mut bad = 0;
+    let metrics = url.strip_suffix("/health").map(|b| format!("{b}/metrics"));
+    let mut progress = crate::run::progress::Progress::new(stall);
+    loop {
+        tokio::time::sleep(every).await;
+        if let Some(m) = &metrics {
+            let sample = match client.get(m).send().await {
+                Ok(r) if r.status().is_success() => r
+                    .text()
+                    .await
+                    .ok()
+                    .and_then(|t| crate::run::progress::parse(&t)),
+                _ => None,
+            };
+            if let Some(s) = sample {
+                if let Some(d) = progress.on_sample(s, std::time::Instant::now()) {
+                    let _ = tx.send(Event::Failed {
+                        code: exit::ENGINE_FAILURE,
+                        reason: format!(
+                            "engine stalled: {} request(s) running or waiting and no token generated for {} (health.stall_timeout; {} tokens so far)",
+                            s.busy,
+                            humantime::format_duration(Duration::from_secs(d.as_secs())),
+                            s.tokens
+                        ),
+                        kind: Some(kind),
+                        slot: tx.slot,
+                    });
+                    return;
+                }
+            }
+        }
+        match probe(&client).await {
+            Ok(()) => bad = 0,
+            Err(e) => {
+                bad += 1;
+                if bad >= failures {
+                    let _ = tx.send(Event::Failed {
+                        code: exit::ENGINE_FAILURE,
+                        reason: format!(
+                            "engine health check {url} failed {bad} times in a row (last: {e})"
+                        ),
+                        kind: Some(kind),
+                        slot: tx.slot,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
+
