@@ -18,19 +18,20 @@
 //! key (never the job's).
 
 pub mod attach;
+mod forward;
+mod metrics;
 pub mod policy;
+mod resolve;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::Response;
-use futures_util::StreamExt as _;
-use prometheus_client::encoding::EncodeLabelSet;
+use metrics::{Metrics, ReplicaLabel};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use resolve::Route;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -147,87 +148,6 @@ pub fn backends(
     Ok((named, out))
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReplicaLabel {
-    replica: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorLabel {
-    replica: String,
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RejectLabel {
-    reason: String,
-}
-
-struct Metrics {
-    registry: Registry,
-    requests: Family<ReplicaLabel, Counter>,
-    errors: Family<ErrorLabel, Counter>,
-    latency: Family<ReplicaLabel, Histogram>,
-    healthy: Family<ReplicaLabel, Gauge>,
-    outstanding: Family<ReplicaLabel, Gauge>,
-    rejected: Family<RejectLabel, Counter>,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("ray_launch_router");
-        let requests = Family::<ReplicaLabel, Counter>::default();
-        let errors = Family::<ErrorLabel, Counter>::default();
-        let latency = Family::<ReplicaLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-            ])
-        });
-        let healthy = Family::<ReplicaLabel, Gauge>::default();
-        let outstanding = Family::<ReplicaLabel, Gauge>::default();
-        let rejected = Family::<RejectLabel, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests sent to each replica",
-            requests.clone(),
-        );
-        registry.register(
-            "errors",
-            "Failed requests per replica: connect (refused, retried elsewhere), upstream (broke after it was sent), status (a 5xx answer)",
-            errors.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from sending a request to a replica to the end of its response",
-            latency.clone(),
-        );
-        registry.register(
-            "replica_healthy",
-            "1 while the router sends requests to the replica",
-            healthy.clone(),
-        );
-        registry.register(
-            "outstanding",
-            "Requests in flight per replica",
-            outstanding.clone(),
-        );
-        registry.register(
-            "rejected",
-            "Requests the router answered itself: unauthorized, too_large, no_replica",
-            rejected.clone(),
-        );
-        Metrics {
-            registry,
-            requests,
-            errors,
-            latency,
-            healthy,
-            outstanding,
-            rejected,
-        }
-    }
-}
-
 struct Replica {
     base: String,
     label: ReplicaLabel,
@@ -274,7 +194,53 @@ fn log(msg: &str) {
     );
 }
 
+impl resolve::Catalog for Shared {
+    fn groups(&self) -> usize {
+        self.groups.len()
+    }
+    fn name(&self, g: usize) -> &str {
+        &self.groups[g].name
+    }
+    fn answers_to(&self, g: usize, model: &str) -> bool {
+        Shared::answers_to(self, g, model)
+    }
+    fn target(&self, g: usize) -> String {
+        Shared::target(self, g)
+    }
+    fn attached(&self, g: usize) -> bool {
+        self.groups[g].attached
+    }
+}
+
 impl Shared {
+    /// `GET /health`: 200 while a replica is healthy.
+    fn health(&self) -> Response {
+        if (0..self.replicas.len()).any(|i| self.view(i).healthy) {
+            Response::new(Body::empty())
+        } else {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "no replica is healthy",
+            )
+        }
+    }
+
+    /// A 404 in OpenAI's format for a model this router does not serve.
+    fn unknown(&self, model: &str) -> Response {
+        self.metrics.reject("unknown_model");
+        let body = serde_json::json!({ "error": {
+            "message": format!("The model `{model}` does not exist (this job serves {}).",
+                self.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+        }});
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("a static response builds")
+    }
+
     fn view(&self, i: usize) -> policy::View {
         let r = &self.replicas[i];
         policy::View {
@@ -418,65 +384,15 @@ impl Drop for InFlight {
     }
 }
 
-/// The model a request asks for, from its body (`{"model": ...}`), if it names one.
-fn requested_model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct M {
-        model: Option<String>,
-    }
-    serde_json::from_slice::<M>(body).ok().and_then(|m| m.model)
-}
-
-/// The body with its `model` field set to `to`.
-fn with_model(body: &bytes::Bytes, to: &str) -> bytes::Bytes {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(mut m)) => {
-            m.insert("model".into(), serde_json::Value::String(to.into()));
-            serde_json::to_vec(&m)
-                .map(bytes::Bytes::from)
-                .unwrap_or_else(|_| body.clone())
-        }
-        _ => body.clone(),
-    }
-}
-
 async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     match req.uri().path() {
-        "/health" => {
-            return if (0..st.replicas.len()).any(|i| st.view(i).healthy) {
-                Response::new(Body::empty())
-            } else {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
-                    "no replica is healthy",
-                )
-            };
-        }
-        "/metrics" => {
-            let mut out = String::new();
-            let _ = prometheus_client::encoding::text::encode(&mut out, &st.metrics.registry);
-            return Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(Body::from(out))
-                .expect("a static response builds");
-        }
+        "/health" => return st.health(),
+        "/metrics" => return st.metrics.response(),
         _ => {}
     }
-    let reject = |reason: &str| {
-        st.metrics
-            .rejected
-            .get_or_create(&RejectLabel {
-                reason: reason.into(),
-            })
-            .inc();
-    };
     if let Some(key) = &st.api_key {
         if !authorized(req.headers(), key) {
-            reject("unauthorized");
+            st.metrics.reject("unauthorized");
             return error(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -485,205 +401,38 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
         }
     }
     let (parts, body) = req.into_parts();
-    let mut pq = parts
+    let pq = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
-    let unknown = |model: &str| {
-        reject("unknown_model");
-        let body = serde_json::json!({ "error": {
-            "message": format!("The model `{model}` does not exist (this job serves {}).",
-                st.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
-            "type": "invalid_request_error", "param": "model", "code": "model_not_found",
-        }});
-        Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .expect("a static response builds")
-    };
     // `/models/NAME/...`: that model alone, whatever the body says
-    let mut group: Option<usize> = None;
-    let mut by_path = false;
-    if st.by_name {
-        if let Some(rest) = pq.strip_prefix("/models/") {
-            let (name, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let Some(g) = st.groups.iter().position(|g| g.name == name) else {
-                return unknown(name);
-            };
-            group = Some(g);
-            by_path = true;
-            pq = if tail.is_empty() {
-                "/".into()
-            } else {
-                tail.to_string()
-            };
-        }
-    }
-    let bytes = match axum::body::to_bytes(body, st.max_body).await {
-        Ok(b) => b,
-        Err(_) => {
-            reject("too_large");
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                &format!(
-                    "the request body is larger than the router accepts ({} bytes; router.max_body)",
-                    st.max_body
-                ),
-            );
-        }
+    let scope = match resolve::scope(&*st, st.by_name, &pq) {
+        Ok(s) => s,
+        Err(name) => return st.unknown(&name),
     };
-    let mut bytes = bytes;
-    if st.by_name {
-        let path = pq.split('?').next().unwrap_or_default();
-        if parts.method == axum::http::Method::GET && path == "/v1/models" {
-            let all: Vec<usize> = match group {
-                Some(g) => vec![g],
-                None => (0..st.groups.len()).collect(),
-            };
-            return st.model_list(&all);
-        }
-        let asked = requested_model(&bytes);
-        let g = match (group, asked.as_deref()) {
-            (Some(g), _) => g,
-            (None, Some(m)) => match (0..st.groups.len()).find(|&g| st.answers_to(g, m)) {
-                Some(g) => g,
-                None => return unknown(m),
-            },
-            // no model named: the first one, as an engine serves its first name
-            (None, None) => 0,
-        };
-        group = Some(g);
-        // the engine knows its model by its served name only
-        if let Some(m) = asked {
-            let target = st.target(g);
-            let theirs = st.groups[g].attached && st.answers_to(g, &m) && m != st.groups[g].name;
-            if m != target && !theirs && (by_path || m == st.groups[g].name) {
-                bytes = with_model(&bytes, &target);
-            }
-        }
-    }
-    let members: Vec<usize> = match group {
-        Some(g) => st.groups[g].members.clone(),
-        None => (0..st.replicas.len()).collect(),
+    let Ok(bytes) = axum::body::to_bytes(body, st.max_body).await else {
+        st.metrics.reject("too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            &format!(
+                "the request body is larger than the router accepts ({} bytes; router.max_body)",
+                st.max_body
+            ),
+        );
     };
-    let mut tried: Vec<usize> = Vec::new();
-    loop {
-        let start = st.turn.fetch_add(1, Ordering::Relaxed);
-        let views: Vec<policy::View> = members.iter().map(|&i| st.view(i)).collect();
-        let skip: Vec<usize> = (0..members.len())
-            .filter(|k| tried.contains(&members[*k]))
-            .collect();
-        let Some(i) = policy::pick(&views, start, &skip).map(|k| members[k]) else {
-            reject("no_replica");
-            let of = match group {
-                Some(g) if st.by_name => format!(" of model `{}`", st.groups[g].name),
-                _ => String::new(),
+    let get = parts.method == axum::http::Method::GET;
+    match resolve::resolve(&*st, st.by_name, &scope, get, &bytes) {
+        Route::List(groups) => st.model_list(&groups),
+        Route::Unknown(m) => st.unknown(&m),
+        Route::To { group, rewrite } => {
+            let bytes = match rewrite {
+                Some(to) => resolve::with_model(&bytes, &to),
+                None => bytes,
             };
-            let why = if tried.is_empty() {
-                format!("no replica{of} is serving (they are starting or restarting)")
-            } else {
-                format!("no replica{of} accepted the connection (tried {tried:?})")
-            };
-            return error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", &why);
-        };
-        let r = &st.replicas[i];
-        r.outstanding.fetch_add(1, Ordering::Relaxed);
-        r.m_outstanding.inc();
-        r.m_requests.inc();
-        let flight = InFlight {
-            shared: st.clone(),
-            i,
-            t0: Instant::now(),
-        };
-        let mut rb = st
-            .client
-            .request(parts.method.clone(), format!("{}{pq}", r.base))
-            .body(bytes.clone());
-        for (k, v) in parts.headers.iter() {
-            // the job's key stays in the job: an attached endpoint gets its own, or none
-            let theirs = r.attached && k == header::AUTHORIZATION;
-            if !hop_by_hop(k) && !theirs {
-                rb = rb.header(k, v);
-            }
-        }
-        if let (true, Some(key)) = (r.attached, &r.key) {
-            rb = rb.bearer_auth(key);
-        }
-        let err = |kind: &str| {
-            st.metrics
-                .errors
-                .get_or_create(&ErrorLabel {
-                    replica: r.label.replica.clone(),
-                    kind: kind.into(),
-                })
-                .inc();
-        };
-        match rb.send().await {
-            Ok(resp) => {
-                if resp.status().is_server_error() {
-                    err("status");
-                }
-                let mut out = Response::builder().status(resp.status());
-                for (k, v) in resp.headers() {
-                    if !hop_by_hop(k) {
-                        out = out.header(k, v);
-                    }
-                }
-                let st2 = st.clone();
-                let stream = resp.bytes_stream().map(move |chunk| {
-                    let _keep = &flight;
-                    if chunk.is_err() {
-                        st2.metrics
-                            .errors
-                            .get_or_create(&ErrorLabel {
-                                replica: st2.replicas[i].label.replica.clone(),
-                                kind: "upstream".into(),
-                            })
-                            .inc();
-                    }
-                    chunk
-                });
-                return out
-                    .header(
-                        HeaderName::from_static("x-ray-launch-replica"),
-                        HeaderValue::from(i),
-                    )
-                    .body(Body::from_stream(stream))
-                    .unwrap_or_else(|e| {
-                        error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
-                    });
-            }
-            // nothing reached the replica: another one may take the request
-            Err(e) if e.is_connect() => {
-                err("connect");
-                drop(flight);
-                let change = r.health.lock().ok().and_then(|mut h| {
-                    h.on_refused(format!("connection failed ({e})"), Instant::now())
-                });
-                st.note(i, change);
-                tried.push(i);
-            }
-            // it may have started the request: never sent twice
-            Err(e) => {
-                err("upstream");
-                let (status, what) = if e.is_timeout() {
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "did not answer in time (router.request_timeout)",
-                    )
-                } else {
-                    (StatusCode::BAD_GATEWAY, "failed while handling the request")
-                };
-                return error(
-                    status,
-                    "upstream_error",
-                    &format!("replica {i} {what}: {e}"),
-                );
-            }
+            forward::forward(st, parts, scope.pq, group, bytes).await
         }
     }
 }
@@ -727,17 +476,8 @@ async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) 
     }
 }
 
-/// Serve until killed. `Err`: cannot listen (the message says why).
-pub async fn serve(o: Options) -> Result<(), String> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(o.request_timeout)
-        .tcp_nodelay(true)
-        .no_proxy()
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    let metrics = Metrics::new();
-    let by_name = !o.models.is_empty() || o.backends.iter().any(|b| b.attached);
+/// The models (groups) and the replicas that serve them, from the options.
+fn build(o: &Options, metrics: &Metrics) -> Result<(Vec<Group>, Vec<Replica>), String> {
     let mut groups: Vec<Group> = o
         .models
         .iter()
@@ -799,6 +539,21 @@ pub async fn serve(o: Options) -> Result<(), String> {
             label,
         });
     }
+    Ok((groups, replicas))
+}
+
+/// Serve until killed. `Err`: cannot listen (the message says why).
+pub async fn serve(o: Options) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(o.request_timeout)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let metrics = Metrics::new();
+    let by_name = !o.models.is_empty() || o.backends.iter().any(|b| b.attached);
+    let (groups, replicas) = build(&o, &metrics)?;
     let shown: Vec<String> = replicas
         .iter()
         .map(|r| match (by_name, r.attached) {

@@ -1,0 +1,130 @@
+//! Forwarding a request to a replica of its model: the pick (fewest outstanding among the
+//! healthy), another replica when the connection is refused, never twice once sent, and the
+//! response streamed back.
+
+use super::{error, hop_by_hop, policy, InFlight, Shared};
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+use futures_util::StreamExt as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Send the request (path and query `pq`, body `bytes`) to a replica of `group` (none: of
+/// any) and stream its answer back.
+pub(super) async fn forward(
+    st: Arc<Shared>,
+    parts: Parts,
+    pq: String,
+    group: Option<usize>,
+    bytes: bytes::Bytes,
+) -> Response {
+    let members: Vec<usize> = match group {
+        Some(g) => st.groups[g].members.clone(),
+        None => (0..st.replicas.len()).collect(),
+    };
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let start = st.turn.fetch_add(1, Ordering::Relaxed);
+        let views: Vec<policy::View> = members.iter().map(|&i| st.view(i)).collect();
+        let skip: Vec<usize> = (0..members.len())
+            .filter(|k| tried.contains(&members[*k]))
+            .collect();
+        let Some(i) = policy::pick(&views, start, &skip).map(|k| members[k]) else {
+            st.metrics.reject("no_replica");
+            let of = match group {
+                Some(g) if st.by_name => format!(" of model `{}`", st.groups[g].name),
+                _ => String::new(),
+            };
+            let why = if tried.is_empty() {
+                format!("no replica{of} is serving (they are starting or restarting)")
+            } else {
+                format!("no replica{of} accepted the connection (tried {tried:?})")
+            };
+            return error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", &why);
+        };
+        let r = &st.replicas[i];
+        r.outstanding.fetch_add(1, Ordering::Relaxed);
+        r.m_outstanding.inc();
+        r.m_requests.inc();
+        let flight = InFlight {
+            shared: st.clone(),
+            i,
+            t0: Instant::now(),
+        };
+        let mut rb = st
+            .client
+            .request(parts.method.clone(), format!("{}{pq}", r.base))
+            .body(bytes.clone());
+        for (k, v) in parts.headers.iter() {
+            // the job's key stays in the job: an attached endpoint gets its own, or none
+            let theirs = r.attached && k == header::AUTHORIZATION;
+            if !hop_by_hop(k) && !theirs {
+                rb = rb.header(k, v);
+            }
+        }
+        if let (true, Some(key)) = (r.attached, &r.key) {
+            rb = rb.bearer_auth(key);
+        }
+        let err = |kind: &str| st.metrics.error(&r.label.replica, kind);
+        match rb.send().await {
+            Ok(resp) => {
+                if resp.status().is_server_error() {
+                    err("status");
+                }
+                let mut out = Response::builder().status(resp.status());
+                for (k, v) in resp.headers() {
+                    if !hop_by_hop(k) {
+                        out = out.header(k, v);
+                    }
+                }
+                let st2 = st.clone();
+                let stream = resp.bytes_stream().map(move |chunk| {
+                    let _keep = &flight;
+                    if chunk.is_err() {
+                        st2.metrics.error(&st2.replicas[i].label.replica, "upstream");
+                    }
+                    chunk
+                });
+                return out
+                    .header(
+                        HeaderName::from_static("x-ray-launch-replica"),
+                        HeaderValue::from(i),
+                    )
+                    .body(Body::from_stream(stream))
+                    .unwrap_or_else(|e| {
+                        error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
+                    });
+            }
+            // nothing reached the replica: another one may take the request
+            Err(e) if e.is_connect() => {
+                err("connect");
+                drop(flight);
+                let change = r.health.lock().ok().and_then(|mut h| {
+                    h.on_refused(format!("connection failed ({e})"), Instant::now())
+                });
+                st.note(i, change);
+                tried.push(i);
+            }
+            // it may have started the request: never sent twice
+            Err(e) => {
+                err("upstream");
+                let (status, what) = if e.is_timeout() {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "did not answer in time (router.request_timeout)",
+                    )
+                } else {
+                    (StatusCode::BAD_GATEWAY, "failed while handling the request")
+                };
+                return error(
+                    status,
+                    "upstream_error",
+                    &format!("replica {i} {what}: {e}"),
+                );
+            }
+        }
+    }
+}
