@@ -4,6 +4,8 @@
 //! runtime as in the launcher. Per round: rendezvous (release → last Welcome), start (last
 //! Welcome → last Start), stop (a rank's SIGTERM report → last Stop) and all stopped (→ the
 //! coordinator finished). `cargo bench --bench rendezvous`; RANKS, ROUNDS from the environment.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 #[path = "../tests/common/fake_rank.rs"]
 mod fake_rank;
 

@@ -28,6 +28,8 @@ T1=$(date +%s)
 export RAY_LAUNCH_VENV=$ROOT/.venv
 bash slurm/testbed/up.sh >/dev/null
 trap 'bash slurm/testbed/down.sh >/dev/null 2>&1 || true' EXIT
+# the size rule and lints (clippy.toml: no function over 120 lines in src/)
+cargo clippy -q --all-targets -- -D warnings
 # unit and integration tests (in parallel), then the end-to-end tests (#[ignore]d in a plain
 # `cargo test`) one at a time: they share the three test nodes
 cargo test --no-fail-fast 2>&1

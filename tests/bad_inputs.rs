@@ -1,5 +1,7 @@
 //! Bad input of every kind: one clear `error:` line naming the problem, a `hint:`, exit 2,
 //! and nothing started. Each case runs the real binary with a clean environment.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 use assert_cmd::Command;
 
 const OK: &str = "engine: vllm\nmodel: /m\nparallel:\n  tensor: 2\n";

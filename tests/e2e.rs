@@ -7,6 +7,8 @@
 //! once `slurm/testbed/up.sh` has run. After every test, no process other than the bed's own
 //! (tini, slurmd) may remain in any node's namespace, and no temp dir of the job.
 
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
+
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,6 @@
 //! Master election and step detection, for every case in the Slurm notes.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 use ray_launch::input::slurm::{detect, StepKind};
 use std::collections::HashMap;
 

@@ -4,6 +4,8 @@
 //! SIGTERM stops all of them with 143. All come from one address, so the coordinator's cap on
 //! unauthenticated connections per address makes most of them retry, as real ranks do.
 //! Prints how long each phase took.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 #[path = "common/fake_rank.rs"]
 mod fake_rank;
 

@@ -1,5 +1,7 @@
 //! The plan for each engine mode, as snapshots (text and JSON). Node facts are fixed here,
 //! so the snapshots do not depend on the machine that runs the tests.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 use ray_launch::input::config;
 use ray_launch::input::settings::{self, Overrides};
 use ray_launch::input::slurm::Step;

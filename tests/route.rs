@@ -1,5 +1,7 @@
 //! The router over several models and attached endpoints, on this machine (no Slurm): real
 //! `ray-launch route` processes in front of stand-in engines, spoken to with curl.
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -6,6 +6,8 @@
 //! the attacker named, and nothing of the job left behind.
 //!
 //! `#[ignore]`: they need root, the test bed and the venv (scripts/test.sh runs them).
+
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
 mod common;
 use common::*;
 use std::os::unix::fs::MetadataExt as _;

@@ -3,6 +3,8 @@
 //! configs/vllm-cpu-tiny.yaml as it is. Also: the argv ray-launch builds, checked by vLLM's and
 //! SGLang's own argument parsers. `#[ignore]`: run by scripts/test.sh.
 
+#![allow(clippy::too_many_lines)] // tests and benchmarks read better as one story each
+
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};

@@ -830,6 +830,19 @@ fn yaml_error(path: &str, e: &serde_yaml::Error) -> Error {
 fn validate(l: &Loaded) -> Result<(u16, u16)> {
     let c = &l.config;
     validate_models(l)?;
+    validate_server(l)?;
+    let range = port_range(&c.ports.range).map_err(|why| {
+        l.key_error("ports.range", format!("`{}` {why}", c.ports.range), "write it as `LOW-HIGH` with 1024 <= LOW and HIGH <= 65535, at least 256 ports, e.g. `20000-32767`")
+    })?;
+    validate_network(l)?;
+    validate_timeouts(l)?;
+    validate_ray(l)?;
+    Ok(range)
+}
+
+/// The server, replica and router keys.
+fn validate_server(l: &Loaded) -> Result<()> {
+    let c = &l.config;
     if c.server.port == Auto::Value(0) {
         return Err(l.key_error(
             "server.port",
@@ -861,9 +874,12 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             "use `auto` (32MiB) or a size such as `64MiB`",
         ));
     }
-    let range = port_range(&c.ports.range).map_err(|why| {
-        l.key_error("ports.range", format!("`{}` {why}", c.ports.range), "write it as `LOW-HIGH` with 1024 <= LOW and HIGH <= 65535, at least 256 ports, e.g. `20000-32767`")
-    })?;
+    Ok(())
+}
+
+/// The network keys, secret names and the advertised host.
+fn validate_network(l: &Loaded) -> Result<()> {
+    let c = &l.config;
     if c.network.interface.is_some() && c.network.cidr.is_some() {
         return Err(l.key_error(
             "network.cidr",
@@ -956,6 +972,12 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Durations, health and the teardown budget against KillWait.
+fn validate_timeouts(l: &Loaded) -> Result<()> {
+    let c = &l.config;
     for (key, durv) in [
         ("timeouts.rendezvous", c.timeouts.rendezvous),
         ("timeouts.worker_join", c.timeouts.worker_join),
@@ -1030,6 +1052,12 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             "shorten shutdown_grace, or set kill_wait to your cluster's KillWait (`scontrol show config | grep KillWait`)",
         ));
     }
+    Ok(())
+}
+
+/// Ray's flags and executables, the temp dir, placeholders.
+fn validate_ray(l: &Loaded) -> Result<()> {
+    let c = &l.config;
     for a in &c.ray.extra_args {
         let flag = a.split('=').next().unwrap_or(a);
         if OWNED_RAY_FLAGS.contains(&flag) {
@@ -1084,10 +1112,54 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
             ));
         }
     }
-    Ok(range)
+    Ok(())
 }
 
 type KeyErr<'a> = &'a dyn Fn(&str, String, String) -> Error;
+
+/// The `attach:` entries: names unique among the models', plain http base URLs without
+/// credentials, key files that are paths.
+fn validate_attach(l: &Loaded, names: &mut Vec<(String, String)>) -> Result<()> {
+    let c = &l.config;
+    for (i, a) in c.attach.iter().enumerate() {
+        let err = |key: &str, problem: String, fix: String| {
+            entry_error(l, "attach", i, &a.name, key, problem, fix)
+        };
+        check_name(&a.name, names, &err)?;
+        let fix = "write it as `http://HOST:PORT/v1`, the base URL OpenAI clients use".to_string();
+        match reqwest::Url::parse(&a.url) {
+            Err(e) => return Err(err("url", format!("`{}` is not a URL ({e})", a.url), fix)),
+            Ok(u) if u.scheme() != "http" => {
+                return Err(err(
+                    "url",
+                    format!("`{}` is not plain http", a.url),
+                    "the router speaks plain HTTP to what it attaches: give an `http://` URL (an HTTPS service needs a local proxy)".into(),
+                ))
+            }
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                return Err(err(
+                    "url",
+                    "holds a user name or password, which would show in logs and the endpoint file".into(),
+                    "remove it from the URL and put the key in `api_key_file` (a 0600 file)".into(),
+                ))
+            }
+            Ok(u) if u.host_str().is_none() || u.query().is_some() || !u.path().trim_end_matches('/').ends_with("/v1") => {
+                return Err(err("url", format!("`{}` is not an OpenAI base URL (a host, a path ending in `/v1`, no query)", a.url), fix))
+            }
+            Ok(_) => {}
+        }
+        if let Some(f) = &a.api_key_file {
+            if f.trim().is_empty() || f.contains('\0') {
+                return Err(err(
+                    "api_key_file",
+                    "is not a path".into(),
+                    "give the path of a 0600 file holding its key".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The model keys: the single top-level model, or `models:` (and `attach:`).
 fn validate_models(l: &Loaded) -> Result<()> {
@@ -1168,43 +1240,7 @@ fn validate_models(l: &Loaded) -> Result<()> {
         }
         validate_env(&m.env, &|p, f| err("env", p, f))?;
     }
-    for (i, a) in c.attach.iter().enumerate() {
-        let err = |key: &str, problem: String, fix: String| {
-            entry_error(l, "attach", i, &a.name, key, problem, fix)
-        };
-        check_name(&a.name, &mut names, &err)?;
-        let fix = "write it as `http://HOST:PORT/v1`, the base URL OpenAI clients use".to_string();
-        match reqwest::Url::parse(&a.url) {
-            Err(e) => return Err(err("url", format!("`{}` is not a URL ({e})", a.url), fix)),
-            Ok(u) if u.scheme() != "http" => {
-                return Err(err(
-                    "url",
-                    format!("`{}` is not plain http", a.url),
-                    "the router speaks plain HTTP to what it attaches: give an `http://` URL (an HTTPS service needs a local proxy)".into(),
-                ))
-            }
-            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
-                return Err(err(
-                    "url",
-                    "holds a user name or password, which would show in logs and the endpoint file".into(),
-                    "remove it from the URL and put the key in `api_key_file` (a 0600 file)".into(),
-                ))
-            }
-            Ok(u) if u.host_str().is_none() || u.query().is_some() || !u.path().trim_end_matches('/').ends_with("/v1") => {
-                return Err(err("url", format!("`{}` is not an OpenAI base URL (a host, a path ending in `/v1`, no query)", a.url), fix))
-            }
-            Ok(_) => {}
-        }
-        if let Some(f) = &a.api_key_file {
-            if f.trim().is_empty() || f.contains('\0') {
-                return Err(err(
-                    "api_key_file",
-                    "is not a path".into(),
-                    "give the path of a 0600 file holding its key".into(),
-                ));
-            }
-        }
-    }
+    validate_attach(l, &mut names)?;
     if c.serves_several() && c.router.enabled == Some(false) {
         return Err(l.key_error(
             "router.enabled",

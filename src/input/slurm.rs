@@ -75,23 +75,63 @@ fn env_error(msg: impl Into<String>, hint: impl Into<String>) -> Error {
     Error::usage(msg).hint(hint)
 }
 
+/// A whole-number variable, if set.
+fn num(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<u64>> {
+    match get(name) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            env_error(
+                format!("{name}=`{v}` is not a whole number"),
+                format!("unset {name} or fix it; inside srun, Slurm sets it for you"),
+            )
+        }),
+    }
+}
+
+/// One task per node is the contract.
+fn one_task_per_node(get: &dyn Fn(&str) -> Option<String>, nodes: &[String]) -> Result<()> {
+    let num = |name: &str| num(get, name);
+    // Check it from variables every rank sees alike, so
+    // every rank raises the same error.
+    let tasks = get(ev::SLURM_STEP_TASKS_PER_NODE).or_else(|| get(ev::SLURM_TASKS_PER_NODE));
+    let ntasks = num(ev::SLURM_NTASKS)?;
+    let mut many: Option<(usize, u32)> = None;
+    if let Some(t) = &tasks {
+        let counts = parse_counts(t).ok_or_else(|| {
+            env_error(
+                format!("SLURM_STEP_TASKS_PER_NODE=`{t}` cannot be read"),
+                "expected Slurm's `N(xR),M` form",
+            )
+        })?;
+        many = counts
+            .iter()
+            .enumerate()
+            .find(|(_, c)| **c != 1)
+            .map(|(i, c)| (i, *c));
+    }
+    if many.is_some() || ntasks.is_some_and(|n| n as usize != nodes.len()) {
+        let detail = match many {
+            Some((i, c)) => format!(
+                "{c} tasks on node {}",
+                nodes.get(i).map_or("?", |s| s.as_str())
+            ),
+            None => format!("{} tasks on {} nodes", ntasks.unwrap_or(0), nodes.len()),
+        };
+        return Err(env_error(
+            format!("this step runs {detail}; ray-launch needs exactly one task per node (SLURM_STEP_TASKS_PER_NODE={})", tasks.as_deref().unwrap_or("?")),
+            "launch it with `srun --ntasks-per-node=1 ray-launch ...` (an sbatch `--ntasks-per-node` is inherited by srun)",
+        ));
+    }
+    Ok(())
+}
+
 /// Read the step. `local_name` is this machine's host name, used for the local default.
 pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<Step> {
     let job_id = get(ev::SLURM_JOB_ID).or_else(|| get(ev::SLURM_JOBID));
     let step_id = get(ev::SLURM_STEP_ID);
     let step_nodes = get(ev::SLURM_STEP_NODELIST);
-    let num = |name: &str| -> Result<Option<u64>> {
-        match get(name) {
-            None => Ok(None),
-            Some(v) if v.trim().is_empty() => Ok(None),
-            Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
-                env_error(
-                    format!("{name}=`{v}` is not a whole number"),
-                    format!("unset {name} or fix it; inside srun, Slurm sets it for you"),
-                )
-            }),
-        }
-    };
+    let num = |name: &str| num(get, name);
     let gpus_on_node = num(ev::SLURM_GPUS_ON_NODE)?.map(|g| g as u32);
     let cpus_on_node = num(ev::SLURM_CPUS_ON_NODE)?.map(|g| g as u32);
     let mem_per_node_mb = num(ev::SLURM_MEM_PER_NODE)?;
@@ -165,37 +205,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             ));
         }
     }
-    // One task per node is the contract. Check it from variables every rank sees alike, so
-    // every rank raises the same error.
-    let tasks = get(ev::SLURM_STEP_TASKS_PER_NODE).or_else(|| get(ev::SLURM_TASKS_PER_NODE));
-    let ntasks = num(ev::SLURM_NTASKS)?;
-    let mut many: Option<(usize, u32)> = None;
-    if let Some(t) = &tasks {
-        let counts = parse_counts(t).ok_or_else(|| {
-            env_error(
-                format!("SLURM_STEP_TASKS_PER_NODE=`{t}` cannot be read"),
-                "expected Slurm's `N(xR),M` form",
-            )
-        })?;
-        many = counts
-            .iter()
-            .enumerate()
-            .find(|(_, c)| **c != 1)
-            .map(|(i, c)| (i, *c));
-    }
-    if many.is_some() || ntasks.is_some_and(|n| n as usize != nodes.len()) {
-        let detail = match many {
-            Some((i, c)) => format!(
-                "{c} tasks on node {}",
-                nodes.get(i).map_or("?", |s| s.as_str())
-            ),
-            None => format!("{} tasks on {} nodes", ntasks.unwrap_or(0), nodes.len()),
-        };
-        return Err(env_error(
-            format!("this step runs {detail}; ray-launch needs exactly one task per node (SLURM_STEP_TASKS_PER_NODE={})", tasks.as_deref().unwrap_or("?")),
-            "launch it with `srun --ntasks-per-node=1 ray-launch ...` (an sbatch `--ntasks-per-node` is inherited by srun)",
-        ));
-    }
+    one_task_per_node(get, &nodes)?;
     let node_id = num(ev::SLURM_NODEID)?.ok_or_else(|| {
         env_error(
             "SLURM_NODEID is not set inside an srun step",

@@ -8,6 +8,7 @@
 //! Fields are only ever added within one schema version.
 
 pub mod lifecycle;
+mod render;
 pub mod versions;
 
 use crate::env_vars as ev;
@@ -1400,23 +1401,13 @@ fn share_nodes(specs: &[ModelSpec], nnodes: usize) -> Result<Vec<(usize, usize)>
     Ok(out)
 }
 
-/// The plan with the port block the master chose (`block`) and the channel port it listens
-/// on (`channel`, when it differs from the block's own).
-pub fn build_in(
-    s: &Settings,
-    step: &Step,
-    nodes: &[NodeInfo],
-    block: u16,
-    channel: Option<u16>,
-) -> Result<Plan> {
-    let c = &s.config;
-    assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
-    let nnodes = nodes.len();
+/// Each model's layout on its share of the nodes; a model that does not fit is named.
+fn layouts(s: &Settings, shares: &[(usize, usize)], nodes: &[NodeInfo]) -> Result<Vec<Layout>> {
     let specs = &s.models;
-    let shares = share_nodes(specs, nnodes)?;
+    let nnodes = nodes.len();
     let several = specs.len() > 1;
     let mut layouts = Vec::new();
-    for (m, &(first, n)) in specs.iter().zip(&shares) {
+    for (m, &(first, n)) in specs.iter().zip(shares) {
         let l = layout(s, m, n).map_err(|mut e| {
             if several {
                 let names: Vec<String> = nodes[first..first + n]
@@ -1435,22 +1426,13 @@ pub fn build_in(
         })?;
         layouts.push(l);
     }
-    let replicas: usize = layouts.iter().map(|l| l.replicas).sum();
-    let mut ports = Ports::for_block(block);
-    if let Some(ch) = channel {
-        ports.channel = ch;
-    }
-    if let Auto::Value(p) = c.ray.port {
-        ports.ray_gcs = p;
-    }
-    if let Auto::Value(p) = c.server.port {
-        ports.engine_http = p;
-    }
-    // with `models:` or `attach:`, requests go by model name
-    let by_name = c.routes_by_name();
-    let routed = c.router.enabled.unwrap_or(replicas > 1 || by_name);
+    Ok(layouts)
+}
+
+/// Each model's `min_healthy`, checked against its replicas.
+fn min_healthy(c: &Config, specs: &[ModelSpec], layouts: &[Layout]) -> Result<Vec<usize>> {
     let mut min_healthy = Vec::new();
-    for (m, l) in specs.iter().zip(&layouts) {
+    for (m, l) in specs.iter().zip(layouts) {
         let min = match (m.named, m.min_healthy) {
             (_, Some(k)) => k as usize,
             (false, None) => c.replicas.min_healthy as usize,
@@ -1474,12 +1456,11 @@ pub fn build_in(
         }
         min_healthy.push(min);
     }
-    let serve_port = if routed {
-        ports.replica_http
-    } else {
-        ports.engine_http
-    };
-    let router = routed.then(|| {
+    Ok(min_healthy)
+}
+
+/// The router: on the master's node, on the job's port.
+fn router_plan(c: &Config, nodes: &[NodeInfo], ports: &Ports) -> RouterPlan {
         let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
         let host = if wildcard {
             nodes[0].address.clone()
@@ -1495,7 +1476,158 @@ pub fn build_in(
             ),
             listen: format!("{}:{}", c.server.host, ports.engine_http),
         }
-    });
+    }
+
+/// Every rank's plan: its role and commands (and, on rank 0, the router and the client).
+fn rank_plans(
+    s: &Settings,
+    jobs: &[(Job<'_>, bool, bool)],
+    shares: &[(usize, usize)],
+    nodes: &[NodeInfo],
+    whole: &Whole<'_>,
+) -> Result<Vec<RankPlan>> {
+    let mut ranks = Vec::with_capacity(nodes.len());
+    for (i, (job, alone, uses_ray)) in jobs.iter().enumerate() {
+        for rank in job.first_node..job.first_node + shares[i].1 {
+            let x = slot(job, nodes, rank, 0)?;
+            let (role, mut commands) = if *alone {
+                let mut v = Vec::new();
+                for local in 0..job.per_node {
+                    v.push(side_by_side_command(
+                        job,
+                        &slot(job, nodes, rank, local)?,
+                        local,
+                    ));
+                }
+                (Role::EngineLeader, v)
+            } else if *uses_ray {
+                ray_commands(job, &x)
+            } else {
+                let (role, cmd) = engine_command(job, &x);
+                (role, vec![cmd])
+            };
+            if rank == 0 {
+                if let Some(r) = &job.router {
+                    commands.push(router_command(job, &x, r, whole));
+                }
+                if !s.client.is_empty() {
+                    commands.push(client_command(job, &x, whole, *uses_ray));
+                }
+            }
+            ranks.push(RankPlan {
+                node: x.node.name.clone(),
+                node_rank: rank,
+                address: x.node.address.clone(),
+                interface: x.node.interface.clone(),
+                role,
+                replica: x.replica,
+                replica_rank: x.rr,
+                leader: x.leader.name.clone(),
+                ray_token_file: (*uses_ray && s.auth).then(|| x.token_file()),
+                temp_dir: x.temp_dir,
+                commands,
+            });
+        }
+    }
+    Ok(ranks)
+}
+
+/// The block's ports, with the channel's and the config's fixed ones.
+fn job_ports(c: &Config, block: u16, channel: Option<u16>) -> Ports {
+    let mut ports = Ports::for_block(block);
+    if let Some(ch) = channel {
+        ports.channel = ch;
+    }
+    if let Auto::Value(p) = c.ray.port {
+        ports.ray_gcs = p;
+    }
+    if let Auto::Value(p) = c.server.port {
+        ports.engine_http = p;
+    }
+    ports
+}
+
+/// Each layout's warnings, named by model when there are several.
+fn warnings(models: &[ModelPlan], layouts: Vec<Layout>) -> Vec<String> {
+    let several = models.len() > 1;
+    let mut out = Vec::new();
+    for (m, l) in models.iter().zip(layouts) {
+        for w in l.warnings {
+            out.push(if several {
+                format!("model `{}`: {w}", m.name)
+            } else {
+                w
+            });
+        }
+    }
+    out
+}
+
+/// The attached endpoints, each with the router's URL for it alone.
+fn attached(c: &Config, own_url: &dyn Fn(&str) -> Option<String>) -> Vec<AttachSpec> {
+    c.attach
+        .iter()
+        .map(|a| AttachSpec {
+            name: a.name.clone(),
+            url: a.url.trim_end_matches('/').to_string(),
+            api_key_file: a.api_key_file.clone(),
+            router_url: own_url(&a.name).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A model's plan, but where its nodes and replicas start, its policy and its URL.
+fn model_plan(m: &ModelSpec, l: &Layout, uses_ray: bool) -> ModelPlan {
+    ModelPlan {
+        name: m.name.clone(),
+        engine: m.engine,
+        // replicas side by side on a node run vLLM's own mp backend
+        backend: (m.engine == Engine::Vllm).then_some(if uses_ray {
+            VllmBackend::Ray
+        } else {
+            VllmBackend::Mp
+        }),
+        model: m.model.clone(),
+        served_model_name: m.served().to_string(),
+        first_node: 0,
+        nodes: 0,
+        nodes_per_replica: l.npr,
+        replicas_per_node: l.per_node,
+        first_replica: 0,
+        replicas: l.replicas,
+        required: m.required,
+        min_healthy: 0,
+        url: String::new(),
+    }
+}
+
+/// The plan with the port block the master chose (`block`) and the channel port it listens
+/// on (`channel`, when it differs from the block's own).
+pub fn build_in(
+    s: &Settings,
+    step: &Step,
+    nodes: &[NodeInfo],
+    block: u16,
+    channel: Option<u16>,
+) -> Result<Plan> {
+    let c = &s.config;
+    assert_eq!(step.nodes.len(), nodes.len(), "one NodeInfo per node");
+    let nnodes = nodes.len();
+    let specs = &s.models;
+    let shares = share_nodes(specs, nnodes)?;
+    let layouts = layouts(s, &shares, nodes)?;
+    let replicas: usize = layouts.iter().map(|l| l.replicas).sum();
+    let ports = job_ports(c, block, channel);
+    // with `models:` or `attach:`, requests go by model name
+    let by_name = c.routes_by_name();
+    let routed = c.router.enabled.unwrap_or(replicas > 1 || by_name);
+    let min_healthy = min_healthy(c, specs, &layouts)?;
+    let serve_port = if routed {
+        ports.replica_http
+    } else {
+        ports.engine_http
+    };
+    let router = routed.then(|| router_plan(c, nodes, &ports));
     // the router's URL for one model alone: `http://HOST:PORT/models/NAME/v1`
     let own_url = |name: &str| {
         router
@@ -1528,25 +1660,12 @@ pub fn build_in(
             (None, _) => eps[0].url.clone(),
         };
         models.push(ModelPlan {
-            name: m.name.clone(),
-            engine: m.engine,
-            // replicas side by side on a node run vLLM's own mp backend
-            backend: (m.engine == Engine::Vllm).then_some(if uses_ray {
-                VllmBackend::Ray
-            } else {
-                VllmBackend::Mp
-            }),
-            model: m.model.clone(),
-            served_model_name: m.served().to_string(),
             first_node,
             nodes: n,
-            nodes_per_replica: l.npr,
-            replicas_per_node: l.per_node,
             first_replica,
-            replicas: l.replicas,
-            required: m.required,
             min_healthy: min_healthy[i],
             url,
+            ..model_plan(m, l, uses_ray)
         });
         all_endpoints.extend(eps.iter().cloned());
         jobs.push((
@@ -1569,77 +1688,17 @@ pub fn build_in(
         ));
         first_replica += l.replicas;
     }
-    let attached: Vec<AttachSpec> = c
-        .attach
-        .iter()
-        .map(|a| AttachSpec {
-            name: a.name.clone(),
-            url: a.url.trim_end_matches('/').to_string(),
-            api_key_file: a.api_key_file.clone(),
-            router_url: own_url(&a.name).unwrap_or_default(),
-        })
-        .collect();
+    let attached = attached(c, &own_url);
     let whole = Whole {
         endpoints: &all_endpoints,
         models: &models,
         attached: &attached,
         by_name,
     };
-    let mut ranks = Vec::with_capacity(nnodes);
-    for (i, (job, alone, uses_ray)) in jobs.iter().enumerate() {
-        for rank in job.first_node..job.first_node + shares[i].1 {
-            let x = slot(job, nodes, rank, 0)?;
-            let (role, mut commands) = if *alone {
-                let mut v = Vec::new();
-                for local in 0..job.per_node {
-                    v.push(side_by_side_command(
-                        job,
-                        &slot(job, nodes, rank, local)?,
-                        local,
-                    ));
-                }
-                (Role::EngineLeader, v)
-            } else if *uses_ray {
-                ray_commands(job, &x)
-            } else {
-                let (role, cmd) = engine_command(job, &x);
-                (role, vec![cmd])
-            };
-            if rank == 0 {
-                if let Some(r) = &job.router {
-                    commands.push(router_command(job, &x, r, &whole));
-                }
-                if !s.client.is_empty() {
-                    commands.push(client_command(job, &x, &whole, *uses_ray));
-                }
-            }
-            ranks.push(RankPlan {
-                node: x.node.name.clone(),
-                node_rank: rank,
-                address: x.node.address.clone(),
-                interface: x.node.interface.clone(),
-                role,
-                replica: x.replica,
-                replica_rank: x.rr,
-                leader: x.leader.name.clone(),
-                ray_token_file: (*uses_ray && s.auth).then(|| x.token_file()),
-                temp_dir: x.temp_dir,
-                commands,
-            });
-        }
-    }
+    let mut ranks = rank_plans(s, &jobs, &shares, nodes, &whole)?;
     keep_per_node_values(&mut ranks, &models);
     let first = &models[0];
-    let mut warnings = Vec::new();
-    for (m, l) in models.iter().zip(layouts) {
-        for w in l.warnings {
-            warnings.push(if several {
-                format!("model `{}`: {w}", m.name)
-            } else {
-                w
-            });
-        }
-    }
+    let warnings = warnings(&models, layouts);
     Ok(Plan {
         schema: SCHEMA,
         job_id: step.job_id.clone(),
@@ -1674,169 +1733,4 @@ pub fn build_in(
     })
 }
 
-/// Human-readable form. With many ranks, commands are shown for `show` ranks only.
-pub fn render_text(p: &Plan, show: &[usize]) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let backend = p
-        .backend
-        .map(|b| {
-            format!(
-                " ({} backend)",
-                match b {
-                    VllmBackend::Ray => "ray",
-                    VllmBackend::Mp => "mp",
-                }
-            )
-        })
-        .unwrap_or_default();
-    let engine = match p.engine {
-        Engine::Vllm => "vllm",
-        Engine::Sglang => "sglang",
-    };
-    let several = p.models.len() > 1 || !p.attached.is_empty();
-    if several {
-        let _ = writeln!(
-            o,
-            "job {}: {} model(s) on {} node(s), {} GPU(s) per node",
-            p.job_id,
-            p.models.len(),
-            p.nodes,
-            p.gpus_per_node
-        );
-        for m in &p.models {
-            let engine = match (m.engine, m.backend) {
-                (Engine::Sglang, _) => "sglang",
-                (Engine::Vllm, Some(VllmBackend::Ray)) => "vllm (ray backend)",
-                (Engine::Vllm, _) => "vllm (mp backend)",
-            };
-            let nodes: Vec<&str> = p.ranks[m.first_node..m.first_node + m.nodes]
-                .iter()
-                .map(|r| r.node.as_str())
-                .collect();
-            let shape = if m.replicas_per_node > 1 {
-                format!("{} per node, side by side", m.replicas_per_node)
-            } else {
-                format!("of {} node(s)", m.nodes_per_replica)
-            };
-            let _ = writeln!(
-                o,
-                "model {}: {engine} serving {} as `{}` on {} ({}), {} replica(s) {shape}{}; {}",
-                m.name,
-                m.model,
-                m.served_model_name,
-                nodes.join(","),
-                if m.nodes == 1 {
-                    "1 node".to_string()
-                } else {
-                    format!("{} nodes", m.nodes)
-                },
-                m.replicas,
-                if m.required { "" } else { ", not required" },
-                m.url
-            );
-        }
-        for a in &p.attached {
-            let _ = writeln!(
-                o,
-                "attached {}: {} (checked before the start); {}",
-                a.name, a.url, a.router_url
-            );
-        }
-    } else {
-        let _ = writeln!(o, "job {}: {engine}{backend} serving {}", p.job_id, p.model);
-        if p.replicas_per_node > 1 {
-            let _ = writeln!(
-                o,
-                "{} node(s), {} replica(s): {} per node, side by side, {} GPU(s) per node",
-                p.nodes, p.replicas, p.replicas_per_node, p.gpus_per_node
-            );
-        } else {
-            let _ = writeln!(
-                o,
-                "{} node(s), {} replica(s) of {} node(s), {} GPU(s) per node",
-                p.nodes, p.replicas, p.nodes_per_replica, p.gpus_per_node
-            );
-        }
-    }
-    for w in &p.warnings {
-        let _ = writeln!(o, "warning: {w}");
-    }
-    let _ = writeln!(
-        o,
-        "master: {} ({}), launcher channel port {}",
-        p.master.node, p.master.address, p.channel.port
-    );
-    match &p.self_rank {
-        Some(s) => {
-            let _ = writeln!(o, "this task: {} (node rank {})", s.node, s.node_rank);
-        }
-        None => {
-            let _ = writeln!(o, "this task: not part of the step (preview)");
-        }
-    }
-    if let Some(r) = &p.router {
-        let _ = writeln!(
-            o,
-            "endpoint: {} (router on {}, over every replica)",
-            r.url, r.node
-        );
-    }
-    for e in &p.endpoints {
-        let gpus = e
-            .gpus
-            .as_ref()
-            .map(|g| format!(" on {}, GPUs {g}", e.node))
-            .unwrap_or_default();
-        if several {
-            let _ = writeln!(o, "replica {} of {}{gpus}: {}", e.replica, e.model, e.url);
-        } else if p.router.is_some() {
-            let _ = writeln!(
-                o,
-                "replica {} (behind the router){gpus}: {}",
-                e.replica, e.url
-            );
-        } else {
-            let _ = writeln!(o, "endpoint (replica {}): {}", e.replica, e.url);
-        }
-    }
-    let _ = writeln!(
-        o,
-        "\n{:<5} {:<20} {:<16} {:<16} {:<7}",
-        "rank", "node", "address", "role", "replica"
-    );
-    for r in &p.ranks {
-        let _ = writeln!(
-            o,
-            "{:<5} {:<20} {:<16} {:<16} {:<7}",
-            r.node_rank,
-            r.node,
-            r.address,
-            r.role.as_str(),
-            r.replica
-        );
-    }
-    for &i in show {
-        let Some(r) = p.ranks.get(i) else { continue };
-        let _ = writeln!(
-            o,
-            "\n# rank {} on {} ({}), temp dir {}",
-            r.node_rank,
-            r.node,
-            r.role.as_str(),
-            r.temp_dir
-        );
-        for c in &r.commands {
-            let _ = writeln!(o, "[{}] {}", c.kind, c.shell());
-        }
-    }
-    if show.len() < p.ranks.len() {
-        let _ = writeln!(
-            o,
-            "\n({} of {} ranks shown; `--rank N` shows another, `--format json` shows all)",
-            show.len(),
-            p.ranks.len()
-        );
-    }
-    o
-}
+pub use render::render_text;
