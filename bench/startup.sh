@@ -39,6 +39,8 @@ ev_ms() { local t0 t; t0=$(head -1 "$2" | sed 's/.*"ts":"\([^"]*\)".*/\1/'); t=$
   echo $(( $(ts_ms "$t0") + $(awk -v t="$t" 'BEGIN{printf "%d", t * 1000}') )); }
 # the first process on node $1 whose command line contains $2
 pid_cmd() { for _ in $(seq 100); do for q in $(ip netns pids sl-n$1); do tr '\0' ' ' </proc/$q/cmdline 2>/dev/null | grep -q -- "$2" && { echo "$q"; return; }; done; sleep 0.05; done; }
+# processes on node $1 that are not the bed's own
+node_left() { for q in $(ip netns pids sl-n$1); do case "$(cat /proc/$q/comm 2>/dev/null)" in ''|unshare|tini|slurmd|slurmstepd) ;; *) echo "$q" ;; esac; done; }
 pid_on_now() { for q in $(ip netns pids sl-n$1); do [ "$(cat /proc/$q/comm 2>/dev/null)" = "$2" ] && { echo "$q"; return; }; done; true; }
 
 cat > plain.sh <<EOS
@@ -112,6 +114,12 @@ for r in $(seq "$ROUNDS"); do
     set -- $what; d=$W/k$r-$2-$1; j=$(submit "$d" rl.sbatch); wait_ready "$d"
     if [ "$2" = engine ]; then p=$(pid_cmd "$1" standin/); else p=$(pid_on "$1" "$2"); fi
     k=$(ms); kill -9 "$p"
+    if [ "$2" = ray-launch ]; then
+      # the reaper: SIGTERM to the launcher's whole tree (tagged processes too), SIGKILL of
+      # what is left within 1 s
+      until [ -z "$(node_left "$1")" ] || [ $(( $(ms) - k )) -gt 30000 ]; do sleep 0.02; done
+      add "ray-launch, kill -9 of node$1's launcher -> nothing of it left on node$1 (reaper)" $(( $(ms) - k ))
+    fi
     until ! squeue -h -j "$j" 2>/dev/null | grep -q .; do sleep 0.02; done
     add "ray-launch, kill -9 $2 on node$1 -> step ended everywhere" $(( $(ms) - k ))
     gone_after "$(ms)" >/dev/null
@@ -160,6 +168,7 @@ for name in "plain ray start, srun -> 3 nodes joined" "ray symmetric-run, srun -
   "plain ray start, scancel -> nothing left" "ray symmetric-run, scancel -> nothing left" "ray-launch, scancel -> nothing left" "ray-launch, time limit (sbatch -t 1) -> nothing left" \
   "ray-launch, kill -9 raylet on node3 -> step ended everywhere" "ray-launch, kill -9 gcs_server on node1 -> step ended everywhere" "ray-launch, kill -9 ray on node2 -> step ended everywhere" \
   "ray-launch, kill -9 engine on node1 -> step ended everywhere" "ray-launch, kill -9 ray-launch on node2 -> step ended everywhere" \
+  "ray-launch, kill -9 of node2's launcher -> nothing of it left on node2 (reaper)" \
   "ray-launch, SIGSTOP of node3's launcher -> nothing left on the others" "ray-launch, SIGSTOP of node3's launcher -> step ended (scancel of the step)" \
   "ray-launch, node3's link cut -> nothing it started runs on any node, node3's launcher gone" "ray stop on one node" "ray-launch, launcher + reaper resident memory per node (KiB)"; do
   runs=${F[$name]:-}

@@ -347,7 +347,7 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     }
     if !plan.attached.is_empty() {
         // what the master checks before anything starts, checked now
-        let within = g.settings.config.timeouts.attach.0;
+        let within = g.settings.policy.attach_timeout;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -364,6 +364,40 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
                 ))
             }
         }
+    }
+    match &g.settings.gpus_from {
+        Some(from) => println!(
+            "GPUs: {} per node (gpus_per_node: auto, from {from})",
+            g.settings.gpus_per_node
+        ),
+        None => println!("GPUs: {} per node (as set)", g.settings.gpus_per_node),
+    }
+    if g.step.kind != StepKind::Preview {
+        // this node's pre-flight check, as the rank runs it before the rendezvous
+        let me = g.step.self_rank.unwrap_or(0);
+        let temp_dir = plan
+            .ranks
+            .get(me)
+            .map_or_else(|| "/tmp".to_string(), |r| r.temp_dir.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
+        let found = rt.block_on(crate::run::preflight::node(
+            g.step.cuda_visible_devices.as_deref(),
+            g.nodes.get(me).and_then(|n| n.interface.as_deref()),
+            &temp_dir,
+        ));
+        if !found.is_empty() {
+            return Err(Error::new(
+                crate::error::Kind::LaunchFailure,
+                format!("this node failed its pre-flight check: {}", found.join("; ")),
+            )
+            .hint("a job would stop with exit 6 before starting anything: free the GPU, or ask for other ones (the process is not yours to stop)"));
+        }
+        println!(
+            "pre-flight: this node's GPUs are free, its interface is up, its temp dir has room"
+        );
     }
     println!(
         "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",

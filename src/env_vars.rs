@@ -22,6 +22,12 @@ pub const RAY_LAUNCH_SECRET_FILE: &str = "RAY_LAUNCH_SECRET_FILE";
 /// environment, never in argv.
 pub const RAY_LAUNCH_ROUTER_API_KEY: &str = "RAY_LAUNCH_ROUTER_API_KEY";
 
+// ---- set by ray-launch on every process it starts
+/// `TOKEN/KIND/SLOT`: which launcher started the process's tree (a random token per
+/// launcher), and which command of it. Inherited by every descendant, double-forked or
+/// `setsid`ed, so teardown, a replica's reset and the reaper find them all (src/run/proc.rs).
+pub const RAY_LAUNCH_PROC: &str = "RAY_LAUNCH_PROC";
+
 // ---- set by ray-launch for the client command
 /// The endpoint file's path, for the client (and for `ray-launch wait`).
 pub const RAY_LAUNCH_ENDPOINT: &str = "RAY_LAUNCH_ENDPOINT";

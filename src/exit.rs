@@ -18,6 +18,9 @@ pub const LAUNCH_FAILURE: i32 = 6;
 /// Fewer replicas serve than `replicas.min_healthy`: each of the others failed past its
 /// restarts, or lost its node.
 pub const REPLICAS_DOWN: i32 = 7;
+/// A process of the job survived SIGKILL at the teardown (it is named in the log): the node
+/// may still hold its memory or GPU.
+pub const LEFT_BEHIND: i32 = 8;
 /// Killed by signal `n` (SIGTERM from scancel or the time limit: 143).
 /// 128 + the signal's number; a number that is no signal (from a peer, say) counts as 1.
 pub const fn signal(n: i32) -> i32 {
@@ -58,6 +61,10 @@ pub const TABLE: &[(i32, &str)] = &[
     (
         REPLICAS_DOWN,
         "fewer replicas serve than replicas.min_healthy (failed past their restarts, or their node was lost)",
+    ),
+    (
+        LEFT_BEHIND,
+        "a process of the job survived SIGKILL at the teardown (named in the log)",
     ),
     (
         143,

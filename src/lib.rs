@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! CLI + environment + YAML ──► input/ ──► plan/ ──► run/ ──► exit code
-//!                               Settings    Plan      rank + coordinator
+//!                               Settings    Plan      rank + master
 //! ```
 //!
 //! - [`input`]: what the user, Slurm and the machine say, validated once:
@@ -18,9 +18,9 @@
 //!   variable, and each command's [`plan::lifecycle`] (when it starts, how it is known to be
 //!   up, which deadline covers it, in which teardown stage it stops). No I/O.
 //! - [`run`]: carries the plan out: [`run::rank`] (every node: a pure state machine and a thin
-//!   async shell), [`run::coordinator`] (the master's pure state machine and its shell),
-//!   [`run::channel`] (the typed connection between them), [`run::proc`], [`run::signals`],
-//!   [`run::reaper`].
+//!   async shell), [`run::master`] (the master's pure state machine, one child module per
+//!   concern, and its shell), [`run::events`] (the event log's vocabulary), [`run::channel`]
+//!   (the typed connection between them), [`run::proc`], [`run::signals`], [`run::reaper`].
 //! - [`auth`]: who may join a job (munge or a per-user secret, or a local run's own key),
 //!   the per-job key, and what is derived from it (Ray token, API key); [`private`]: files
 //!   and directories only the job's user can read, and removing only what the job created.
@@ -30,8 +30,9 @@
 //!   child of the master's launcher, planned and supervised like the engine.
 //! - [`cli`]: clap and the subcommands; [`logging`]: `[rank node]`-prefixed lines.
 //!
-//! Imports go one way: `run` → `plan` → `input`; nothing in `input` or `plan` names `run` or
-//! `cli`.
+//! Imports go one way: `run` → `plan` → `input` (and `plan` → `route::attach`, the spec the
+//! router owns); nothing in `input` or `plan` names `run` or `cli`, `route` names no `plan`,
+//! and `run` reads `Settings`, never the YAML's `Config`.
 
 pub mod auth;
 pub mod cli;

@@ -163,3 +163,97 @@ fn check_refuses_an_engine_too_old_for_the_config_and_says_which_version_is_need
     );
     assert!(so.contains("vLLM 0.10.1\n"), "{so}");
 }
+
+/// Root: the GPU's holder runs as `nobody`. A fake `nvidia-smi` on the PATH says that
+/// `nobody`'s process holds GPU 1 (8 GiB).
+#[test]
+fn a_gpu_held_by_another_users_process_stops_check_and_the_run_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sleep",
+            "60",
+        ])
+        .spawn()
+        .expect("setpriv (util-linux) runs, as root");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let exe = |name: &str, body: String| {
+        let p = bin.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p
+    };
+    exe(
+        "nvidia-smi",
+        format!(
+            "#!/bin/sh\ncase \"$*\" in\n  *query-gpu*) echo '0, GPU-aaaa-1111'; echo '1, GPU-bbbb-2222' ;;\n  *query-compute-apps*) echo 'GPU-bbbb-2222, {}, 8192' ;;\nesac\n",
+            holder.id()
+        ),
+    );
+    let started = dir.path().join("engine-started");
+    let vllm = exe(
+        "vllm",
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --version ] && {{ echo 0.32.0; exit 0; }}\ntouch {}\nsleep 30\n",
+            started.display()
+        ),
+    );
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "engine: vllm\nmodel: m\nparallel: {{tensor: 2}}\ngpus_per_node: 2\nvllm: {{backend: mp, executable: {}}}\n",
+            vllm.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], visible: Option<&str>| {
+        let mut c = rl();
+        c.env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .current_dir(dir.path())
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .timeout(Duration::from_secs(60));
+        if let Some(v) = visible {
+            c.env("CUDA_VISIBLE_DEVICES", v);
+        }
+        c.output().unwrap()
+    };
+    let held = format!(
+        "GPU 1 is held by pid {} (sleep 60) of nobody (8192 MiB)",
+        holder.id()
+    );
+    let out = run(&["check"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains(&held), "{err}");
+    // a run: refused at the rendezvous, exit 6, the node and the holder named, nothing started
+    let out = run(&[], None);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(6), "{all}");
+    assert!(
+        all.contains("failed its pre-flight check") && all.contains(&held),
+        "{all}"
+    );
+    assert!(!started.exists(), "the engine started: {all}");
+    // GPU 1 is not this step's: nothing to say
+    let out = run(&["check"], Some("0"));
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(so.contains("pre-flight: this node's GPUs are free"), "{so}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -174,7 +174,8 @@ fn serve(bed: &Bed, cfg: &Path) -> (Child, PathBuf) {
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn sbatch_then_scancel_leaves_no_process_and_no_file() {
     let bed = Bed::new();
-    let cfg = bed.config(RAY3, "");
+    // the engine leaves a child outside its session (double fork, setsid, SIGTERM ignored)
+    let cfg = bed.config(&escaping(RAY3), "");
     // a stale temp dir, as a SIGKILLed launcher leaves it: created and locked by a launcher
     // that is gone (the lock file is the launcher's own marker)
     let stale = std::path::PathBuf::from("/tmp/rl-999999.0-0");
@@ -200,6 +201,11 @@ fn sbatch_then_scancel_leaves_no_process_and_no_file() {
         "{log}"
     );
     // Bed's drop: no process in any node's namespace, no temp dir, no vllm_dist file
+}
+
+/// `base` whose engine leaves a child outside its session (STANDIN_ESCAPE).
+fn escaping(base: &str) -> String {
+    base.replace("env: {", "env: {STANDIN_ESCAPE: '1', ")
 }
 
 /// sbatch a 3-node job whose `srun` serves `cfg` (output to job.out); its id, once ready.
@@ -260,7 +266,7 @@ fn wait_gone(job: &str, limit: Duration) {
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn the_time_limit_of_an_sbatch_job_leaves_no_process_and_no_file() {
     let bed = Bed::new();
-    let cfg = bed.config(RAY3, "");
+    let cfg = bed.config(&escaping(RAY3), "");
     let job = sbatch_serve(&bed, &cfg, &["--time=1"]);
     // Slurm checks time limits about every 30 s: the job ends 60-90 s after it started
     wait_gone(&job, Duration::from_secs(180));
@@ -525,7 +531,7 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
     std::fs::write(
         &cfg,
         format!(
-            "engine: vllm\nmodel: tiny\nparallel: {{tensor: 1}}\ngpus_per_node: 0\nvllm: {{executable: {}}}\nray: {{executable: {}, object_store_memory: 200MiB}}\ntimeouts: {{shutdown_grace: 5s}}\n",
+            "engine: vllm\nmodel: tiny\nparallel: {{tensor: 1}}\ngpus_per_node: 0\nvllm: {{executable: {}}}\nray: {{executable: {}, object_store_memory: 200MiB}}\ntimeouts: {{shutdown_grace: 5s}}\nenv: {{STANDIN_ESCAPE: '1'}}\n",
             standin.display(),
             root().join(".venv/bin/ray").display()
         ),
@@ -565,8 +571,9 @@ fn local_default_runs_without_slurm_and_sigusr1_drains() {
     assert!(all.contains("SIGUSR1: draining"), "{all}");
     let v = endpoint_status(&ep).unwrap();
     assert_eq!(v["status"], "stopped");
-    // nothing of this job is left on this machine: no process runs our stand-in or Ray from
-    // this temp dir, and Ray's temp dir is gone
+    // nothing of this job is left on this machine: no process runs our stand-in (its child
+    // that left the session included: STANDIN_ESCAPE) or Ray from this temp dir, and Ray's
+    // temp dir is gone
     let temp = format!("/tmp/rl-{}-0", v["job_id"].as_str().unwrap());
     assert!(!Path::new(&temp).exists(), "{temp} left behind");
     let left: Vec<String> = std::fs::read_dir("/proc")
@@ -1146,4 +1153,113 @@ fn a_lost_node_requeues_the_job_and_an_engine_failure_does_not() {
             }
         }
     }
+}
+
+// ---- nothing escapes: engine children that leave the launcher's session (issue 22)
+
+/// mp, one engine per node and a replica each, behind the router; every engine leaves a
+/// child that double-forks, `setsid()`s and ignores SIGTERM (STANDIN_ESCAPE).
+const ESCAPING: &str = "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_ESCAPE: '1', STANDIN_RECORD_DIR: @RECORD@, STANDIN_REPLICA: '{replica}'}\nhealth: {heartbeat_interval: 1s, heartbeat_timeout: 5s}";
+
+/// Processes on `node` whose command line contains `needle`.
+fn procs_with(node: usize, needle: &str) -> Vec<(i32, String)> {
+    node_procs()
+        .into_iter()
+        .filter(|(n, _, c)| *n == format!("node{node}") && c.contains(needle))
+        .map(|(_, p, c)| (p, c))
+        .collect()
+}
+
+/// Wait until `node` has at least `n` escaped children recorded.
+fn wait_escapees(bed: &Bed, node: usize, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let have = std::fs::read_dir(bed.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("node{node}.escapee."))
+            })
+            .count();
+        if have >= n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "node{node}: {have} escaped children recorded, want {n}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn kill_9_of_a_launcher_takes_its_escaped_children_along_and_a_restart_its_replicas() {
+    let bed = Bed::new();
+    let cfg = bed.config(ESCAPING, "");
+    let (mut child, ep) = serve(&bed, &cfg);
+    for n in 1..=NODES {
+        wait_escapees(&bed, n, 1);
+    }
+    // a replica's restart: kill -9 of node3's engine; its escaped child goes with it
+    let engine = |node: usize| procs_with(node, "vllm serve tiny");
+    assert_eq!(
+        engine(3).len(),
+        2,
+        "the engine and its escaped child: {:#?}",
+        engine(3)
+    );
+    let leader = engine(3).iter().map(|p| p.0).min().unwrap();
+    signal(leader, nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    loop {
+        let st = endpoint_status(&ep).unwrap();
+        let r2 = &st["replicas"][2];
+        if r2["state"] == "ready" && r2["restarts"] == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "replica 2 did not come back: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_escapees(&bed, 3, 2);
+    assert_eq!(
+        engine(3).len(),
+        2,
+        "after the restart: the new engine and its escaped child, nothing of the old one: {:#?}",
+        engine(3)
+    );
+    // kill -9 of node2's launcher: its reaper stops what it left, escaped child included
+    let launcher = procs_with(2, "ray-launch --config")
+        .first()
+        .map(|p| p.0)
+        .expect("node2's launcher");
+    let t1 = Instant::now();
+    signal(launcher, nix::sys::signal::Signal::SIGKILL);
+    let took = loop {
+        if node_procs().iter().all(|(n, _, _)| n != "node2") {
+            break t1.elapsed();
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(15),
+            "left on node2 after kill -9 of its launcher: {:#?}",
+            node_procs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "kill -9 of node2's launcher -> nothing of it left on node2: {:.2}s",
+        took.as_secs_f64()
+    );
+    // the job goes on with the two other replicas; scancel ends it, nothing left anywhere
+    let all = scancel_all_143(&mut child, "rl-e2e");
+    assert!(
+        all.contains("all processes of this job on node1 are gone; exit 143"),
+        "{all}"
+    );
+    // Bed's drop: no process in any node's namespace (escaped children included), no temp dir
 }

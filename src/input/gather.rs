@@ -232,7 +232,11 @@ pub fn gather(req: Request<'_>) -> Result<Gathered> {
             }
             Step::preview(nodes, req.job_id.unwrap_or("0").to_string())
         }
-        None => slurm::detect(&env_lookup, &facts.hostname)?,
+        None => {
+            let mut step = slurm::detect(&env_lookup, &facts.hostname)?;
+            step.machine_gpus = facts.gpus.clone();
+            step
+        }
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let settings = settings::resolve(&loaded, &req.overrides, &step, req.client, &cwd);

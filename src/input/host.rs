@@ -15,6 +15,8 @@ pub struct HostFacts {
     pub mem_available: Option<u64>,
     pub cgroup_limit: Option<u64>,
     pub shm_size: Option<u64>,
+    /// The GPUs the machine has, and where that was read (see [`machine_gpus`]).
+    pub gpus: Option<(u32, String)>,
 }
 
 impl HostFacts {
@@ -57,8 +59,37 @@ impl HostFacts {
             mem_available,
             cgroup_limit,
             shm_size,
+            gpus: machine_gpus(std::path::Path::new("/")),
         }
     }
+}
+
+/// The GPUs this machine has, from the kernel's own lists under `root` (`/` but in tests):
+/// NVIDIA's driver lists one directory per GPU in `/proc/driver/nvidia/gpus`; AMD's kfd one
+/// topology node per device, GPUs with `simd_count` above 0. `None`: neither is there.
+/// Reads files only (no `nvidia-smi`: input/ starts no process).
+pub fn machine_gpus(root: &std::path::Path) -> Option<(u32, String)> {
+    let nvidia = root.join("proc/driver/nvidia/gpus");
+    if let Ok(d) = std::fs::read_dir(&nvidia) {
+        let n = d.flatten().count() as u32;
+        return Some((n, "/proc/driver/nvidia/gpus".into()));
+    }
+    let kfd = root.join("sys/class/kfd/kfd/topology/nodes");
+    if let Ok(d) = std::fs::read_dir(&kfd) {
+        let n = d
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("properties")).is_ok_and(|p| {
+                    p.lines().any(|l| {
+                        l.strip_prefix("simd_count ")
+                            .is_some_and(|v| v.trim().parse::<u64>().is_ok_and(|v| v > 0))
+                    })
+                })
+            })
+            .count() as u32;
+        return Some((n, "/sys/class/kfd (AMD)".into()));
+    }
+    None
 }
 
 /// Ray's own floor for the object store.
@@ -207,7 +238,36 @@ mod tests {
             mem_available: Some(100 << 30),
             cgroup_limit: None,
             shm_size: Some(20 << 30),
+            gpus: None,
         }
+    }
+
+    #[test]
+    fn gpus_are_counted_from_the_drivers_lists() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(machine_gpus(d.path()), None);
+        let nv = d.path().join("proc/driver/nvidia/gpus");
+        for bus in ["0000:07:00.0", "0000:0f:00.0", "0000:47:00.0"] {
+            std::fs::create_dir_all(nv.join(bus)).unwrap();
+        }
+        assert_eq!(
+            machine_gpus(d.path()),
+            Some((3, "/proc/driver/nvidia/gpus".into()))
+        );
+        let a = tempfile::tempdir().unwrap();
+        let nodes = a.path().join("sys/class/kfd/kfd/topology/nodes");
+        for (i, simd) in [0, 304, 304].iter().enumerate() {
+            std::fs::create_dir_all(nodes.join(i.to_string())).unwrap();
+            std::fs::write(
+                nodes.join(i.to_string()).join("properties"),
+                format!("cpu_cores_count 0\nsimd_count {simd}\n"),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            machine_gpus(a.path()),
+            Some((2, "/sys/class/kfd (AMD)".into()))
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Settings {
     pub config_path: String,
     /// Resolved: `--gpus-per-node`, else the config's number, else Slurm's count, else 0.
     pub gpus_per_node: u32,
+    /// Where `gpus_per_node: auto` found its number (none: set by flag or config).
+    pub gpus_from: Option<String>,
     /// Absolute, `{job}` filled in.
     pub endpoint_file: String,
     pub event_log: Option<String>,
@@ -111,10 +113,20 @@ pub fn resolve(
     cwd: &Path,
 ) -> Settings {
     let c = &loaded.config;
-    let gpus_per_node = ov.gpus_per_node.unwrap_or(match c.gpus_per_node {
-        Auto::Value(n) => n,
-        Auto::Auto => step.detected_gpus().unwrap_or(0),
-    });
+    let (gpus_per_node, gpus_from) = match (ov.gpus_per_node, c.gpus_per_node) {
+        (Some(n), _) => (n, None),
+        (None, Auto::Value(n)) => (n, None),
+        (None, Auto::Auto) => match step.detected_gpus_from() {
+            Some((n, from)) => (n, Some(from)),
+            None => (
+                0,
+                Some(
+                    "none found: no Slurm GPUs, no CUDA_VISIBLE_DEVICES, no GPU driver's list"
+                        .into(),
+                ),
+            ),
+        },
+    };
     let job = &step.job_id;
     let fill = |s: &str| s.replace("{job}", job).replace("{step}", &step.step_id);
     let step_suffix = if step.step_id == "0" {
@@ -142,6 +154,7 @@ pub fn resolve(
         models: c.model_specs(),
         config_path: loaded.path.clone(),
         gpus_per_node,
+        gpus_from,
         endpoint_file,
         event_log,
         log_dir,

@@ -40,6 +40,9 @@ pub struct Step {
     pub mem_per_node_mb: Option<u64>,
     /// `SLURM_STEP_RESV_PORTS` as Slurm wrote it (`12000-12255`), when srun reserved ports.
     pub resv_ports: Option<String>,
+    /// A local run's GPUs from the machine (the drivers' lists), and where they were read.
+    /// Never used under Slurm: there a step may use only the GPUs Slurm gave it.
+    pub machine_gpus: Option<(u32, String)>,
 }
 
 /// Expand Slurm's `N(xR)` lists: `2(x3),1` → [2, 2, 2, 1].
@@ -150,6 +153,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             cpus_on_node,
             mem_per_node_mb,
             resv_ports: None,
+            machine_gpus: None,
         });
     };
     if job_id.trim().is_empty()
@@ -243,6 +247,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         cpus_on_node,
         mem_per_node_mb,
         resv_ports,
+        machine_gpus: None,
     })
 }
 
@@ -260,16 +265,28 @@ impl Step {
             cpus_on_node: None,
             mem_per_node_mb: None,
             resv_ports: None,
+            machine_gpus: None,
         }
     }
 
     /// GPUs this node has, from Slurm's view: `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES`.
     pub fn detected_gpus(&self) -> Option<u32> {
-        self.gpus_on_node.or_else(|| {
-            self.cuda_visible_devices
-                .as_deref()
-                .map(count_visible_devices)
-        })
+        self.detected_gpus_from().map(|(n, _)| n)
+    }
+
+    /// The GPUs per node for `gpus_per_node: auto`, and where the number came from: Slurm's
+    /// `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES` (what the process may use), else, in
+    /// a local run, the machine's own list.
+    pub fn detected_gpus_from(&self) -> Option<(u32, String)> {
+        if let Some(n) = self.gpus_on_node {
+            return Some((n, "SLURM_GPUS_ON_NODE".into()));
+        }
+        if let Some(v) = self.cuda_visible_devices.as_deref() {
+            return Some((count_visible_devices(v), "CUDA_VISIBLE_DEVICES".into()));
+        }
+        self.machine_gpus
+            .clone()
+            .filter(|_| self.kind == StepKind::Local)
     }
 
     pub fn master(&self) -> &str {

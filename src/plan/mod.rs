@@ -418,6 +418,10 @@ pub struct Plan {
     /// What the layout leaves unused (idle GPUs), said once by `plan`, `check` and `run`.
     pub warnings: Vec<String>,
     pub gpus_per_node: u32,
+    /// Where `gpus_per_node: auto` found it (`SLURM_GPUS_ON_NODE`, `CUDA_VISIBLE_DEVICES`, the
+    /// driver's list); absent when the flag or the config set it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus_from: Option<String>,
     pub master: NodeRef,
     pub channel: Channel,
     #[serde(rename = "self")]
@@ -1296,8 +1300,10 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
     ]);
     let mut cmd = x.command(j, Kind::Router, argv, BTreeMap::new(), Lifecycle::router());
     if s.auth {
-        cmd.secret_env
-            .insert(crate::env_vars::RAY_LAUNCH_ROUTER_API_KEY.into(), Secret::ApiKey);
+        cmd.secret_env.insert(
+            crate::env_vars::RAY_LAUNCH_ROUTER_API_KEY.into(),
+            Secret::ApiKey,
+        );
     }
     cmd
 }
@@ -1461,22 +1467,22 @@ fn min_healthy(c: &Config, specs: &[ModelSpec], layouts: &[Layout]) -> Result<Ve
 
 /// The router: on the master's node, on the job's port.
 fn router_plan(c: &Config, nodes: &[NodeInfo], ports: &Ports) -> RouterPlan {
-        let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
-        let host = if wildcard {
-            nodes[0].address.clone()
-        } else {
-            c.server.host.clone()
-        };
-        RouterPlan {
-            node: nodes[0].name.clone(),
-            url: format!(
-                "http://{}:{}/v1",
-                advertised(c, &nodes[0], &host),
-                ports.engine_http
-            ),
-            listen: format!("{}:{}", c.server.host, ports.engine_http),
-        }
+    let wildcard = c.server.host == "0.0.0.0" || c.server.host == "::";
+    let host = if wildcard {
+        nodes[0].address.clone()
+    } else {
+        c.server.host.clone()
+    };
+    RouterPlan {
+        node: nodes[0].name.clone(),
+        url: format!(
+            "http://{}:{}/v1",
+            advertised(c, &nodes[0], &host),
+            ports.engine_http
+        ),
+        listen: format!("{}:{}", c.server.host, ports.engine_http),
     }
+}
 
 /// Every rank's plan: its role and commands (and, on rank 0, the router and the client).
 fn rank_plans(
@@ -1712,6 +1718,7 @@ pub fn build_in(
         replicas,
         warnings,
         gpus_per_node: s.gpus_per_node,
+        gpus_from: s.gpus_from.clone(),
         master: NodeRef {
             node: nodes[0].name.clone(),
             address: nodes[0].address.clone(),

@@ -7,6 +7,9 @@ use std::fmt::Write as _;
 /// Human-readable form. With many ranks, commands are shown for `show` ranks only.
 pub fn render_text(p: &Plan, show: &[usize]) -> String {
     let mut o = header(p);
+    if let Some(from) = &p.gpus_from {
+        let _ = writeln!(o, "GPUs per node: {} (from {from})", p.gpus_per_node);
+    }
     let several = p.models.len() > 1 || !p.attached.is_empty();
     for w in &p.warnings {
         let _ = writeln!(o, "warning: {w}");

@@ -84,7 +84,8 @@ pub(super) async fn forward(
                 let stream = resp.bytes_stream().map(move |chunk| {
                     let _keep = &flight;
                     if chunk.is_err() {
-                        st2.metrics.error(&st2.replicas[i].label.replica, "upstream");
+                        st2.metrics
+                            .error(&st2.replicas[i].label.replica, "upstream");
                     }
                     chunk
                 });

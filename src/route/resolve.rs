@@ -168,11 +168,17 @@ mod tests {
     #[test]
     fn by_the_body_the_entry_name_is_rewritten_to_the_served_one() {
         let p = "/v1/completions";
-        assert_eq!(route(p, false, r#"{"model":"policy"}"#), to(0, Some("org/policy-7b")));
+        assert_eq!(
+            route(p, false, r#"{"model":"policy"}"#),
+            to(0, Some("org/policy-7b"))
+        );
         assert_eq!(route(p, false, r#"{"model":"org/policy-7b"}"#), to(0, None));
         // an attached server's own id goes as it is
         assert_eq!(route(p, false, r#"{"model":"judge-8b"}"#), to(1, None));
-        assert_eq!(route(p, false, r#"{"model":"judge"}"#), to(1, Some("judge-8b")));
+        assert_eq!(
+            route(p, false, r#"{"model":"judge"}"#),
+            to(1, Some("judge-8b"))
+        );
     }
 
     #[test]
@@ -187,7 +193,10 @@ mod tests {
             }
         );
         assert_eq!(scope(&Two, true, "/models/judge").unwrap().pq, "/");
-        assert_eq!(route("/models/judge/v1/models", true, ""), Ok(Route::List(vec![1])));
+        assert_eq!(
+            route("/models/judge/v1/models", true, ""),
+            Ok(Route::List(vec![1]))
+        );
         assert_eq!(route("/v1/models", true, ""), Ok(Route::List(vec![0, 1])));
     }
 
@@ -199,7 +208,10 @@ mod tests {
             Ok(Route::Unknown("nope".into()))
         );
         // no model, or a body that is not JSON: the first model, as an engine serves its first name
-        assert_eq!(route("/v1/completions", false, r#"{"prompt":"x"}"#), to(0, None));
+        assert_eq!(
+            route("/v1/completions", false, r#"{"prompt":"x"}"#),
+            to(0, None)
+        );
         assert_eq!(route("/v1/completions", false, "not json"), to(0, None));
         // one model, no names: nothing to resolve
         let s = scope(&Two, false, "/models/judge/v1/x").unwrap();

@@ -56,6 +56,10 @@ pub struct Hello {
     pub info: NodeInfo,
     /// Candidate port blocks with a port taken on this node.
     pub busy: Vec<Busy>,
+    /// What this node's pre-flight check found that stops the job (a GPU held by another
+    /// process, the interface down, no room for the temp dir); empty: the node is fit.
+    #[serde(default)]
+    pub preflight: Vec<String>,
     /// This rank's nonce for this connection.
     pub nonce: String,
     pub proof: Option<String>,
@@ -467,6 +471,7 @@ mod tests {
             settings_digests: [("config.model".to_string(), "d1".to_string())].into(),
             info: info(),
             busy: vec![],
+            preflight: vec![],
             nonce: "n".into(),
             proof: None,
         }

@@ -22,11 +22,22 @@ pub enum Event {
         reason: String,
         count: u64,
     },
-    RendezvousComplete { nodes: usize },
+    RendezvousComplete {
+        nodes: usize,
+    },
     /// An attached endpoint answered the check, with the model ids it serves.
-    Attached { name: String, models: Vec<String> },
-    HeadUp { replica: usize },
-    WorkerJoined { replica: usize, joined: usize, of: usize },
+    Attached {
+        name: String,
+        models: Vec<String>,
+    },
+    HeadUp {
+        replica: usize,
+    },
+    WorkerJoined {
+        replica: usize,
+        joined: usize,
+        of: usize,
+    },
     /// On the leader of a Ray replica (`node` set); else `ranks` engines at once.
     EngineStarted {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,12 +68,27 @@ pub enum Event {
         restart: u32,
         node: String,
     },
-    ModelDropped { model: String, reason: String },
-    Ready { url: String, urls: Vec<String> },
+    ModelDropped {
+        model: String,
+        reason: String,
+    },
+    Ready {
+        url: String,
+        urls: Vec<String>,
+    },
     ClientStarted,
-    Requeue { job_id: String, reason: String },
-    Failure { code: i32, reason: String },
-    StopRequested { code: i32, reason: String },
+    Requeue {
+        job_id: String,
+        reason: String,
+    },
+    Failure {
+        code: i32,
+        reason: String,
+    },
+    StopRequested {
+        code: i32,
+        reason: String,
+    },
     NodeStopped,
     AllStopped,
 }
@@ -114,7 +140,9 @@ mod tests {
             r#"{"event":"all_stopped","node":null,"t":0.0,"ts":"T"}"#
         );
         assert_eq!(
-            Event::EngineStarted { ranks: None }.line("T", 0.0, None).to_string(),
+            Event::EngineStarted { ranks: None }
+                .line("T", 0.0, None)
+                .to_string(),
             r#"{"event":"engine_started","node":null,"t":0.0,"ts":"T"}"#
         );
     }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod master;
 pub mod phases;
 pub mod ports;
+pub mod preflight;
 pub mod proc;
 pub mod progress;
 pub mod rank;
@@ -38,6 +39,8 @@ pub async fn node(
     security: Security,
     sigs: mpsc::UnboundedReceiver<i32>,
 ) -> i32 {
+    // what this launcher's children orphan stays its descendant (teardown finds it)
+    proc::become_subreaper();
     let me = g.step.self_rank.unwrap_or(0);
     let master = if me == 0 {
         match serve_master(&g, &security).await {

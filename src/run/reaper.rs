@@ -2,8 +2,11 @@
 //! SIGKILLed launcher just long enough to stop its sessions and remove its temp dir.
 //!
 //! The launcher writes `session PID`, `dir PATH` lines to the reaper's stdin as it goes, and
-//! `done` after its own teardown. End of input without `done` means the launcher died: the
-//! reaper then SIGTERMs each session's leader, waits `--grace`, SIGKILLs what is left and
+//! `tag TOKEN` (the launcher's `RAY_LAUNCH_PROC` token), and `done` after its own teardown.
+//! End of input without `done` means the launcher died: the reaper then SIGTERMs every
+//! process of the launcher's (its sessions' members and whatever carries its tag, so also
+//! what left a session), SIGKILLs what is left after at most 1 s (the processes had their
+//! chance: PDEATHSIG), twice over, signalling through pidfds with the start time checked, and
 //! removes the dirs. It ignores SIGTERM/SIGINT/SIGHUP (scancel) and exits on its own.
 
 use crate::run::proc;
@@ -19,6 +22,8 @@ pub enum Note {
     Session(i32),
     /// A directory to remove if the launcher dies.
     Dir(String),
+    /// The launcher's token in `RAY_LAUNCH_PROC`: what carries it is the launcher's.
+    Tag(String),
     /// The launcher finished its own teardown: nothing to do.
     Done,
 }
@@ -28,6 +33,7 @@ impl Note {
         match self {
             Note::Session(p) => format!("session {p}\n"),
             Note::Dir(d) => format!("dir {d}\n"),
+            Note::Tag(t) => format!("tag {t}\n"),
             Note::Done => "done\n".into(),
         }
     }
@@ -37,6 +43,7 @@ impl Note {
         match line.split_once(' ') {
             Some(("session", p)) => p.trim().parse().ok().map(Note::Session),
             Some(("dir", d)) => Some(Note::Dir(d.to_string())),
+            Some(("tag", t)) if !t.trim().is_empty() => Some(Note::Tag(t.trim().to_string())),
             _ if line.trim() == "done" => Some(Note::Done),
             _ => None,
         }
@@ -47,12 +54,13 @@ impl Note {
 /// launcher still takes its children along through PDEATHSIG.
 pub struct Reaper {
     stdin: Option<std::process::ChildStdin>,
+    pid: Option<i32>,
 }
 
 impl Reaper {
     /// Start `ray-launch reap` in its own session, output to `log`.
     pub fn start(log: &Path, grace: Duration) -> Reaper {
-        let spawn = || -> std::io::Result<std::process::ChildStdin> {
+        let spawn = || -> std::io::Result<(std::process::ChildStdin, i32)> {
             use std::os::unix::process::CommandExt as _;
             let exe = std::env::current_exe()?;
             let out = crate::private::open_append(log)?;
@@ -75,19 +83,35 @@ impl Reaper {
             }
             let mut child = cmd.spawn()?;
             let stdin = child.stdin.take().expect("piped");
+            let pid = child.id() as i32;
             // reap the reaper when it exits, without blocking the runtime
             std::thread::spawn(move || child.wait());
-            Ok(stdin)
+            Ok((stdin, pid))
         };
         match spawn() {
-            Ok(s) => Reaper { stdin: Some(s) },
+            Ok((s, pid)) => {
+                let mut r = Reaper {
+                    stdin: Some(s),
+                    pid: Some(pid),
+                };
+                r.tell(&Note::Tag(proc::token().to_string()));
+                r
+            }
             Err(e) => {
                 tracing::warn!(
                     "cannot start the reaper ({e}); a SIGKILLed launcher would leave its temp dir"
                 );
-                Reaper { stdin: None }
+                Reaper {
+                    stdin: None,
+                    pid: None,
+                }
             }
         }
+    }
+
+    /// The reaper's own pid (the teardown leaves it alone: it exits on `done`).
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
     }
 
     pub fn tell(&mut self, note: &Note) {
@@ -99,6 +123,10 @@ impl Reaper {
     }
 }
 
+/// After the launcher's death its processes had their chance (PDEATHSIG sent them SIGTERM):
+/// what is left gets SIGTERM now and SIGKILL after at most this long.
+const REAP_GRACE: Duration = Duration::from_secs(1);
+
 pub fn main(grace: Duration) -> i32 {
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: setting SIG_IGN installs no handler code.
@@ -108,12 +136,14 @@ pub fn main(grace: Duration) -> i32 {
     }
     let mut sessions = Vec::new();
     let mut dirs = Vec::new();
+    let mut tag = None;
     let mut done = false;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         match Note::parse(&line) {
             Some(Note::Session(p)) => sessions.push(p),
             Some(Note::Dir(d)) => dirs.push(d),
+            Some(Note::Tag(t)) => tag = Some(t),
             Some(Note::Done) => done = true,
             None => {}
         }
@@ -121,26 +151,42 @@ pub fn main(grace: Duration) -> i32 {
     if done {
         return 0;
     }
-    eprintln!("reaper: the launcher is gone; stopping sessions {sessions:?}, removing {dirs:?}");
-    for s in &sessions {
-        proc::signal_pid(*s, Signal::SIGTERM);
+    let t0 = Instant::now();
+    eprintln!("reaper: the launcher is gone; stopping sessions {sessions:?} and every process tagged by it, removing {dirs:?}");
+    // the whole tree, twice: what the first pass stopped may have started something
+    let mut left = Vec::new();
+    for _ in 0..2 {
+        let victims = left_of(&sessions, tag.as_deref());
+        if victims.is_empty() {
+            break;
+        }
+        left = proc::stop_all(&victims, REAP_GRACE.min(grace));
     }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline
-        && sessions
-            .iter()
-            .any(|s| !proc::session_members(*s).is_empty())
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for s in &sessions {
-        proc::kill_session(*s, Signal::SIGKILL);
-    }
-    std::thread::sleep(Duration::from_millis(200));
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
     }
-    0
+    if left.is_empty() {
+        eprintln!(
+            "reaper: nothing of the launcher's is left ({:.2}s)",
+            t0.elapsed().as_secs_f64()
+        );
+        0
+    } else {
+        eprintln!("reaper: survived SIGKILL: {}", left.join(", "));
+        crate::exit::LEFT_BEHIND
+    }
+}
+
+/// The dead launcher's processes: members of its sessions, and what carries its tag.
+fn left_of(sessions: &[i32], tag: Option<&str>) -> Vec<proc::ProcInfo> {
+    let me = std::process::id() as i32;
+    proc::all()
+        .into_iter()
+        .filter(|p| p.pid != me)
+        .filter(|p| {
+            sessions.contains(&p.sid) || tag.is_some_and(|t| proc::tag_with(p.pid, t).is_some())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -152,6 +198,7 @@ mod tests {
         for n in [
             Note::Session(42),
             Note::Dir("/tmp/rl-7-0".into()),
+            Note::Tag("0123abcd".into()),
             Note::Done,
         ] {
             assert_eq!(Note::parse(n.line().trim_end()), Some(n));

@@ -86,6 +86,7 @@ pub async fn join(
             settings_digests: who.digests.clone(),
             info: who.info(),
             busy: vec![],
+            preflight: vec![],
             nonce: auth::random_hex(),
             proof: None,
         };

@@ -20,6 +20,9 @@ and /metrics counts requests running and tokens generated (vLLM's names);
 STANDIN_STALL_AFTER=N (with STANDIN_STALL_REPLICA equal to STANDIN_REPLICA, when set): from
 the N+1th completion on, requests hang and no token is generated while /health still answers
 200, as a hung engine does.
+STANDIN_ESCAPE=1: like some engines' workers and user code, leave the launcher's session: a
+child double-forks and setsid()s, ignores SIGTERM and idles forever (holding what a GPU
+worker would hold); its pid is written to STANDIN_RECORD_DIR/<node>.escapee.<replica>.<pid>.
 """
 import json, os, signal, socket, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +52,26 @@ if rec:
         record["non_carry_over"] = json.load(open(nco))
     with open(os.path.join(rec, f"{node}.{flavour}.json"), "w") as f:
         json.dump(record, f)
+
+if os.environ.get("STANDIN_ESCAPE"):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.close(r)
+            if rec:
+                tag = f"{node}.escapee.{os.environ.get('STANDIN_REPLICA', '0')}.{os.getpid()}"
+                open(os.path.join(rec, tag), "w").close()
+            os.write(w, b"x")
+            os.close(w)
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    os.wait()
 
 fail = os.environ.get("STANDIN_FAIL_REPLICA")
 if fail is not None and fail == os.environ.get("STANDIN_REPLICA"):

@@ -144,7 +144,6 @@ pub fn api_key_file(endpoint_file: &str) -> PathBuf {
     PathBuf::from(endpoint_file).with_extension("api-key")
 }
 
-
 impl Outputs {
     /// Open the event log (appended, 0600) and settle the endpoint's API key file: the user's
     /// own (`server.api_key_file`), or `key` written next to the endpoint file (0600).

@@ -1,13 +1,13 @@
 //! The rendezvous: every rank's hello checked (place in the step, version, settings), the
 //! port block chosen from what the nodes found taken, the plan built, the attach gate.
 
+use super::replicas::Rep;
 use super::{diff_keys, Action, Coord, Phase};
 use crate::exit;
 use crate::plan::lifecycle::StartAfter;
 use crate::plan::{self, NodeInfo};
 use crate::run::channel::{self, Hello, ToRank};
 use crate::run::events::Event;
-use super::replicas::Rep;
 use std::time::Instant;
 
 impl Coord {
@@ -73,6 +73,21 @@ impl Coord {
             ));
             return Ok((rank, acts));
         }
+        if !hello.preflight.is_empty() {
+            // from a peer: bounded, printable
+            let found: Vec<String> = hello
+                .preflight
+                .iter()
+                .take(8)
+                .map(|f| f.chars().filter(|c| !c.is_control()).take(300).collect())
+                .collect();
+            acts.extend(self.stop(
+                exit::LAUNCH_FAILURE,
+                format!("{node} failed its pre-flight check: {}", found.join("; ")),
+                Some(rank),
+            ));
+            return Ok((rank, acts));
+        }
         self.peers[rank].hello = Some(info.clone());
         self.peers[rank].busy = busy.iter().take(plan::CANDIDATE_BLOCKS).cloned().collect();
         if self.peers.iter().all(|p| p.hello.is_some()) {
@@ -85,7 +100,8 @@ impl Coord {
     fn choose_block(&self) -> Result<u16, String> {
         let taken = |base: u16| {
             (0..self.n()).find_map(|r| {
-                self.peers[r].busy
+                self.peers[r]
+                    .busy
                     .iter()
                     .find(|b| b.base == base)
                     .map(|b| format!("on {}: {}", self.node(r), b.why))
@@ -203,5 +219,4 @@ impl Coord {
             }
         }
     }
-
 }

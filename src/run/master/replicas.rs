@@ -150,8 +150,9 @@ impl Coord {
                 .up
                 .retain(|(k, s)| !(k.of_replica() && *s == slot));
         }
-        self.starting
-            .retain(|s| !(ranks.contains(&s.cmd.rank) && s.cmd.kind.of_replica() && s.cmd.slot == slot));
+        self.starting.retain(|s| {
+            !(ranks.contains(&s.cmd.rank) && s.cmd.kind.of_replica() && s.cmd.slot == slot)
+        });
         let mut acts = self.take_down(rep, rank, code, &reason, lost, now);
         for r in ranks {
             if r == rank && lost {
@@ -190,7 +191,10 @@ impl Coord {
         lost: bool,
         now: Instant,
     ) -> Vec<Action> {
-        let leader = self.plan.as_ref().map_or_else(String::new, |p| p.endpoints[rep].node.clone());
+        let leader = self
+            .plan
+            .as_ref()
+            .map_or_else(String::new, |p| p.endpoints[rep].node.clone());
         let max = self.settings.policy.max_restarts;
         let window = self.settings.policy.restart_window;
         let r = &mut self.reps[rep];
@@ -222,7 +226,9 @@ impl Coord {
                     )
                 };
                 (
-                    format!("replica {rep} (leader {leader}) failed: {reason}; it stays down: {why}"),
+                    format!(
+                        "replica {rep} (leader {leader}) failed: {reason}; it stays down: {why}"
+                    ),
                     Some(why),
                 )
             }

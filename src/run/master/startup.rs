@@ -55,7 +55,13 @@ impl Coord {
         ]
     }
 
-    pub(super) fn on_up(&mut self, rank: usize, kind: Kind, slot: usize, now: Instant) -> Vec<Action> {
+    pub(super) fn on_up(
+        &mut self,
+        rank: usize,
+        kind: Kind,
+        slot: usize,
+        now: Instant,
+    ) -> Vec<Action> {
         self.peers[rank].up.insert((kind, slot));
         self.starting.retain(|s| s.cmd != Cmd { rank, kind, slot });
         let Some(plan) = &self.plan else {
@@ -291,5 +297,4 @@ impl Coord {
         }
         acts
     }
-
 }

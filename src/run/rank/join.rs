@@ -178,4 +178,3 @@ pub(super) async fn join(
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
-

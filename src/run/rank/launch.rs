@@ -82,6 +82,11 @@ pub(super) fn prepare(
         }),
     };
     let mut env = cmd.env.clone();
+    // which launcher and command every process of its tree comes from (teardown, reset, reaper)
+    env.insert(
+        crate::env_vars::RAY_LAUNCH_PROC.into(),
+        proc::tag(&kind.to_string(), slot),
+    );
     for (k, s) in &cmd.secret_env {
         env.insert(k.clone(), secret(s)?);
     }
@@ -292,8 +297,11 @@ impl Shell {
                     let phases = watch::watch_phases(l, from, kind, self.reports(slot));
                     self.watchers.push((kind, slot, tokio::spawn(phases)));
                 }
-                self.watchers
-                    .push((kind, slot, tokio::spawn(watch::health(kind, probe, pid, tx))));
+                self.watchers.push((
+                    kind,
+                    slot,
+                    tokio::spawn(watch::health(kind, probe, pid, tx)),
+                ));
             }
             Ready::Spawned => {
                 let _ = tx.send(Event::Up(kind, slot));
@@ -322,4 +330,3 @@ pub(super) fn write_non_carry_over(cmd: &plan::Command, temp_dir: &str) -> Resul
     private::write_atomic(&dir.join("ray_non_carry_over_env_vars.json"), &body)
         .map_err(|e| format!("cannot write {root}/ray_non_carry_over_env_vars.json: {e}"))
 }
-

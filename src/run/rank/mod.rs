@@ -98,8 +98,9 @@ pub enum Input {
     Local(Event),
     /// The heartbeat interval passed.
     Tick,
-    /// The teardown finished: every process of this rank is gone.
-    TornDown,
+    /// The teardown finished: every process of this rank is gone, but these (described),
+    /// which survived SIGKILL.
+    TornDown(Vec<String>),
     /// The processes here of the node's replica `slot` are gone (after `Action::Reset`).
     ResetDone(usize),
 }
@@ -353,5 +354,4 @@ impl RankMachine {
             _ => Vec::new(),
         }
     }
-
 }

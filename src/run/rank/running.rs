@@ -28,7 +28,7 @@ impl RankMachine {
             }
             Input::Local(ev) => self.local(ev),
             Input::Tick => self.tick(now),
-            Input::TornDown => self.torn_down(),
+            Input::TornDown(left) => self.torn_down(left),
             Input::ResetDone(slot) => {
                 if self.stopping.is_some() {
                     return Vec::new();
@@ -192,11 +192,34 @@ impl RankMachine {
         acts
     }
 
-    fn torn_down(&mut self) -> Vec<Action> {
+    /// `left`: processes of the job that survived SIGKILL (checked, not assumed): named, and
+    /// the exit says so.
+    fn torn_down(&mut self, left: Vec<String>) -> Vec<Action> {
         let Stop { code, reason } = self.stopping.clone().unwrap_or(Stop {
             code: exit::INTERNAL,
             reason: "torn down without a cause".into(),
         });
+        if !left.is_empty() {
+            let code = if exit::is_failure(code) {
+                code
+            } else {
+                exit::LEFT_BEHIND
+            };
+            let summary = format!(
+                "{} process(es) of this job on {} survived SIGKILL: {}; exit {code}",
+                left.len(),
+                self.node(),
+                left.join(", ")
+            );
+            return vec![
+                Action::Error(summary),
+                Action::Send(ToMaster::Stopped),
+                Action::Exit {
+                    code,
+                    summary: None,
+                },
+            ];
+        }
         let summary = if code == exit::SUCCESS {
             format!("done: {reason}; exit {code}")
         } else {

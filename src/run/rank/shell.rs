@@ -15,6 +15,7 @@ use crate::plan::{self, NodeInfo, Plan};
 use crate::private::{self, DirState};
 use crate::run::channel::{self, Hello};
 use crate::run::ports;
+use crate::run::preflight;
 use crate::run::proc;
 use crate::run::reaper::{Note, Reaper};
 use std::collections::{BTreeSet, VecDeque};
@@ -59,7 +60,7 @@ pub(super) struct Shell {
     kill_tx: tokio_watch::Sender<bool>,
     kill_rx: tokio_watch::Receiver<bool>,
     leftovers_before: BTreeSet<PathBuf>,
-    teardown: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    teardown: Option<Pin<Box<dyn Future<Output = Vec<String>>>>>,
     pub(super) secrets: Secrets,
     /// The channel port the master listens on, when it is not its block's first port.
     channel_port: Option<u16>,
@@ -175,6 +176,13 @@ impl Shell {
             self.kill_rx.clone(),
             self.temp_dir.take(),
             self.leftovers_before.clone(),
+            Some(
+                self.reaper
+                    .as_ref()
+                    .and_then(|r| r.pid())
+                    .into_iter()
+                    .collect(),
+            ),
         )));
     }
 
@@ -214,9 +222,8 @@ impl Shell {
     }
 }
 
-
 /// This rank's hello: who it is, what it found on its node, the settings it runs with.
-fn hello(g: &Gathered, me: usize, busy: Vec<channel::Busy>) -> Hello {
+fn hello(g: &Gathered, me: usize, busy: Vec<channel::Busy>, preflight: Vec<String>) -> Hello {
     let s = &g.settings;
     Hello {
         protocol: channel::PROTOCOL,
@@ -229,6 +236,7 @@ fn hello(g: &Gathered, me: usize, busy: Vec<channel::Busy>) -> Hello {
         settings_digests: s.agreed_digests(),
         info: g.nodes[me].clone(),
         busy,
+        preflight,
         nonce: String::new(),
         proof: None,
     }
@@ -291,7 +299,21 @@ pub async fn run(
     for b in &busy {
         info!("port block {} is not free here: {}", b.base, b.why);
     }
-    let hello = hello(&g, me, busy);
+    // the node's pre-flight check: the master decides on what each rank found
+    let temp_dir = preview
+        .ranks
+        .get(me)
+        .map_or_else(|| "/tmp".to_string(), |r| r.temp_dir.clone());
+    let found = preflight::node(
+        g.step.cuda_visible_devices.as_deref(),
+        g.nodes[me].interface.as_deref(),
+        &temp_dir,
+    )
+    .await;
+    for f in &found {
+        error!("pre-flight: {f}");
+    }
+    let hello = hello(&g, me, busy, found);
     let mut m = RankMachine::new(
         g.step.nodes[me].clone(),
         preview.master.node.clone(),
@@ -384,9 +406,9 @@ impl Shell {
                     Err(e) => Input::MasterLost(e.to_string()),
                 }),
                 Some((slot, epoch, ev)) = inbox.local_rx.recv() => self.fresh(slot, epoch, ev).map(Input::Local),
-                _ = async { self.teardown.as_mut().expect("guarded").await }, if self.teardown.is_some() => {
+                left = async { self.teardown.as_mut().expect("guarded").await }, if self.teardown.is_some() => {
                     self.teardown = None;
-                    Some(Input::TornDown)
+                    Some(Input::TornDown(left))
                 }
                 Some(slot) = inbox.reset_rx.recv() => {
                     self.resetting.retain(|p| p.slot != slot);
@@ -432,4 +454,3 @@ async fn end(
     }
     code
 }
-

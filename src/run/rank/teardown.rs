@@ -47,15 +47,23 @@ pub(super) async fn killed(mut kill: watch::Receiver<bool>) {
 }
 
 /// Stop everything this rank started, in order, within the budget; then clean up.
+/// `sweep`: then every other process of this launcher's (its descendants, what carries its
+/// tag), but the pids given (the reaper), gets SIGTERM, 1 s, SIGKILL. What survives even
+/// that, described (empty: nothing of the job is left here).
 pub(super) async fn teardown(
     procs: Vec<Running>,
     grace: Duration,
     kill: watch::Receiver<bool>,
     temp_dir: Option<(PathBuf, DirState)>,
     leftovers_before: BTreeSet<PathBuf>,
-) {
+    sweep: Option<Vec<i32>>,
+) -> Vec<String> {
     let t0 = Instant::now();
     stop_stages(procs, grace, kill).await;
+    let left = match sweep {
+        Some(skip) => swept(skip).await,
+        None => Vec::new(),
+    };
     if let Some((dir, state)) = &temp_dir {
         if let Err(e) = private::remove_created(dir, state) {
             warn!("cannot remove what the job put in {}: {e}", dir.display());
@@ -73,10 +81,30 @@ pub(super) async fn teardown(
         }
     }
     info!("teardown done in {:.1}s", t0.elapsed().as_secs_f64());
+    left
+}
+
+/// The last pass: whatever of this launcher's is still alive after the stages (something
+/// that left its session and its parent, say) is stopped; what survives SIGKILL, described.
+async fn swept(skip: Vec<i32>) -> Vec<String> {
+    let run = move || {
+        let rest = proc::ours(&proc::all(), &skip);
+        if rest.is_empty() {
+            return Vec::new();
+        }
+        let shown: Vec<String> = rest.iter().map(|p| proc::describe_pid(p.pid)).collect();
+        warn!(
+            "{} process(es) of this job outlived their command's teardown (they left its session): stopping them: {}",
+            rest.len(),
+            shown.join(", ")
+        );
+        proc::stop_all(&rest, Duration::from_secs(1))
+    };
+    tokio::task::spawn_blocking(run).await.unwrap_or_default()
 }
 
 /// Stop `procs` stage by stage: SIGTERM and `grace` for the graceful stages, then SIGKILL
-/// of their sessions.
+/// of their groups (their sessions, and what carries their tags: what left a session too).
 pub(super) async fn stop_stages(procs: Vec<Running>, grace: Duration, kill: watch::Receiver<bool>) {
     for stage in Stage::ORDER {
         let group: Vec<&Running> = procs
@@ -86,7 +114,10 @@ pub(super) async fn stop_stages(procs: Vec<Running>, grace: Duration, kill: watc
         if group.is_empty() {
             continue;
         }
-        let sids: Vec<i32> = group.iter().map(|p| p.pid).collect();
+        let g = proc::Group {
+            sids: group.iter().map(|p| p.pid).collect(),
+            tags: group.iter().map(|p| (p.kind.to_string(), p.slot)).collect(),
+        };
         let graceful = if *kill.borrow() || !stage.graceful() {
             false
         } else {
@@ -96,19 +127,19 @@ pub(super) async fn stop_stages(procs: Vec<Running>, grace: Duration, kill: watc
                 proc::signal_pid(p.pid, Signal::SIGTERM);
             }
             tokio::select! {
-                ok = proc::wait_sessions(&sids, grace, proc::ORPHAN_LINGER) => ok,
+                ok = g.wait_empty(grace, proc::ORPHAN_LINGER) => ok,
                 _ = killed(kill.clone()) => false,
             }
         };
         if !graceful {
-            let n: usize = sids
-                .iter()
-                .map(|s| proc::kill_session(*s, Signal::SIGKILL))
-                .sum();
+            let n = g.signal(Signal::SIGKILL);
             if n > 0 && stage.graceful() {
                 warn!("{}: {n} process(es) still running after SIGTERM (the grace of {} passed, or what it started was left orphaned): sent SIGKILL", stage.as_str(), humantime::format_duration(grace));
             }
-            if !proc::wait_sessions(&sids, Duration::from_secs(3), Duration::from_secs(3)).await {
+            if !g
+                .wait_empty(Duration::from_secs(3), Duration::from_secs(3))
+                .await
+            {
                 error!(
                     "processes of the {} stage are still alive after SIGKILL",
                     stage.as_str()
@@ -121,8 +152,8 @@ pub(super) async fn stop_stages(procs: Vec<Running>, grace: Duration, kill: watc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use std::collections::BTreeMap;
+    use std::path::Path;
 
     fn spawn(name: &str, script: &str, log: &Path) -> Running {
         let kind: Kind = serde_json::from_value(serde_json::json!(name)).unwrap();
@@ -177,7 +208,7 @@ mod tests {
         kill: watch::Receiver<bool>,
     ) -> Duration {
         let t0 = Instant::now();
-        teardown(procs, grace, kill, None, BTreeSet::new()).await;
+        teardown(procs, grace, kill, None, BTreeSet::new(), None).await;
         t0.elapsed()
     }
 
@@ -201,6 +232,7 @@ mod tests {
             kill_rx,
             Some((temp.clone(), state)),
             BTreeSet::new(),
+            None,
         )
         .await;
         let order: Vec<String> = std::fs::read_to_string(&log)
@@ -268,4 +300,3 @@ mod tests {
         assert!(sids.iter().all(|s| proc::session_members(*s).is_empty()));
     }
 }
-

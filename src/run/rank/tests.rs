@@ -147,7 +147,7 @@ fn the_first_cause_wins() {
     }
     let acts = m.on(Input::Tick, t0 + HB * 2);
     assert_eq!(acts, [Action::Send(ToMaster::Heartbeat)]);
-    let acts = m.on(Input::TornDown, t0 + HB * 2);
+    let acts = m.on(Input::TornDown(vec![]), t0 + HB * 2);
     assert_eq!(acts[0], Action::Send(ToMaster::Stopped));
     assert_eq!(exit_of(&acts), Some(exit::ENGINE_FAILURE));
 }
@@ -158,7 +158,9 @@ fn a_local_death_while_the_master_is_gone_stops_with_peer_failure() {
     let mut m = running(t0);
     let acts = m.on(Input::MasterLost("connection closed".into()), t0);
     assert!(acts.contains(&Action::Teardown));
-    assert!(acts.iter().any(|a| matches!(a, Action::Error(s) if s.contains("lost the connection to the master node1"))));
+    assert!(acts.iter().any(
+        |a| matches!(a, Action::Error(s) if s.contains("lost the connection to the master node1"))
+    ));
     assert!(m.master_closed());
     // the engine dies during the teardown: reported nowhere, the code stays
     let acts = m.on(
@@ -174,7 +176,7 @@ fn a_local_death_while_the_master_is_gone_stops_with_peer_failure() {
     );
     assert!(acts.is_empty(), "{acts:?}");
     assert_eq!(
-        exit_of(&m.on(Input::TornDown, t0)),
+        exit_of(&m.on(Input::TornDown(vec![]), t0)),
         Some(exit::PEER_FAILURE)
     );
 }
@@ -201,7 +203,7 @@ fn master_silence_past_the_heartbeat_timeout_stops_the_rank() {
     assert!(acts.contains(&Action::Teardown), "{acts:?}");
     assert!(acts.iter().any(|a| matches!(a, Action::Error(s) if s.contains("the master node1 went silent: nothing for 20s"))));
     assert_eq!(
-        exit_of(&m.on(Input::TornDown, t0)),
+        exit_of(&m.on(Input::TornDown(vec![]), t0)),
         Some(exit::PEER_FAILURE)
     );
 }
@@ -233,7 +235,7 @@ fn a_signal_in_each_phase() {
     let acts = m.on(Input::Signal(15), t0 + Duration::from_secs(2));
     assert!(acts.contains(&Action::KillAll), "{acts:?}");
     assert!(!acts.contains(&Action::Teardown));
-    let acts = m.on(Input::TornDown, t0 + Duration::from_secs(3));
+    let acts = m.on(Input::TornDown(vec![]), t0 + Duration::from_secs(3));
     assert!(
         matches!(&acts[1], Action::Exit { code: 143, summary: Some(s) } if s.contains("all processes of this job on node2 are gone; exit 143")),
         "{acts:?}"
@@ -241,7 +243,7 @@ fn a_signal_in_each_phase() {
     // SIGUSR1 drains: a clean stop
     let mut m = running(t0);
     m.on(Input::Signal(10), t0);
-    let acts = m.on(Input::TornDown, t0);
+    let acts = m.on(Input::TornDown(vec![]), t0);
     assert!(
         matches!(&acts[1], Action::Exit { code: 0, summary: Some(s) } if s.starts_with("done: SIGUSR1: draining")),
         "{acts:?}"
@@ -281,7 +283,7 @@ fn a_stop_during_startup_starts_nothing_more() {
         slot: 0
     })));
     assert_eq!(
-        exit_of(&m.on(Input::TornDown, t0)),
+        exit_of(&m.on(Input::TornDown(vec![]), t0)),
         Some(exit::STARTUP_TIMEOUT)
     );
 }

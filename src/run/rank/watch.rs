@@ -281,4 +281,3 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
         }
     }
 }
-

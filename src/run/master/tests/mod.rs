@@ -3,20 +3,15 @@
 use super::*;
 use crate::endpoint::ReplicaState;
 use crate::input::config;
+use crate::input::settings::{self, Overrides};
 use crate::plan::lifecycle::Kind;
 use crate::run::channel::{self, Hello};
-use crate::input::settings::{self, Overrides};
 
 fn setup(yaml: &str, n: usize, client: &[&str]) -> (Coord, Vec<NodeInfo>, Instant) {
     setup_gpus(yaml, n, client, 1)
 }
 
-fn setup_gpus(
-    yaml: &str,
-    n: usize,
-    client: &[&str],
-    gpus: u32,
-) -> (Coord, Vec<NodeInfo>, Instant) {
+fn setup_gpus(yaml: &str, n: usize, client: &[&str], gpus: u32) -> (Coord, Vec<NodeInfo>, Instant) {
     let loaded = config::parse("t.yaml", yaml).unwrap();
     let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
     let mut step = Step::preview(names.clone(), "7".into());
@@ -63,6 +58,7 @@ fn hello(c: &Coord, info: &NodeInfo, rank: usize) -> Hello {
         step_id: c.step.step_id.clone(),
         settings_digests: c.settings.agreed_digests(),
         busy: vec![],
+        preflight: vec![],
         nonce: "n".into(),
     }
 }
@@ -178,7 +174,11 @@ fn ray_start_is_ordered_head_workers_engine_client() {
 
 #[test]
 fn mp_starts_every_engine_at_once() {
-    let (mut c, infos, now) = setup("engine: vllm\nmodel: m\nparallel: {tensor: 2}\nvllm: {backend: mp}\ngpus_per_node: 0\n", 2, &[]);
+    let (mut c, infos, now) = setup(
+        "engine: vllm\nmodel: m\nparallel: {tensor: 2}\nvllm: {backend: mp}\ngpus_per_node: 0\n",
+        2,
+        &[],
+    );
     let acts = hello_all(&mut c, &infos, now);
     assert_eq!(
         sends(&acts),
@@ -319,9 +319,9 @@ fn mismatched_settings_name_the_node_and_the_keys() {
         ) => Some(reason.clone()),
         _ => None,
     });
-    assert!(reason.unwrap().contains(
-        "node2's settings differ from the master's (node1) in: config.parallel.tensor"
-    ));
+    assert!(reason
+        .unwrap()
+        .contains("node2's settings differ from the master's (node1) in: config.parallel.tensor"));
 }
 
 #[test]

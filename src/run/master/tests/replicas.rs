@@ -372,10 +372,9 @@ fn a_moving_phase_extends_the_engine_deadline_up_to_the_cap() {
         )
     };
     let acts = phase(&mut c, "loading weights", t0 + 8 * s);
-    assert!(acts.iter().any(|a| matches!(
-        a,
-        Action::Event(Event::EnginePhase { .. }, _)
-    )));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Event(Event::EnginePhase { .. }, _))));
     // the endpoint file (and `ray-launch status`) shows it
     let shown = acts.iter().find_map(|a| match a {
         Action::Replicas(v, _) => v[0].phase.clone(),
