@@ -318,7 +318,7 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
         StepKind::Local => "no Slurm step: a single-node run on this machine".to_string(),
         StepKind::Preview => "preview".to_string(),
     };
-    let security = crate::input::gather::security(&g.settings, &g.step)?;
+    let security = crate::input::gather::security(&g.settings, &g.step, &crate::auth::munge_works)?;
     for w in &plan.warnings {
         println!("warning: {w}");
     }
@@ -531,7 +531,7 @@ fn run(a: RunArgs) -> Result<i32> {
             client: a.client.clone(),
             resolve: Resolve::Needed,
         })?;
-        let security = crate::input::gather::security(&g.settings, &g.step)?;
+        let security = crate::input::gather::security(&g.settings, &g.step, &crate::auth::munge_works)?;
         let me = g.step.self_rank.unwrap_or(0);
         crate::logging::init(me, &g.step.nodes[me]);
         tracing::info!(

@@ -47,8 +47,9 @@ pub struct Security {
 }
 
 /// Decide the authentication method (`security.auth`) for a run, and read the user's API
-/// key. Nothing is started before this succeeds.
-pub fn security(s: &Settings, step: &Step) -> Result<Security> {
+/// key. Nothing is started before this succeeds. `munge_works` is the caller's probe of munge
+/// (it runs `munge`: input/ starts no process itself).
+pub fn security(s: &Settings, step: &Step, munge_works: &dyn Fn() -> bool) -> Result<Security> {
     use crate::auth::{self, Method};
     use config::AuthSetting;
     let c = &s.config;
@@ -78,7 +79,7 @@ pub fn security(s: &Settings, step: &Step) -> Result<Security> {
     let method = match c.security.auth {
         AuthSetting::Off => Method::Off,
         AuthSetting::Munge => {
-            if !auth::munge_works() {
+            if !munge_works() {
                 return Err(Error::usage("security.auth is munge, but `munge --no-input` fails here (no munge on PATH, or munged is not running)")
                     .hint("use `security.auth: secret` with a per-user secret file, or ask your admins whether the cluster uses munge"));
             }
@@ -90,7 +91,7 @@ pub fn security(s: &Settings, step: &Step) -> Result<Security> {
         },
         AuthSetting::Auto if local => Method::Local(auth::random_bytes().to_vec()),
         AuthSetting::Auto => {
-            if auth::munge_works() {
+            if munge_works() {
                 Method::Munge
             } else if let Some(k) = secret()? {
                 Method::Secret(k)

@@ -361,7 +361,12 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
         let reader = tokio::spawn(async move {
             let mut r = Reader::new(rd, l2);
             loop {
-                let m = r.recv::<In>().await;
+                // nobody reads any more (the connection was dropped: a refused handshake, a
+                // failed attempt): stop, and let the socket close, whatever the peer does
+                let m = tokio::select! {
+                    m = r.recv::<In>() => m,
+                    _ = in_tx.closed() => return,
+                };
                 let end = m.is_err();
                 if in_tx.send(m).is_err() || end {
                     return;

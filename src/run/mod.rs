@@ -12,6 +12,7 @@
 //! master's channel too; the rank never starts the master itself.
 
 pub mod channel;
+pub mod error;
 pub mod events;
 pub mod master;
 pub mod phases;

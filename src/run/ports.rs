@@ -3,6 +3,7 @@
 //! the check that the port an engine answers on is held by the engine's own session.
 
 use crate::run::channel::Busy;
+use crate::run::error::{Kind, RunError};
 use std::collections::BTreeSet;
 
 /// A listening socket on `port`: its owner's uid and its inode.
@@ -138,9 +139,10 @@ pub fn busy_blocks(candidates: &[u16], fixed: &[u16]) -> Vec<Busy> {
     out
 }
 
-/// Check that whoever listens on `port` belongs to session `sid` (the engine's): `Err` names
-/// the squatter.
-pub fn held_by_session(port: u16, sid: i32) -> Result<(), String> {
+/// Check that whoever listens on `port` belongs to session `sid` (the engine's), or carries
+/// this launcher's tag (a process of the engine's that left its session): `Err` names the
+/// squatter.
+pub fn held_by_session(port: u16, sid: i32) -> Result<(), RunError> {
     let ls = listeners(port);
     if ls.is_empty() {
         return Ok(()); // answered but no listener seen: another namespace; nothing to name
@@ -148,15 +150,18 @@ pub fn held_by_session(port: u16, sid: i32) -> Result<(), String> {
     let mut foreign: BTreeSet<String> = BTreeSet::new();
     for l in &ls {
         let pids = holders(l.inode);
-        if pids.iter().any(|p| session_of(*p) == Some(sid)) {
+        if pids
+            .iter()
+            .any(|p| session_of(*p) == Some(sid) || crate::run::proc::tag_of(*p).is_some())
+        {
             return Ok(());
         }
         foreign.insert(name(l, &pids));
     }
-    Err(format!(
+    Err(RunError::new(Kind::Squatter, format!(
         "port {port} answers, but it is held by {}, not by the engine (session {sid}): another process squats the engine's port",
         foreign.into_iter().collect::<Vec<_>>().join(" and ")
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -197,7 +202,7 @@ mod tests {
         assert!(held_by_session(port, me).is_ok());
         let err = held_by_session(port, me + 1_000_000).unwrap_err();
         assert!(
-            err.contains(&format!("pid {}", std::process::id())),
+            err.msg.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
         assert!(!bindable(port) || cfg!(target_os = "macos"));

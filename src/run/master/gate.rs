@@ -3,8 +3,8 @@
 //! rank's messages go to the master's loop as [`Inbound`].
 
 use crate::auth::{self, Auth};
-use crate::exit;
 use crate::run::channel::{self, Connection, Hello, Line, ToMaster, ToRank};
+use crate::run::error::RunError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -17,7 +17,7 @@ pub(super) enum Inbound {
         hello: Box<Hello>,
         tx: channel::Sender,
         accepted: Line,
-        reply: oneshot::Sender<Result<usize, String>>,
+        reply: oneshot::Sender<Result<usize, RunError>>,
     },
     /// A connection failed the handshake.
     Refused {
@@ -27,7 +27,7 @@ pub(super) enum Inbound {
     Msg(usize, ToMaster),
     Closed(usize),
     /// What the check of the attached endpoints found.
-    Attached(Result<Vec<(String, Vec<String>)>, String>),
+    Attached(Result<Vec<(String, Vec<String>)>, RunError>),
 }
 
 /// Bind the channel's port (before anything else starts, so a clash fails fast).
@@ -130,31 +130,24 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// One connection: the handshake, then its messages to the coordinator.
-async fn handle_conn(
-    sock: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    pass: Pass,
-    ctx: Arc<Ctx>,
-    tx: mpsc::UnboundedSender<Inbound>,
-) {
-    channel::tune(&sock, ctx.user_timeout);
-    let mut c = Connection::<ToMaster>::new(sock);
+/// The master's side of the handshake: its challenge, the rank's hello checked (protocol,
+/// job and step, proof), the answer made. `Err`: why the connection is refused.
+async fn handshake(
+    c: &mut Connection<ToMaster>,
+    ctx: &Ctx,
+) -> Result<(Hello, String, String, Line), String> {
     let nonce = auth::random_hex();
     c.sender.send(&ToRank::Challenge {
         protocol: channel::PROTOCOL,
         nonce: nonce.clone(),
         job_nonce: ctx.job_nonce.clone(),
     });
-    let refuse = |reason: String| {
-        let _ = tx.send(Inbound::Refused { peer, reason });
-    };
     let hello = match tokio::time::timeout(HELLO_WITHIN, c.recv()).await {
         Ok(Ok(ToMaster::Hello(h))) => *h,
-        Ok(Ok(_)) => return refuse("it spoke before saying hello".into()),
-        Ok(Err(e)) => return refuse(format!("no hello ({e})")),
+        Ok(Ok(_)) => return Err("it spoke before saying hello".into()),
+        Ok(Err(e)) => return Err(format!("no hello ({e})")),
         Err(_) => {
-            return refuse(format!(
+            return Err(format!(
                 "it said nothing within {}s",
                 HELLO_WITHIN.as_secs()
             ))
@@ -165,14 +158,14 @@ async fn handle_conn(
         hello.node, hello.node_rank
     );
     if hello.protocol != channel::PROTOCOL {
-        return refuse(format!(
+        return Err(format!(
             "{who} but speaks channel protocol {}, not {}",
             hello.protocol,
             channel::PROTOCOL
         ));
     }
     if hello.job_id != ctx.job || hello.step_id != ctx.step {
-        return refuse(format!(
+        return Err(format!(
             "{who} of job {} step {}, not of this step ({}.{})",
             hello.job_id, hello.step_id, ctx.job, ctx.step
         ));
@@ -180,12 +173,35 @@ async fn handle_conn(
     let hd = hello.digest_without_proof();
     let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
     if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
-        return refuse(format!("{who} but failed authentication: {why}"));
+        return Err(format!("{who} but failed authentication: {why}"));
     }
     let accepted = match ctx.auth.master_proof(&b, channel::ACCEPTED).await {
         Ok(proof) => channel::encode(&ToRank::Accepted { proof }),
-        Err(e) => return refuse(format!("{who}; cannot answer it: {e}")),
+        Err(e) => return Err(format!("{who}; cannot answer it: {e}")),
     };
+    Ok((hello, hd, nonce, accepted))
+}
+
+/// One connection: the handshake, then its messages to the coordinator.
+async fn handle_conn(
+    sock: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    pass: Pass,
+    ctx: Arc<Ctx>,
+    tx: mpsc::UnboundedSender<Inbound>,
+) {
+    channel::tune(&sock, ctx.user_timeout);
+    let mut c = Connection::<ToMaster>::new(sock);
+    let (hello, hd, nonce, accepted) = match handshake(&mut c, &ctx).await {
+        Ok(x) => x,
+        Err(reason) => {
+            // closed now, both directions: a peer that keeps its end open holds nothing here
+            c.close();
+            let _ = tx.send(Inbound::Refused { peer, reason });
+            return;
+        }
+    };
+    let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
     drop(pass);
     c.limit.set(channel::MAX_TO_MASTER);
     let (mut rx, sender, flush) = c.split();
@@ -203,15 +219,16 @@ async fn handle_conn(
     }
     let rank = match decided.await {
         Ok(Ok(rank)) => rank,
-        Ok(Err(reason)) => {
+        Ok(Err(e)) => {
+            let (code, reason) = (e.exit_code(), e.msg);
             let proof = ctx
                 .auth
-                .master_proof(&b, &channel::refused_outcome(exit::USAGE, &reason))
+                .master_proof(&b, &channel::refused_outcome(code, &reason))
                 .await
                 .ok()
                 .flatten();
             sender.send(&ToRank::Refused {
-                code: exit::USAGE,
+                code,
                 reason,
                 proof,
             });

@@ -7,7 +7,12 @@ use crate::exit;
 use crate::plan::lifecycle::StartAfter;
 use crate::plan::{self, NodeInfo};
 use crate::run::channel::{self, Hello, ToRank};
+use crate::run::error::{Kind, RunError};
 use crate::run::events::Event;
+
+fn refused(msg: String) -> RunError {
+    RunError::new(Kind::Refused, msg)
+}
 use std::time::Instant;
 
 impl Coord {
@@ -16,7 +21,7 @@ impl Coord {
         &mut self,
         hello: &Hello,
         now: Instant,
-    ) -> Result<(usize, Vec<Action>), String> {
+    ) -> Result<(usize, Vec<Action>), RunError> {
         let Hello {
             protocol,
             node,
@@ -30,24 +35,26 @@ impl Coord {
         } = hello;
         let rank = *node_rank;
         if *protocol != channel::PROTOCOL {
-            return Err(format!(
+            return Err(refused(format!(
                 "{node} speaks channel protocol {protocol}, the master {}",
                 channel::PROTOCOL
-            ));
+            )));
         }
         if rank >= self.n() || self.step.nodes[rank] != *node {
-            return Err(format!(
+            return Err(refused(format!(
                 "{node} claims node rank {rank}, which is not its place in the step's node list"
-            ));
+            )));
         }
         if self.peers[rank].hello.is_some() || self.peers[rank].connected {
-            return Err(format!(
+            return Err(refused(format!(
                 "node rank {rank} ({node}) connected twice: more than one task on that node?"
-            ));
+            )));
         }
         let mut acts = Vec::new();
         if self.phase != Phase::Rendezvous {
-            return Err(format!("{node} connected after the rendezvous was over"));
+            return Err(refused(format!(
+                "{node} connected after the rendezvous was over"
+            )));
         }
         self.peers[rank].connected = true;
         self.peers[rank].last_seen = now;
@@ -97,7 +104,7 @@ impl Coord {
     }
 
     /// The first candidate block that no node found taken, or why there is none.
-    fn choose_block(&self) -> Result<u16, String> {
+    fn choose_block(&self) -> Result<u16, RunError> {
         let taken = |base: u16| {
             (0..self.n()).find_map(|r| {
                 self.peers[r]
@@ -115,14 +122,17 @@ impl Coord {
                 Some(_) => {}
             }
         }
-        Err(format!(
-            "every candidate port block of this step is taken ({}): {}",
-            self.candidates
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            why.join("; ")
+        Err(RunError::new(
+            Kind::Ports,
+            format!(
+                "every candidate port block of this step is taken ({}): {}",
+                self.candidates
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                why.join("; ")
+            ),
         ))
     }
 
@@ -134,9 +144,9 @@ impl Coord {
             .collect();
         let block = match self.choose_block() {
             Ok(b) => b,
-            Err(why) => {
+            Err(e) => {
                 self.phase = Phase::Starting;
-                return self.stop(exit::LAUNCH_FAILURE, why, None);
+                return self.stop(e.exit_code(), e.msg, None);
             }
         };
         let channel = (self.channel_port != block).then_some(self.channel_port);
@@ -190,7 +200,7 @@ impl Coord {
     /// does not answer (the job then stops with nothing started).
     pub fn on_attach_checked(
         &mut self,
-        result: Result<Vec<(String, Vec<String>)>, String>,
+        result: Result<Vec<(String, Vec<String>)>, RunError>,
         now: Instant,
     ) -> Vec<Action> {
         if !self.attaching || self.phase != Phase::Starting {
@@ -198,7 +208,7 @@ impl Coord {
         }
         self.attaching = false;
         match result {
-            Err(why) => self.stop(exit::STARTUP_TIMEOUT, why, None),
+            Err(e) => self.stop(e.exit_code(), e.msg, None),
             Ok(found) => {
                 let mut acts = Vec::new();
                 for (name, ids) in found {

@@ -9,6 +9,7 @@ use crate::endpoint::Status;
 use crate::input::settings::Settings;
 use crate::input::slurm::Step;
 use crate::run::channel::{self, Line, ToMaster, ToRank};
+use crate::run::error::{Kind, RunError};
 use crate::run::events::Event;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -140,13 +141,13 @@ impl Master {
                     let _ = reply.send(Ok(rank));
                     acts
                 }
-                Err(reason) => {
+                Err(e) => {
                     tracing::warn!(
-                        "refused {} (node rank {}): {reason}",
+                        "refused {} (node rank {}): {e}",
                         hello.node,
                         hello.node_rank
                     );
-                    let _ = reply.send(Err(reason));
+                    let _ = reply.send(Err(e));
                     Vec::new()
                 }
             },
@@ -193,7 +194,9 @@ impl Master {
                     let tx = self.in_tx.clone();
                     let within = self.settings.policy.attach_timeout;
                     tokio::spawn(async move {
-                        let res = crate::route::attach::check_all(&all, within).await;
+                        let res = crate::route::attach::check_all(&all, within)
+                            .await
+                            .map_err(|why| RunError::new(Kind::Attach, why));
                         let _ = tx.send(Inbound::Attached(res));
                     });
                 }

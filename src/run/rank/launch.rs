@@ -10,6 +10,7 @@ use crate::exit;
 use crate::plan::lifecycle::{Kind, Output, Ready};
 use crate::plan::{self, Plan};
 use crate::private;
+use crate::run::error::{self, RunError};
 use crate::run::proc;
 use crate::run::reaper::Note;
 use std::collections::BTreeMap;
@@ -151,9 +152,9 @@ impl Shell {
         let rank = &plan.ranks[self.me];
         let cmd = rank.command_in(kind, slot).expect("prepared");
         if !cmd.non_carry_over.is_empty() {
-            write_non_carry_over(cmd, rank.temp_dir.as_str()).map_err(|reason| Event::Failed {
-                code: exit::LAUNCH_FAILURE,
-                reason,
+            write_non_carry_over(cmd, rank.temp_dir.as_str()).map_err(|e| Event::Failed {
+                code: e.exit_code(),
+                reason: e.msg,
                 kind: Some(kind),
                 slot,
             })?;
@@ -313,7 +314,8 @@ impl Shell {
 
 /// vLLM's non-carry-over list for Ray workers, in the engine's own config root when that is
 /// inside the node's private temp dir (a `VLLM_CONFIG_ROOT` of the user's own is left alone).
-pub(super) fn write_non_carry_over(cmd: &plan::Command, temp_dir: &str) -> Result<(), String> {
+pub(super) fn write_non_carry_over(cmd: &plan::Command, temp_dir: &str) -> Result<(), RunError> {
+    let files = |msg: String| RunError::new(error::Kind::Launch, msg);
     let Some(root) = cmd.env.get(crate::env_vars::VLLM_CONFIG_ROOT) else {
         return Ok(());
     };
@@ -325,8 +327,11 @@ pub(super) fn write_non_carry_over(cmd: &plan::Command, temp_dir: &str) -> Resul
         return Ok(());
     }
     let dir = Path::new(root);
-    private::private_dir(dir).map_err(|e| format!("{root}: {e}"))?;
+    private::private_dir(dir).map_err(|e| files(format!("{root}: {e}")))?;
     let body = serde_json::to_vec(&cmd.non_carry_over).expect("names serialize");
-    private::write_atomic(&dir.join("ray_non_carry_over_env_vars.json"), &body)
-        .map_err(|e| format!("cannot write {root}/ray_non_carry_over_env_vars.json: {e}"))
+    private::write_atomic(&dir.join("ray_non_carry_over_env_vars.json"), &body).map_err(|e| {
+        files(format!(
+            "cannot write {root}/ray_non_carry_over_env_vars.json: {e}"
+        ))
+    })
 }

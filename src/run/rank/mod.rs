@@ -94,7 +94,7 @@ pub enum Input {
     /// The connection to the master closed or carried something unreadable.
     MasterLost(String),
     /// The shell built this rank's plan from the Welcome (or could not: the report).
-    Planned(Result<(), String>),
+    Planned(Result<(), crate::run::error::RunError>),
     Local(Event),
     /// The heartbeat interval passed.
     Tick,
@@ -338,16 +338,16 @@ impl RankMachine {
                 self.last_master = now;
                 Vec::new()
             }
-            Input::Planned(Err(report)) => vec![
+            Input::Planned(Err(e)) => vec![
                 Action::Send(ToMaster::Failed {
-                    code: exit::USAGE,
-                    reason: report.replace('\n', " "),
+                    code: e.exit_code(),
+                    reason: e.msg.replace('\n', " "),
                     kind: None,
                     slot: 0,
                 }),
-                Action::Error(report),
+                Action::Error(e.msg.clone()),
                 Action::Exit {
-                    code: exit::USAGE,
+                    code: e.exit_code(),
                     summary: None,
                 },
             ],

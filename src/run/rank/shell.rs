@@ -14,6 +14,7 @@ use crate::plan::lifecycle::Kind;
 use crate::plan::{self, NodeInfo, Plan};
 use crate::private::{self, DirState};
 use crate::run::channel::{self, Hello};
+use crate::run::error::{self, RunError};
 use crate::run::ports;
 use crate::run::preflight;
 use crate::run::proc;
@@ -108,11 +109,12 @@ impl Shell {
 
     /// The plan from the Welcome; the log dir, and with Ray the private temp dir and the
     /// token file in it.
-    fn build_plan(&mut self, nodes: &[NodeInfo], block: u16) -> Result<(), String> {
+    fn build_plan(&mut self, nodes: &[NodeInfo], block: u16) -> Result<(), RunError> {
+        let files = |msg: String| RunError::new(error::Kind::Files, msg);
         let plan = plan::build_in(&self.settings, &self.step, nodes, block, self.channel_port)
-            .map_err(|e| e.report())?;
+            .map_err(|e| RunError::new(error::Kind::Plan, e.report()))?;
         private::own_dir(&self.log_dir).map_err(|e| {
-            format!("log_dir: {e}; use a log directory of your own (the default, ray-launch-{{job}}, is created 0700)")
+            files(format!("log_dir: {e}; use a log directory of your own (the default, ray-launch-{{job}}, is created 0700)"))
         })?;
         let mut reaper = Reaper::start(
             &self.log_dir.join(format!(
@@ -132,20 +134,20 @@ impl Shell {
                 );
             }
             let state = private::private_dir(&dir).map_err(|e| {
-                format!("ray.temp_dir: {e}; give ray.temp_dir a path of its own, which ray-launch creates (0700) and removes, or make that directory yours with mode 0700 (then only what the job puts there is removed)")
+                files(format!("ray.temp_dir: {e}; give ray.temp_dir a path of its own, which ray-launch creates (0700) and removes, or make that directory yours with mode 0700 (then only what the job puts there is removed)"))
             })?;
             if state == DirState::Created {
                 reaper.tell(&Note::Dir(rank.temp_dir.clone()));
                 // held until this process is gone: a later launcher then knows it is stale
                 self.dir_lock = Some(
                     private::lock_dir(&dir)
-                        .map_err(|e| format!("cannot lock {}: {e}", dir.display()))?,
+                        .map_err(|e| files(format!("cannot lock {}: {e}", dir.display())))?,
                 );
             }
             self.temp_dir = Some((dir, state));
             if let (Some(f), Some(token)) = (&rank.ray_token_file, &self.secrets.ray_token) {
                 private::write_atomic(Path::new(f), token.as_bytes())
-                    .map_err(|e| format!("cannot write the Ray token file {f}: {e}"))?;
+                    .map_err(|e| files(format!("cannot write the Ray token file {f}: {e}")))?;
             }
         }
         self.reaper = Some(reaper);

@@ -220,10 +220,10 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
         .ok()
         .and_then(|u| u.port_or_known_default());
     if let Some(port) = port {
-        if let Err(why) = ports::held_by_session(port, session) {
+        if let Err(e) = ports::held_by_session(port, session) {
             let _ = tx.send(Event::Failed {
-                code: exit::LAUNCH_FAILURE,
-                reason: why,
+                code: e.exit_code(),
+                reason: e.msg,
                 kind: Some(kind),
                 slot: tx.slot,
             });

@@ -319,7 +319,13 @@ fn an_attached_endpoint_that_does_not_answer_stops_the_job_before_anything_start
     let acts = hello_all(&mut c, &infos, t0);
     assert!(sends(&acts).is_empty());
     let why = "attach `j`: GET http://10.9.9.9:8000/v1/models failed: connection refused";
-    let acts = c.on_attach_checked(Err(why.into()), t0);
+    let acts = c.on_attach_checked(
+        Err(crate::run::error::RunError::new(
+            crate::run::error::Kind::Attach,
+            why,
+        )),
+        t0,
+    );
     assert!(c.stopping());
     assert_eq!(
         sends(&acts),
