@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::run::channel::{ToMaster, ToRank};
-use crate::run::error::{Kind, RunError};
+use crate::run::error::{self as run_error, RunError};
 
 const HB: Duration = Duration::from_secs(20);
 const RDV: Duration = Duration::from_secs(300);
@@ -109,7 +109,10 @@ fn a_plan_that_cannot_be_built_is_reported_to_the_master() {
     let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
     m.on(Input::Connected, t0);
     let acts = m.on(
-        Input::Planned(Err(RunError::new(Kind::Files, "ray.temp_dir: taken"))),
+        Input::Planned(Err(RunError::new(
+            run_error::Kind::Files,
+            "ray.temp_dir: taken",
+        ))),
         t0,
     );
     assert!(acts.iter().any(|a| matches!(a, Action::Send(ToMaster::Failed { code: 2, reason, .. }) if reason.contains("taken"))), "{acts:?}");
@@ -315,7 +318,10 @@ fn a_stop_or_a_lost_master_during_the_rendezvous_exits_at_once() {
     let mut m = RankMachine::new("node2".into(), "node1".into(), HB / 10, HB, RDV, t0);
     m.on(Input::Connected, t0);
     assert_eq!(
-        exit_of(&m.on(Input::Planned(Err(RunError::new(Kind::Plan, "bad"))), t0)),
+        exit_of(&m.on(
+            Input::Planned(Err(RunError::new(run_error::Kind::Plan, "bad"))),
+            t0
+        )),
         Some(exit::USAGE)
     );
 }
