@@ -63,6 +63,7 @@ async fn a_thousand_refused_handshakes_leave_the_masters_descriptors_flat() {
         },
         busy: vec![],
         preflight: vec![],
+        master_port: 0,
         nonce: "n".into(),
         proof: Some("00".repeat(32)),
     })));

@@ -645,3 +645,83 @@ fn a_users_own_temp_dir_keeps_its_files_and_an_open_one_is_refused() {
         "the user's own file"
     );
 }
+
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_relay_on_the_first_channel_port_is_refused_named_and_the_job_serves() {
+    let bed = Bed::new();
+    let cfg = bed.config(RAY3, "event_log: events.jsonl");
+    let job = sbatch(
+        &bed,
+        "rl-relay",
+        &format!(
+            "srun --kill-on-bad-exit=0 {} --config {}",
+            bin().display(),
+            cfg.display()
+        ),
+        true,
+    );
+    let _guard = Jobs(vec![job.clone()]);
+    // another user squats the job's first channel port on the master's node and relays it to
+    // the real master (on the next candidate), rewriting the Welcome and injecting a Stop
+    // once a rank is accepted through it
+    let cand = ray_launch::plan::candidate_blocks(&job, "0", (20000, 32767));
+    let relay = as_nobody(
+        Some(1),
+        &[
+            "python3",
+            &attack_script(&bed),
+            "relay",
+            &cand[0].to_string(),
+            "10.77.0.11",
+            &cand[1].to_string(),
+            "30",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    scontrol(&["release", &job]);
+    let logs = bed.path(&format!("ray-launch-{job}"));
+    let ep = wait_ready(
+        &bed,
+        &logs.join("endpoint.json"),
+        "rl-relay",
+        Duration::from_secs(120),
+    );
+    assert_eq!(ep["status"], "ready");
+    let relay = wait_limited(&mut { relay }, Duration::from_secs(60));
+    let summary: serde_json::Value = serde_json::from_str(
+        text(&relay)
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or("{}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", text(&relay)));
+    eprintln!("the relay saw: {summary}");
+    assert!(summary["relayed"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert_eq!(
+        summary["accepted"], 0,
+        "the master accepted a rank through the relay: {summary}"
+    );
+    assert_eq!(summary["injected"], 0, "{summary}");
+    // named in the event log, and the job is still serving
+    let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
+    let want = format!(
+        "reached the master through port {}, not the master's {}",
+        cand[0], cand[1]
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("peer_refused") && l.contains(&want)),
+        "no peer_refused with `{want}`:\n{events}"
+    );
+    let url = ep["url"].as_str().unwrap().to_string();
+    let key = std::fs::read_to_string(ep["api_key_path"].as_str().unwrap()).unwrap();
+    assert_eq!(http(&format!("{url}/models"), Some(&key)), "200");
+    let out = job_out(&bed, "rl-relay");
+    assert!(!out.contains("forged by the port squatter"), "{out}");
+}

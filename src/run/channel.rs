@@ -60,6 +60,10 @@ pub struct Hello {
     /// process, the interface down, no room for the temp dir); empty: the node is fit.
     #[serde(default)]
     pub preflight: Vec<String>,
+    /// The port this rank connected to, as it sees it: the proof covers it, so a squatter
+    /// that relays from another port to the master's is found out by the master.
+    #[serde(default)]
+    pub master_port: u16,
     /// This rank's nonce for this connection.
     pub nonce: String,
     pub proof: Option<String>,
@@ -477,6 +481,7 @@ mod tests {
             info: info(),
             busy: vec![],
             preflight: vec![],
+            master_port: 0,
             nonce: "n".into(),
             proof: None,
         }

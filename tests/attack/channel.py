@@ -6,6 +6,12 @@
   channel.py fake-master PORT SECONDS   listen on PORT as if it were the job's master: send a
                                         challenge, take the hello, answer "accepted" with a
                                         forged proof; print what came in
+  channel.py relay PORT HOST TPORT SECONDS
+                                        a port squatter that relays: listen on PORT, pass each
+                                        connection through to the real master at HOST:TPORT,
+                                        and once the master accepts a rank, rewrite its Welcome
+                                        (master address 127.0.0.99) and inject a Stop; print
+                                        what it relayed and whether the master accepted any
 """
 import json, os, socket, subprocess, sys, time
 
@@ -140,8 +146,65 @@ def fake_master(port, seconds):
     print(json.dumps({"hellos": seen}), flush=True)
 
 
+def relay(port, host, tport, seconds):
+    import threading
+    srv = socket.create_server(("0.0.0.0", port))
+    srv.settimeout(1)
+    print(json.dumps({"listening": port}), flush=True)
+    stats = {"relayed": 0, "accepted": 0, "injected": 0, "hellos": []}
+
+    def pipe(rank, master):
+        up = master.makefile("rb")
+        down = rank.makefile("rb")
+
+        def to_master():
+            for l in down:
+                try:
+                    h = json.loads(l)
+                    if h.get("type") == "hello":
+                        stats["hellos"].append({"node": h.get("node"), "master_port": h.get("master_port")})
+                except ValueError:
+                    pass
+                master.sendall(l)
+        threading.Thread(target=to_master, daemon=True).start()
+        for l in up:
+            try:
+                m = json.loads(l)
+            except ValueError:
+                m = {}
+            if m.get("type") == "accepted":
+                stats["accepted"] += 1
+                rank.sendall(l)
+                # the channel after the handshake: a forged stop
+                rank.sendall((json.dumps({"type": "stop", "code": 0, "reason": "forged by the port squatter", "node": None}) + "\n").encode())
+                stats["injected"] += 1
+                continue
+            if m.get("type") == "welcome":
+                for n in m.get("nodes", []):
+                    n["address"] = "127.0.0.99"
+                l = (json.dumps(m) + "\n").encode()
+            rank.sendall(l)
+
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            c, _ = srv.accept()
+        except socket.timeout:
+            continue
+        try:
+            m = socket.create_connection((host, tport), timeout=5)
+        except OSError:
+            c.close()
+            continue
+        stats["relayed"] += 1
+        threading.Thread(target=pipe, args=(c, m), daemon=True).start()
+    print(json.dumps(stats), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "flood":
         flood(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    elif sys.argv[1] == "relay":
+        relay(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     else:
         fake_master(int(sys.argv[2]), float(sys.argv[3]))

@@ -87,6 +87,7 @@ pub async fn join(
             info: who.info(),
             busy: vec![],
             preflight: vec![],
+            master_port: port,
             nonce: auth::random_hex(),
             proof: None,
         };

@@ -94,6 +94,8 @@ pub(super) struct Ctx {
     pub(super) step: String,
     pub(super) job_nonce: String,
     pub(super) user_timeout: Duration,
+    /// The port the master listens on (a hello must name it).
+    pub(super) port: u16,
 }
 
 /// Accept connections (for the rendezvous only: the caller aborts this once every rank is
@@ -168,6 +170,12 @@ async fn handshake(
         return Err(format!(
             "{who} of job {} step {}, not of this step ({}.{})",
             hello.job_id, hello.step_id, ctx.job, ctx.step
+        ));
+    }
+    if hello.master_port != ctx.port {
+        return Err(format!(
+            "{who} but reached the master through port {}, not the master's {}: a relay on another port (a port squatter)",
+            hello.master_port, ctx.port
         ));
     }
     let hd = hello.digest_without_proof();

@@ -34,6 +34,7 @@ pub async fn serve(
         step: step.step_id.clone(),
         job_nonce: auth::random_hex(),
         user_timeout: settings.health.heartbeat_timeout,
+        port: channel_port,
     });
     // the endpoint's API key: the user's own file, or one the launcher writes (0600)
     let key = ctx

@@ -44,6 +44,7 @@ pub(super) struct JoinCtx<'a> {
 /// answer. Only a verified `Accepted` joins; a verified `Refused` ends the rank.
 async fn attempt(
     target: &str,
+    port: u16,
     j: &JoinCtx<'_>,
 ) -> Result<(Connection<ToRank>, Option<JobKey>), Failed> {
     use Failed::{Loud, Quiet};
@@ -90,6 +91,7 @@ async fn attempt(
     };
     let mut h = j.hello.clone();
     h.nonce = crate::auth::random_hex();
+    h.master_port = port;
     let hd = h.digest_without_proof();
     h.proof = j
         .auth
@@ -147,7 +149,7 @@ pub(super) async fn join(
             tries += 1;
             let target = format!("{addr}:{port}");
             tokio::select! {
-                r = attempt(&target, j) => match r {
+                r = attempt(&target, *port, j) => match r {
                     Ok((conn, key)) => return Joined::Ok { conn, key, port: *port },
                     Err(Failed::Refused(code, reason)) => return Joined::Refused { code, reason },
                     Err(Failed::Loud(why)) => {

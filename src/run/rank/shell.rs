@@ -239,6 +239,7 @@ fn hello(g: &Gathered, me: usize, busy: Vec<channel::Busy>, preflight: Vec<Strin
         info: g.nodes[me].clone(),
         busy,
         preflight,
+        master_port: 0,
         nonce: String::new(),
         proof: None,
     }

@@ -59,6 +59,7 @@ fn hello(c: &Coord, info: &NodeInfo, rank: usize) -> Hello {
         settings_digests: c.settings.agreed_digests(),
         busy: vec![],
         preflight: vec![],
+        master_port: 0,
         nonce: "n".into(),
     }
 }
