@@ -51,7 +51,19 @@ fn standin(port: u16, served: &str, key: Option<&str>, auth_log: Option<&Path>) 
 
 /// `curl` a request: (status, body).
 fn curl(method: &str, url: &str, key: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    curl_with(&[], method, url, key, body)
+}
+
+/// [`curl`] with more of curl's arguments (headers, `--path-as-is`).
+fn curl_with(
+    extra: &[&str],
+    method: &str,
+    url: &str,
+    key: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
     let mut c = Command::new("curl");
+    c.args(extra);
     c.args([
         "-s",
         "-m",
@@ -190,13 +202,53 @@ fn the_router_routes_by_model_name_and_keeps_the_jobs_key_in_the_job() {
     // the job's key is still needed at the router
     assert_eq!(complete(&base, "wrong", Some("rm")).0, 401);
 
-    // the open attached endpoint never saw the job's key
+    // strict routing: a body that is not JSON, a model that is no string: 400 in OpenAI's
+    // format; a path that leaves a model's /v1/ (encoded or not) never reaches it
+    let completions = format!("{base}/completions");
+    for body in ["{not json", r#"{"model": 7, "prompt": "x"}"#, "[1]"] {
+        let (code, e) = curl("POST", &completions, "job-key", Some(body));
+        assert_eq!(code, 400, "{body}: {e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    }
+    let root = u(ports[4]);
+    for path in [
+        "/models/open/../../admin",
+        "/models/open/v1/%2e%2e/%2e%2e/admin",
+        "/models/open/admin",
+    ] {
+        let (code, _) = curl_with(
+            &["--path-as-is"],
+            "GET",
+            &format!("{root}{path}"),
+            "job-key",
+            None,
+        );
+        assert_eq!(code, 400, "{path}");
+    }
+    // an attached server gets no cookie and no other credential of the client's
+    let (code, _) = curl_with(
+        &[
+            "-H",
+            "Cookie: session=client-cookie",
+            "-H",
+            "X-Api-Key: client-xkey",
+        ],
+        "POST",
+        &completions,
+        "job-key",
+        Some(r#"{"model": "open-model", "prompt": "x"}"#),
+    );
+    assert_eq!(code, 200);
+
+    // the open attached endpoint never saw the job's key, nor the client's cookie or X-Api-Key
     let seen = std::fs::read_to_string(&open_log).unwrap();
     assert!(!seen.is_empty());
-    assert!(
-        !seen.contains("job-key"),
-        "the job's key went to an attached endpoint: {seen}"
-    );
+    for secret in ["job-key", "client-cookie", "client-xkey"] {
+        assert!(
+            !seen.contains(secret),
+            "`{secret}` went to an attached endpoint: {seen}"
+        );
+    }
 
     // an attached endpoint that goes away: its requests fail, the others go on
     let mut ext = procs.0.remove(2);

@@ -5,12 +5,21 @@
 use super::{error, hop_by_hop, policy, InFlight, Shared};
 use axum::body::Body;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The headers an attached server (one outside the job) is sent: the body's type, what the
+/// client accepts, and OpenAI's own; `Authorization` is set by the router (that server's key).
+fn to_attached(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(n, "content-type" | "accept" | "user-agent" | "x-request-id")
+        || n.starts_with("openai-")
+        || n.starts_with("x-stainless-")
+}
 
 /// Send the request (path and query `pq`, body `bytes`) to a replica of `group` (none: of
 /// any) and stream its answer back.
@@ -59,9 +68,14 @@ pub(super) async fn forward(
             .request(parts.method.clone(), format!("{}{pq}", r.base))
             .body(bytes.clone());
         for (k, v) in parts.headers.iter() {
-            // the job's key stays in the job: an attached endpoint gets its own, or none
-            let theirs = r.attached && k == header::AUTHORIZATION;
-            if !hop_by_hop(k) && !theirs {
+            // a server outside the job gets only what an OpenAI request needs: never the
+            // job's key (it gets its own, or none), cookies or other credentials
+            let pass = if r.attached {
+                to_attached(k)
+            } else {
+                !hop_by_hop(k)
+            };
+            if pass {
                 rb = rb.header(k, v);
             }
         }
@@ -120,10 +134,11 @@ pub(super) async fn forward(
                 } else {
                     (StatusCode::BAD_GATEWAY, "failed while handling the request")
                 };
+                // the replica by number: its internal address is not the client's business
                 return error(
                     status,
                     "upstream_error",
-                    &format!("replica {i} {what}: {e}"),
+                    &format!("replica {i} {what}: {}", e.without_url()),
                 );
             }
         }

@@ -226,6 +226,12 @@ impl Shared {
         }
     }
 
+    /// A 400 in OpenAI's format: a request the router does not pass on.
+    fn bad(&self, why: &str) -> Response {
+        self.metrics.reject("bad_request");
+        error(StatusCode::BAD_REQUEST, "invalid_request_error", why)
+    }
+
     /// A 404 in OpenAI's format for a model this router does not serve.
     fn unknown(&self, model: &str) -> Response {
         self.metrics.reject("unknown_model");
@@ -410,7 +416,8 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     // `/models/NAME/...`: that model alone, whatever the body says
     let scope = match resolve::scope(&*st, st.by_name, &pq) {
         Ok(s) => s,
-        Err(name) => return st.unknown(&name),
+        Err(resolve::PathError::Unknown(name)) => return st.unknown(&name),
+        Err(resolve::PathError::Bad(why)) => return st.bad(&why),
     };
     let Ok(bytes) = axum::body::to_bytes(body, st.max_body).await else {
         st.metrics.reject("too_large");
@@ -427,6 +434,7 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     match resolve::resolve(&*st, st.by_name, &scope, get, &bytes) {
         Route::List(groups) => st.model_list(&groups),
         Route::Unknown(m) => st.unknown(&m),
+        Route::Bad(why) => st.bad(&why),
         Route::To { group, rewrite } => {
             let bytes = match rewrite {
                 Some(to) => resolve::with_model(&bytes, &to),

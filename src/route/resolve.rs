@@ -34,11 +34,59 @@ pub(super) enum Route {
     List(Vec<usize>),
     /// The request names no model this router serves.
     Unknown(String),
+    /// A request the router will not pass on (a 400): why.
+    Bad(String),
+}
+
+/// Why the path is not passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum PathError {
+    /// `/models/NAME/...` names no model this router serves.
+    Unknown(String),
+    /// Dot segments (encoded or not), or a model's path that leaves its `/v1/`.
+    Bad(String),
+}
+
+/// `%XX` decoded (what a server may decode the path to); invalid escapes kept as they are.
+fn percent_decoded(path: &str) -> String {
+    let b = path.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a path, as it is or decoded (twice: a double encoding too), has a `.` or `..`
+/// segment, or a backslash a server might take for a slash.
+fn escapes(path: &str) -> bool {
+    let once = percent_decoded(path);
+    let twice = percent_decoded(&once);
+    [path, once.as_str(), twice.as_str()]
+        .iter()
+        .any(|p| p.contains('\\') || p.split('/').any(|seg| seg == "." || seg == ".."))
 }
 
 /// The path's part: `/models/NAME/rest` → NAME's group and `/rest`; an unknown NAME → `Err`.
 /// Without routing by name the path is left as it is.
-pub(super) fn scope(cat: &dyn Catalog, by_name: bool, pq: &str) -> Result<Scope, String> {
+pub(super) fn scope(cat: &dyn Catalog, by_name: bool, pq: &str) -> Result<Scope, PathError> {
+    let path = pq.split('?').next().unwrap_or_default();
+    if escapes(path) {
+        return Err(PathError::Bad(
+            "the path has `.` or `..` segments (encoded or not): give the endpoint's own path"
+                .into(),
+        ));
+    }
     let plain = Scope {
         group: None,
         pq: pq.to_string(),
@@ -48,8 +96,14 @@ pub(super) fn scope(cat: &dyn Catalog, by_name: bool, pq: &str) -> Result<Scope,
     };
     let (name, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let Some(g) = (0..cat.groups()).find(|&g| cat.name(g) == name) else {
-        return Err(name.to_string());
+        return Err(PathError::Unknown(name.to_string()));
     };
+    let tail_path = tail.split('?').next().unwrap_or_default();
+    if !tail.is_empty() && tail_path != "/v1" && !tail_path.starts_with("/v1/") {
+        return Err(PathError::Bad(format!(
+            "`/models/{name}` serves the OpenAI API under `/models/{name}/v1/` only"
+        )));
+    }
     Ok(Scope {
         group: Some(g),
         pq: if tail.is_empty() {
@@ -60,13 +114,21 @@ pub(super) fn scope(cat: &dyn Catalog, by_name: bool, pq: &str) -> Result<Scope,
     })
 }
 
-/// The model a request asks for, from its body (`{"model": ...}`), if it names one.
-pub(super) fn requested_model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct M {
-        model: Option<String>,
+/// The model a request asks for, from its body (`{"model": ...}`), if it names one. An empty
+/// body names none; `Err`: a body that is not a JSON object, or a `model` that is no string.
+pub(super) fn requested_model(body: &[u8]) -> Result<Option<String>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
     }
-    serde_json::from_slice::<M>(body).ok().and_then(|m| m.model)
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(m)) => match m.get("model") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err("`model` must be a string".into()),
+        },
+        Ok(_) => Err("the request body must be a JSON object".into()),
+        Err(e) => Err(format!("the request body is not JSON ({e})")),
+    }
 }
 
 /// Where a request with this scope, method and body goes.
@@ -90,7 +152,10 @@ pub(super) fn resolve(
             None => (0..cat.groups()).collect(),
         });
     }
-    let asked = requested_model(body);
+    let asked = match requested_model(body) {
+        Ok(m) => m,
+        Err(why) => return Route::Bad(why),
+    };
     let g = match (scope.group, asked.as_deref()) {
         (Some(g), _) => g,
         (None, Some(m)) => match (0..cat.groups()).find(|&g| cat.answers_to(g, m)) {
@@ -153,12 +218,12 @@ mod tests {
         }
     }
 
-    fn route(pq: &str, get: bool, body: &str) -> Result<Route, String> {
+    fn route(pq: &str, get: bool, body: &str) -> Result<Route, PathError> {
         let s = scope(&Two, true, pq)?;
         Ok(resolve(&Two, true, &s, get, body.as_bytes()))
     }
 
-    fn to(group: usize, rewrite: Option<&str>) -> Result<Route, String> {
+    fn to(group: usize, rewrite: Option<&str>) -> Result<Route, PathError> {
         Ok(Route::To {
             group: Some(group),
             rewrite: rewrite.map(str::to_string),
@@ -202,17 +267,32 @@ mod tests {
 
     #[test]
     fn unknown_missing_and_malformed() {
-        assert_eq!(scope(&Two, true, "/models/nope/v1/x"), Err("nope".into()));
+        assert_eq!(
+            scope(&Two, true, "/models/nope/v1/x"),
+            Err(PathError::Unknown("nope".into()))
+        );
         assert_eq!(
             route("/v1/completions", false, r#"{"model":"nope"}"#),
             Ok(Route::Unknown("nope".into()))
         );
-        // no model, or a body that is not JSON: the first model, as an engine serves its first name
+        // no model: the first model, as an engine serves its first name
         assert_eq!(
             route("/v1/completions", false, r#"{"prompt":"x"}"#),
             to(0, None)
         );
-        assert_eq!(route("/v1/completions", false, "not json"), to(0, None));
+        assert_eq!(route("/v1/completions", false, ""), to(0, None));
+        // a body that is not a JSON object, a model that is no string: refused (400)
+        for body in [
+            "not json",
+            "[1,2]",
+            r#"{"model": 7}"#,
+            r#"{"model": ["judge"]}"#,
+        ] {
+            assert!(
+                matches!(route("/v1/completions", false, body), Ok(Route::Bad(_))),
+                "{body}"
+            );
+        }
         // one model, no names: nothing to resolve
         let s = scope(&Two, false, "/models/judge/v1/x").unwrap();
         assert_eq!(s.pq, "/models/judge/v1/x");
@@ -223,5 +303,31 @@ mod tests {
                 rewrite: None
             }
         );
+    }
+
+    #[test]
+    fn paths_stay_under_the_models_v1_and_have_no_dot_segments() {
+        let bad = |pq: &str| matches!(scope(&Two, true, pq), Err(PathError::Bad(_)));
+        for pq in [
+            "/models/judge/../../admin",
+            "/models/judge/v1/../../admin",
+            "/models/judge/%2e%2e/%2E%2E/admin",
+            "/models/judge/v1/..%2f..%2fadmin",
+            "/models/judge/v1/%252e%252e/admin",
+            "/models/judge/admin",
+            "/models/judge/v1x",
+            "/v1/./completions",
+            "/v1/..\\admin",
+        ] {
+            assert!(bad(pq), "{pq}");
+        }
+        for pq in [
+            "/models/judge/v1/models",
+            "/models/judge/v1",
+            "/models/judge",
+            "/v1/completions?a=..%2f",
+        ] {
+            assert!(scope(&Two, true, pq).is_ok(), "{pq}");
+        }
     }
 }

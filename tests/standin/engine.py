@@ -171,7 +171,8 @@ class H(BaseHTTPRequestHandler):
         log = os.environ.get("STANDIN_AUTH_LOG")
         if log:
             with open(log, "a") as f:
-                f.write(self.headers.get("Authorization", "-") + "\n")
+                extra = "".join(f" {h}={self.headers[h]}" for h in ("Cookie", "X-Api-Key") if h in self.headers)
+                f.write(self.headers.get("Authorization", "-") + extra + "\n")
         if api_key is None or not self.path.startswith("/v1"):
             return True
         if self.headers.get("Authorization", "") == f"Bearer {api_key}":
