@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What a private directory was when the job took it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,57 +91,119 @@ pub const LOCK_FILE: &str = ".ray-launch.lock";
 /// kernel drops it when the launcher dies, however it dies).
 pub struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
+/// What ray-launch writes in a lock file it makes: this, then a random id.
+const LOCK_MARKER: &str = "ray-launch temp dir ";
+
 /// Take the lock of a dir the launcher just created. The lock file is made under another name
-/// and renamed into place once locked, so nobody ever sees it unlocked while we live.
+/// (holding [`LOCK_MARKER`] and a random id) and renamed into place once locked, so nobody
+/// ever sees it unlocked while we live.
 pub fn lock_dir(dir: &Path) -> std::io::Result<DirLock> {
+    use std::io::Write as _;
     let tmp = dir.join(format!(".ray-launch.lock.{}", std::process::id()));
-    let f = OpenOptions::new()
+    let mut f = OpenOptions::new()
         .create_new(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&tmp)?;
+    f.write_all(format!("{LOCK_MARKER}{}\n", crate::auth::random_hex()).as_bytes())?;
     let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| std::io::Error::from(e))?;
     std::fs::rename(&tmp, dir.join(LOCK_FILE))?;
     Ok(DirLock(lock))
 }
 
-/// Remove this user's temp dirs next to `dir` that a launcher created and that no live launcher
-/// holds (left when a launcher was SIGKILLed before its cleanup, as srun does to every task
-/// when a batch job is cancelled). Returns what was removed.
-pub fn remove_stale_siblings(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Some(parent) = dir.parent() else {
-        return out;
-    };
-    let Ok(rd) = std::fs::read_dir(parent) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if !md.is_dir() || md.uid() != me() {
-            continue;
-        }
-        let lock = p.join(LOCK_FILE);
-        let Ok(f) = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&lock)
-        else {
-            continue;
-        };
-        if let Ok(held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            // nobody holds it: its launcher is gone
-            if std::fs::remove_dir_all(&p).is_ok() {
-                out.push(p);
+/// A name with its digit runs made `#` (`rl-123.0-2` → `rl-#.#-#`): temp dirs of other jobs
+/// and steps made from the same template look alike.
+fn skeleton(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_digit() {
+            if !out.ends_with('#') {
+                out.push('#');
             }
-            drop(held);
+        } else {
+            out.push(c);
         }
     }
     out
+}
+
+/// Whether `p` is a temp dir a ray-launch of this user left: `Ok(lock)` (held: its launcher is
+/// gone) or why it is left alone. `Err(None)`: not a ray-launch dir at all (no lock file).
+fn stale_own(p: &Path, like: &str) -> Result<nix::fcntl::Flock<std::fs::File>, Option<String>> {
+    use std::io::Read as _;
+    let md = std::fs::symlink_metadata(p).map_err(|_| None)?;
+    if !md.is_dir() || md.uid() != me() {
+        return Err(None);
+    }
+    let lock = p.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+        .open(&lock)
+        .map_err(|_| None)?;
+    let lmd = f.metadata().map_err(|_| None)?;
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let why = if md.mode() & 0o077 != 0 {
+        Some(format!("its mode is {:o}, not 0700", md.mode() & 0o7777))
+    } else if !lmd.is_file() || lmd.uid() != me() {
+        Some(format!(
+            "its lock file is not a file of yours (uid {})",
+            lmd.uid()
+        ))
+    } else if skeleton(&name) != skeleton(like) {
+        Some(format!("its name is not like this job's temp dir `{like}`"))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(Some(why));
+    }
+    let mut head = String::new();
+    let _ = (&f).take(128).read_to_string(&mut head);
+    let id = head.strip_prefix(LOCK_MARKER).map(str::trim).unwrap_or("");
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Some("its lock file was not written by ray-launch".into()));
+    }
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| None)
+    // held: its launcher lives
+}
+
+/// Remove this user's temp dirs next to `dir` that a launcher created and that no live launcher
+/// holds (left when a launcher was SIGKILLed before its cleanup, as srun does to every task
+/// when a batch job is cancelled). Only a dir that is this user's and 0700, named like `dir`,
+/// whose lock file is this user's, holds ray-launch's marker and is not held, is removed.
+/// Returns what was removed, and the look-alikes left alone with why.
+pub fn remove_stale_siblings(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
+    let (mut gone, mut left) = (Vec::new(), Vec::new());
+    let (Some(parent), Some(like)) = (dir.parent(), dir.file_name()) else {
+        return (gone, left);
+    };
+    let like = like.to_string_lossy().into_owned();
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return (gone, left);
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p == dir {
+            continue;
+        }
+        match stale_own(&p, &like) {
+            Ok(held) => {
+                if std::fs::remove_dir_all(&p).is_ok() {
+                    gone.push(p);
+                }
+                drop(held);
+            }
+            Err(Some(why)) => left.push((p, why)),
+            Err(None) => {}
+        }
+    }
+    (gone, left)
 }
 
 /// Remove what the job put in `path`: all of it when the launcher created it, else only the
@@ -272,9 +334,62 @@ mod tests {
         let _held = lock_dir(&live).unwrap();
         drop(lock_dir(&stale).unwrap()); // its launcher died
         std::fs::write(users.join("keep"), "").unwrap(); // no lock file: not ours to judge
-        let removed = remove_stale_siblings(&d.path().join("rl-4.0-0"));
+        let (removed, left) = remove_stale_siblings(&d.path().join("rl-4.0-0"));
         assert_eq!(removed, std::slice::from_ref(&stale));
+        assert!(left.is_empty(), "{left:?}");
         assert!(live.join(LOCK_FILE).exists() && users.join("keep").exists() && !stale.exists());
+    }
+
+    /// Only a dir that is this user's, 0700, named like the job's temp dirs, whose lock file
+    /// is this user's and holds ray-launch's marker, is removed; look-alikes are named.
+    #[test]
+    fn a_planted_lock_file_deletes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let made = |name: &str, mode: u32, lock: Option<&str>| {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("precious"), "a colleague's file").unwrap();
+            if let Some(l) = lock {
+                std::fs::write(p.join(LOCK_FILE), l).unwrap();
+            }
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let marker = format!("{LOCK_MARKER}{}\n", crate::auth::random_hex());
+        let stale = made("rl-5.0-0", 0o700, Some(&marker));
+        let open = made("rl-6.0-0", 0o777, Some(&marker));
+        let empty = made("rl-7.0-0", 0o700, Some(""));
+        let forged = made("rl-8.0-0", 0o700, Some("ray-launch temp dir xyz\n"));
+        let other_name = made("notes", 0o700, Some(&marker));
+        let plain = made("rl-9.0-0", 0o700, None);
+        let (removed, left) = remove_stale_siblings(&d.path().join("rl-4.0-0"));
+        assert_eq!(removed, std::slice::from_ref(&stale));
+        for p in [&open, &empty, &forged, &other_name, &plain] {
+            assert!(p.join("precious").exists(), "{} was removed", p.display());
+        }
+        let named: Vec<&PathBuf> = left.iter().map(|(p, _)| p).collect();
+        for p in [&open, &empty, &forged, &other_name] {
+            assert!(named.contains(&p), "{} not named in {left:?}", p.display());
+        }
+        assert!(!named.contains(&&plain));
+        // as root: a lock file planted by another uid in a 0700 dir of ours is not ours either
+        if nix::unistd::getuid().is_root() {
+            let planted = made("rl-10.0-0", 0o700, Some(&marker));
+            nix::unistd::chown(
+                &planted.join(LOCK_FILE),
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+            )
+            .unwrap();
+            let (removed, left) = remove_stale_siblings(&d.path().join("rl-4.0-0"));
+            assert!(removed.is_empty(), "{removed:?}");
+            assert!(planted.join("precious").exists());
+            assert!(
+                left.iter()
+                    .any(|(p, why)| *p == planted && why.contains("uid 65534")),
+                "{left:?}"
+            );
+        }
     }
 
     #[test]

@@ -176,12 +176,16 @@ fn sbatch_then_scancel_leaves_no_process_and_no_file() {
     let bed = Bed::new();
     // the engine leaves a child outside its session (double fork, setsid, SIGTERM ignored)
     let cfg = bed.config(&escaping(RAY3), "");
-    // a stale temp dir, as a SIGKILLed launcher leaves it: created and locked by a launcher
-    // that is gone (the lock file is the launcher's own marker)
+    // a stale temp dir, as a SIGKILLed launcher leaves it: created (0700) and locked by a
+    // launcher that is gone (the lock file holds the launcher's marker and id)
     let stale = std::path::PathBuf::from("/tmp/rl-999999.0-0");
     std::fs::create_dir(&stale).unwrap();
     std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    std::fs::write(stale.join(".ray-launch.lock"), "").unwrap();
+    std::fs::write(
+        stale.join(".ray-launch.lock"),
+        format!("ray-launch temp dir {}\n", "ab".repeat(32)),
+    )
+    .unwrap();
     std::fs::create_dir(stale.join("ray")).unwrap();
     let job = sbatch_serve(&bed, &cfg, &[]);
     assert!(

@@ -127,9 +127,16 @@ impl Shell {
         // the node's private temp dir: Ray's files, and every engine's compile caches
         if !rank.commands.is_empty() {
             let dir = PathBuf::from(&rank.temp_dir);
-            for p in private::remove_stale_siblings(&dir) {
+            let (gone, left) = private::remove_stale_siblings(&dir);
+            for p in gone {
                 info!(
                     "removed {}: left by a launcher of yours that is gone",
+                    p.display()
+                );
+            }
+            for (p, why) in left {
+                warn!(
+                    "left {} alone although it holds a ray-launch lock file: {why}",
                     p.display()
                 );
             }
