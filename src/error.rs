@@ -26,6 +26,25 @@ pub struct Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The most of one message part a report shows.
+pub const MAX_SHOWN: usize = 600;
+
+/// `s`, cut to [`MAX_SHOWN`] characters with a note of how much more there was.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(MAX_SHOWN) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((i, _)) => format!("{}… ({} more bytes)", &s[..i], s.len() - i).into(),
+    }
+}
+
+/// A value from the input, quoted for a message: at most 200 characters of it.
+pub fn quote(v: &str) -> String {
+    match v.char_indices().nth(200) {
+        None => format!("`{v}`"),
+        Some((i, _)) => format!("`{}…` ({} bytes)", &v[..i], v.len()),
+    }
+}
+
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
         Error {
@@ -59,12 +78,13 @@ impl Error {
             Kind::Internal => exit::INTERNAL,
         }
     }
-    /// The full report as printed on stderr.
+    /// The full report as printed on stderr (each part at most [`MAX_SHOWN`] characters: a
+    /// huge bad value is not echoed whole).
     pub fn report(&self) -> String {
-        let mut s = format!("error: {}", self.msg);
+        let mut s = format!("error: {}", clip(&self.msg));
         for c in &self.causes {
             s.push_str("\n  caused by: ");
-            s.push_str(c);
+            s.push_str(&clip(c));
         }
         if let Some(h) = &self.hint {
             s.push_str("\nhint: ");

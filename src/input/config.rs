@@ -71,10 +71,22 @@ impl<'de> Deserialize<'de> for Dur {
             Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
             Raw::Str(s) => humantime::parse_duration(&s).map(Dur).map_err(|e| {
                 serde::de::Error::custom(format!(
-                    "`{s}` is not a duration ({e}); write it like `30s`, `5m` or `1h 30m`"
+                    "{} is not a duration ({e}); write it like `30s`, `5m` or `1h 30m`",
+                    crate::error::quote(&s)
                 ))
             }),
         }
+        .and_then(|d| {
+            if d.0 > MAX_DURATION {
+                Err(serde::de::Error::custom(format!(
+                    "{} is longer than ray-launch accepts ({}): durations are held to 30 days",
+                    humantime::format_duration(d.0),
+                    humantime::format_duration(MAX_DURATION)
+                )))
+            } else {
+                Ok(d)
+            }
+        })
     }
 }
 
@@ -120,9 +132,9 @@ impl<'de> Deserialize<'de> for Size {
         match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
             Raw::Bytes(b) => Ok(Size::Bytes(b)),
             Raw::Str(s) if s == "auto" => Ok(Size::Auto),
-            Raw::Str(s) => parse_size(&s)
-                .map(Size::Bytes)
-                .ok_or_else(|| serde::de::Error::custom(format!("{msg}, found `{s}`"))),
+            Raw::Str(s) => parse_size(&s).map(Size::Bytes).ok_or_else(|| {
+                serde::de::Error::custom(format!("{msg}, found {}", crate::error::quote(&s)))
+            }),
         }
     }
 }
@@ -784,17 +796,107 @@ impl Loaded {
     }
 }
 
+/// The largest config file read (configs are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The deepest nesting a config may have (the schema needs 4).
+pub const MAX_NESTING: usize = 32;
+
+/// Read the config: a regular file (not a FIFO, a device or a directory: opened without
+/// blocking, checked before reading), at most [`MAX_CONFIG_BYTES`].
 pub fn load(path: &Path) -> Result<Loaded> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let shown = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         Error::usage(format!("cannot read config {shown}"))
             .cause(e)
             .hint("pass an existing YAML file with --config (or RAY_LAUNCH_CONFIG); examples are in configs/")
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(unreadable)?;
+    let md = f.metadata().map_err(unreadable)?;
+    if !md.is_file() {
+        return Err(Error::usage(format!(
+            "config {shown} is not a regular file (a pipe, a device or a directory)"
+        ))
+        .hint("pass a YAML file with --config; examples are in configs/"));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::usage(format!(
+            "config {shown} is larger than {} KiB",
+            MAX_CONFIG_BYTES >> 10
+        ))
+        .hint("a config is a few KiB of YAML; is this the right file?"));
+    }
+    let source = String::from_utf8(bytes).map_err(|_| {
+        Error::usage(format!("config {shown} is not UTF-8 text"))
+            .hint("pass a YAML file with --config; examples are in configs/")
     })?;
     parse(&shown, &source)
 }
 
+/// How deep `source` nests (flow `[`/`{`, and `- ` chains on a line), and the first line that
+/// goes past [`MAX_NESTING`]. Counted before the YAML parser sees it (100,000 levels would
+/// take it minutes).
+fn too_deep(source: &str) -> Option<usize> {
+    let mut flow = 0usize;
+    for (n, line) in source.lines().enumerate() {
+        let t = line.trim_start();
+        let mut dashes = 0;
+        let mut rest = t;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("-\t")) {
+            dashes += 1;
+            rest = r.trim_start();
+        }
+        let (mut quote, mut prev) = (None, ' ');
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow + dashes > MAX_NESTING {
+                        return Some(n + 1);
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        if flow + dashes > MAX_NESTING {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Duplicate keys in any mapping (serde takes the last one for maps such as `env:`): the
+/// first one, and its line.
+fn duplicate_key(path: &str, source: &str) -> Result<()> {
+    match serde_yaml::from_str::<serde_yaml::Value>(source) {
+        Err(e) if e.to_string().contains("duplicate") => Err(yaml_error(path, &e)),
+        _ => Ok(()),
+    }
+}
+
 pub fn parse(path: &str, source: &str) -> Result<Loaded> {
+    if let Some(line) = too_deep(source) {
+        return Err(Error::usage(format!(
+            "{path}:{line}: the YAML nests deeper than {MAX_NESTING} levels"
+        ))
+        .hint("a config nests a few levels; see configs/ for the shape"));
+    }
+    duplicate_key(path, source)?;
     let config: Config = serde_yaml::from_str(source).map_err(|e| yaml_error(path, &e))?;
     let mut loaded = Loaded {
         config,

@@ -305,10 +305,27 @@ pub fn has_ray_client(ray: &str) -> bool {
         })
     };
     let Some(exe) = exe else { return false };
-    let Ok(text) = std::fs::read(&exe) else {
-        return false;
+    // its first line only, of a regular file: never read whole, never a FIFO or a device
+    let text = {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&exe)
+        else {
+            return false;
+        };
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return false;
+        }
+        let mut head = Vec::new();
+        if f.take(512).read_to_end(&mut head).is_err() {
+            return false;
+        }
+        head
     };
-    let first = String::from_utf8_lossy(&text[..text.len().min(512)])
+    let first = String::from_utf8_lossy(&text)
         .lines()
         .next()
         .unwrap_or_default()

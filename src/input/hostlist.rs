@@ -34,8 +34,14 @@ pub const MAX_RANGE: u64 = 64 * 1024;
 /// values in all.
 pub const MAX_PREFIX_CNT: u64 = 64 * 1024;
 
+/// The longest expression read (Slurm's node lists of thousands of nodes are a few KiB).
+pub const MAX_EXPR_BYTES: usize = 64 * 1024;
+
+/// The longest host name (DNS: 253; Slurm node names are far shorter).
+pub const MAX_NAME: usize = 255;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid hostlist `{expr}`: {reason}")]
+#[error("invalid hostlist {}: {reason}", crate::error::quote(.expr))]
 pub struct HostlistError {
     pub expr: String,
     pub reason: String,
@@ -77,6 +83,15 @@ enum Piece {
 
 /// Expand a hostlist expression into host names, in order.
 pub fn expand(expr: &str) -> Result<Vec<String>, HostlistError> {
+    if expr.len() > MAX_EXPR_BYTES {
+        return Err(err(
+            expr,
+            format!(
+                "it is {} bytes long, more than {MAX_EXPR_BYTES}",
+                expr.len()
+            ),
+        ));
+    }
     let mut hosts = Vec::new();
     for item in split_items(expr)? {
         expand_item(expr, &item, &mut hosts)?;
@@ -161,6 +176,23 @@ fn expand_item(expr: &str, item: &str, out: &mut Vec<String>) -> Result<(), Host
                 format!("a bracket group before the last one has {n} values, more than Slurm's {MAX_PREFIX_CNT}"),
             ));
         }
+    }
+    let longest: usize = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Text(t) => t.len(),
+            Piece::Group(g) => g
+                .iter()
+                .map(|r| r.width.max(r.hi.to_string().len()))
+                .max()
+                .unwrap_or(0),
+        })
+        .sum();
+    if longest > MAX_NAME {
+        return Err(err(
+            expr,
+            format!("a host name would be {longest} characters long, more than {MAX_NAME}"),
+        ));
     }
     let total = groups.iter().fold(1u64, |t, g| {
         t.saturating_mul(g.iter().map(Range::count).sum::<u64>())
