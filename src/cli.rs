@@ -177,6 +177,21 @@ pub struct RouteArgs {
     /// How long one request may take, its streamed answer included.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// Connections open at once, at most (over it new ones are closed at once, the others
+    /// served); 0: as many as the descriptor limit allows, less a reserve for the router's own.
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long a kept-alive
+    /// connection may sit idle.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+    /// Request bodies held at once, in bytes, across all requests (over it: 503 with
+    /// Retry-After).
+    #[arg(long, default_value_t = 512 << 20)]
+    pub max_buffered: usize,
 }
 
 #[derive(Args, Debug)]
@@ -224,6 +239,8 @@ pub fn main() -> i32 {
                     Error::usage(format!("route: {e}")).hint("see `ray-launch route --help`")
                 })
                 .map(|(models, backends)| {
+                    // the connection cap follows the descriptor limit
+                    raise_nofile();
                     crate::route::main(crate::route::Options {
                         listen: r.listen,
                         backends,
@@ -234,6 +251,12 @@ pub fn main() -> i32 {
                         max_body: r.max_body,
                         request_timeout: r.request_timeout,
                         api_key: None,
+                        limits: crate::route::server::Limits {
+                            max_connections: r.max_connections,
+                            header_timeout: r.header_timeout,
+                            body_timeout: r.body_timeout,
+                            max_buffered: r.max_buffered,
+                        },
                     })
                 })
         }

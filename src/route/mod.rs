@@ -22,11 +22,13 @@ mod forward;
 mod metrics;
 pub mod policy;
 mod resolve;
+pub mod server;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::Response;
+use futures_util::StreamExt as _;
 use metrics::{Metrics, ReplicaLabel};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -68,6 +70,8 @@ pub struct Options {
     pub max_body: usize,
     pub request_timeout: Duration,
     pub api_key: Option<String>,
+    /// What one client may hold: connections, time, buffered bytes.
+    pub limits: server::Limits,
 }
 
 /// Each model's (name, served name), when requests go by name; empty for one model.
@@ -185,6 +189,9 @@ struct Shared {
     api_key: Option<String>,
     max_body: usize,
     metrics: Metrics,
+    /// Request bodies held now, against `--max-buffered`.
+    buffered: Arc<server::Buffered>,
+    body_timeout: Duration,
 }
 
 fn log(msg: &str) {
@@ -390,6 +397,74 @@ impl Drop for InFlight {
     }
 }
 
+/// The request's body, read within `--body-timeout`, at most `--max-body`, and held against
+/// `--max-buffered` (the hold goes with the request); else the answer to give.
+async fn read_body(st: &Arc<Shared>, body: Body) -> Result<(bytes::Bytes, server::Hold), Response> {
+    let mut hold = st.buffered.hold();
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = body.into_data_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| "broken")?;
+            if buf.len() + chunk.len() > st.max_body {
+                return Err("too_large");
+            }
+            if !hold.add(chunk.len()) {
+                return Err("busy");
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    let outcome = match tokio::time::timeout(st.body_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err("slow"),
+    };
+    let reason = match outcome {
+        Ok(()) => return Ok((buf.freeze(), hold)),
+        Err(r) => r,
+    };
+    st.metrics.reject(reason);
+    Err(match reason {
+        "too_large" => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            &format!(
+                "the request body is larger than the router accepts ({} bytes; router.max_body)",
+                st.max_body
+            ),
+        ),
+        "busy" => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                &format!(
+                    "the router holds {} MiB of request bodies already (its cap): try again shortly",
+                    st.buffered.cap() >> 20
+                ),
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            r
+        }
+        "slow" => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            &format!(
+                "the request body did not arrive within {}",
+                humantime::format_duration(st.body_timeout)
+            ),
+        ),
+        _ => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "the request body could not be read",
+        ),
+    })
+}
+
 async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     match req.uri().path() {
         "/health" => return st.health(),
@@ -419,16 +494,9 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
         Err(resolve::PathError::Unknown(name)) => return st.unknown(&name),
         Err(resolve::PathError::Bad(why)) => return st.bad(&why),
     };
-    let Ok(bytes) = axum::body::to_bytes(body, st.max_body).await else {
-        st.metrics.reject("too_large");
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            &format!(
-                "the request body is larger than the router accepts ({} bytes; router.max_body)",
-                st.max_body
-            ),
-        );
+    let (bytes, _hold) = match read_body(&st, body).await {
+        Ok(b) => b,
+        Err(answer) => return answer,
     };
     let get = parts.method == axum::http::Method::GET;
     match resolve::resolve(&*st, st.by_name, &scope, get, &bytes) {
@@ -579,6 +647,8 @@ pub async fn serve(o: Options) -> Result<(), String> {
         api_key: o.api_key.clone(),
         max_body: o.max_body,
         metrics,
+        buffered: server::Buffered::new(o.limits.max_buffered),
+        body_timeout: o.limits.body_timeout,
     });
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
@@ -592,12 +662,9 @@ pub async fn serve(o: Options) -> Result<(), String> {
         shown.len(),
         shown.join(" ")
     ));
-    let app = axum::Router::new().fallback(handle).with_state(shared);
-    use axum::serve::ListenerExt as _;
-    // small writes (SSE chunks, short answers) go out at once
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(shared.clone());
     // SIGTERM (the launcher's teardown, or Slurm signalling the whole step): stop accepting,
     // let the requests in flight finish (the launcher SIGKILLs after its grace)
     let stop = async {
@@ -616,10 +683,9 @@ pub async fn serve(o: Options) -> Result<(), String> {
         }
         log("SIGTERM: no new connections; finishing the requests in flight");
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(|e| format!("the router stopped: {e}"))
+    let over_cap = move || shared.metrics.reject("too_many_connections");
+    server::serve(listener, app, o.limits, stop, over_cap).await;
+    Ok(())
 }
 
 /// `ray-launch route`: its own runtime (two worker threads), the key from the environment.
