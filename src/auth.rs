@@ -42,7 +42,7 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -99,6 +99,20 @@ impl JobKey {
         hk.expand(format!("ray-launch/1 {what}").as_bytes(), &mut out)
             .expect("32 bytes is a valid HKDF length");
         out
+    }
+
+    /// The keys of one connection's frames after its handshake, (master → rank, rank →
+    /// master): HKDF over the job key, salted with both nonces of the handshake, so a frame of
+    /// one connection or direction is no frame of another.
+    pub fn channel_keys(&self, master_nonce: &str, rank_nonce: &str) -> ([u8; 32], [u8; 32]) {
+        let salt = format!("{master_nonce}:{rank_nonce}");
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt.as_bytes()), &self.0);
+        let (mut m2r, mut r2m) = ([0u8; 32], [0u8; 32]);
+        hk.expand(b"ray-launch/1 channel master->rank", &mut m2r)
+            .expect("32 bytes is a valid HKDF length");
+        hk.expand(b"ray-launch/1 channel rank->master", &mut r2m)
+            .expect("32 bytes is a valid HKDF length");
+        (m2r, r2m)
     }
 
     /// Ray's token: 64 hex characters.

@@ -216,6 +216,9 @@ pub enum RecvError {
     TooLong,
     Bad(String),
     Io(std::io::Error),
+    /// A frame after the handshake whose MAC or sequence number is wrong (forged, rewritten,
+    /// replayed or out of order): dropped; the connection goes on.
+    Forged(String),
 }
 
 impl std::fmt::Display for RecvError {
@@ -225,6 +228,7 @@ impl std::fmt::Display for RecvError {
             RecvError::TooLong => f.write_str("message longer than this end accepts"),
             RecvError::Bad(e) => write!(f, "unreadable message: {e}"),
             RecvError::Io(e) => write!(f, "{e}"),
+            RecvError::Forged(why) => write!(f, "a frame failed its check ({why}); dropped"),
         }
     }
 }
@@ -279,6 +283,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, RecvError> {
+        self.recv_line().await?;
+        serde_json::from_slice(&self.buf).map_err(|e| RecvError::Bad(e.to_string()))
+    }
+
+    /// The next line, newline included (in `self.buf`); its index.
+    async fn recv_line(&mut self) -> Result<u64, RecvError> {
         self.buf.clear();
         let max = self.limit.get(self.lines);
         self.lines += 1;
@@ -297,8 +307,94 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 RecvError::Closed
             });
         }
-        serde_json::from_slice(&self.buf).map_err(|e| RecvError::Bad(e.to_string()))
+        Ok(self.lines - 1)
     }
+}
+
+/// The frames of one connection after its handshake: each carries its sequence number and an
+/// HMAC-SHA256 over both (`JSON\tSEQ\tMAC`), one key per direction. Lines before
+/// `from_in`/`from_out` (the handshake's) are plain.
+#[derive(Clone)]
+pub struct SealKeys {
+    pub out_key: [u8; 32],
+    pub in_key: [u8; 32],
+    /// The index of the first sealed line read, and written.
+    pub from_in: u64,
+    pub from_out: u64,
+}
+
+/// A connection's seal, set once its handshake is done (none: `security.auth: off`).
+#[derive(Clone, Default)]
+struct Seal(Arc<std::sync::Mutex<Option<SealKeys>>>);
+
+impl Seal {
+    fn get(&self) -> Option<SealKeys> {
+        self.0.lock().ok().and_then(|k| k.clone())
+    }
+}
+
+fn mac(key: &[u8; 32], seq: u64, body: &[u8]) -> [u8; 32] {
+    use hmac::Mac as _;
+    let mut m = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(key).expect("any key length");
+    m.update(&seq.to_le_bytes());
+    m.update(body);
+    m.finalize().into_bytes().into()
+}
+
+/// `line` (JSON and a newline) sealed with `key` as frame `seq`.
+pub fn seal_line(key: &[u8; 32], seq: u64, line: &[u8]) -> Vec<u8> {
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut out = Vec::with_capacity(body.len() + 90);
+    out.extend_from_slice(body);
+    out.extend_from_slice(
+        format!("\t{seq}\t{}\n", crate::auth::hex(&mac(key, seq, body))).as_bytes(),
+    );
+    out
+}
+
+/// The JSON of a sealed line, if its MAC and sequence number (`want`) are right.
+fn open_line<'a>(key: &[u8; 32], want: u64, line: &'a [u8]) -> Result<&'a [u8], String> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut parts = line.rsplitn(3, |b| *b == b'\t');
+    let (Some(tag), Some(seq), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("it carries no MAC".into());
+    };
+    let seq: u64 = std::str::from_utf8(seq)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or("its sequence number is unreadable")?;
+    let ok = crate::auth::unhex(std::str::from_utf8(tag).unwrap_or("")).is_some_and(|t| {
+        subtle::ConstantTimeEq::ct_eq(t.as_slice(), &mac(key, seq, body)[..]).into()
+    });
+    if !ok {
+        return Err(format!(
+            "frame {seq}: its MAC does not verify (forged or rewritten)"
+        ));
+    }
+    if seq != want {
+        return Err(format!(
+            "frame {seq} where {want} was due (replayed or reordered)"
+        ));
+    }
+    Ok(body)
+}
+
+/// Decode line `idx` of a connection: plain before the seal's `from_in`, else opened.
+fn decode<T: for<'de> Deserialize<'de>>(
+    seal: &Seal,
+    in_seq: &mut u64,
+    idx: u64,
+    line: &[u8],
+) -> Result<T, RecvError> {
+    let body = match seal.get() {
+        Some(k) if idx >= k.from_in => {
+            let body = open_line(&k.in_key, *in_seq, line).map_err(RecvError::Forged)?;
+            *in_seq += 1;
+            body
+        }
+        _ => line,
+    };
+    serde_json::from_slice(body).map_err(|e| RecvError::Bad(e.to_string()))
 }
 
 /// One encoded message, shareable between connections (a Welcome for a thousand nodes is
@@ -334,9 +430,12 @@ pub struct Connection<In> {
     pub sender: Sender,
     /// The longest line this end accepts now ([`PRE_AUTH_LINE`] until the handshake).
     pub limit: Limit,
-    rx: mpsc::UnboundedReceiver<Result<In, RecvError>>,
+    rx: mpsc::UnboundedReceiver<Result<(u64, Vec<u8>), RecvError>>,
+    seal: Seal,
+    in_seq: u64,
     writer: JoinHandle<()>,
     reader: JoinHandle<()>,
+    _in: std::marker::PhantomData<fn() -> In>,
 }
 
 /// TCP keepalive and a user timeout: a peer whose machine vanished is noticed by the kernel
@@ -368,7 +467,7 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
                 // nobody reads any more (the connection was dropped: a refused handshake, a
                 // failed attempt): stop, and let the socket close, whatever the peer does
                 let m = tokio::select! {
-                    m = r.recv::<In>() => m,
+                    m = r.recv_line() => m.map(|i| (i, std::mem::take(&mut r.buf))),
                     _ = in_tx.closed() => return,
                 };
                 let end = m.is_err();
@@ -378,9 +477,21 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
             }
         });
         let (tx, mut out_rx) = mpsc::unbounded_channel::<Line>();
+        let seal = Seal::default();
+        let out_seal = seal.clone();
         let writer = tokio::spawn(async move {
+            let (mut idx, mut seq) = (0u64, 0u64);
             while let Some(l) = out_rx.recv().await {
-                if wr.write_all(&l).await.is_err() || wr.flush().await.is_err() {
+                let sealed = match out_seal.get() {
+                    Some(k) if idx >= k.from_out => {
+                        seq += 1;
+                        Some(seal_line(&k.out_key, seq - 1, &l))
+                    }
+                    _ => None,
+                };
+                idx += 1;
+                let bytes: &[u8] = sealed.as_deref().unwrap_or(&l);
+                if wr.write_all(bytes).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
             }
@@ -389,15 +500,28 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
             sender: Sender { tx },
             limit,
             rx,
+            seal,
+            in_seq: 0,
             writer,
             reader,
+            _in: std::marker::PhantomData,
+        }
+    }
+
+    /// From now on (from the lines given on), every frame is sealed and every frame read
+    /// must be: called by each end once its handshake is done, before it sends or reads past
+    /// it.
+    pub fn seal(&self, keys: SealKeys) {
+        if let Ok(mut k) = self.seal.0.lock() {
+            *k = Some(keys);
         }
     }
 
     /// The next message; `Err` once the other end closed or sent something unreadable (and
     /// for ever after).
     pub async fn recv(&mut self) -> Result<In, RecvError> {
-        self.rx.recv().await.unwrap_or(Err(RecvError::Closed))
+        let (idx, line) = self.rx.recv().await.unwrap_or(Err(RecvError::Closed))?;
+        decode(&self.seal, &mut self.in_seq, idx, &line)
     }
 
     /// Split into the receiving half and a handle that flushes the sending half.
@@ -405,7 +529,10 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
         (
             Receiver {
                 rx: self.rx,
+                seal: self.seal,
+                in_seq: self.in_seq,
                 reader: self.reader,
+                _in: std::marker::PhantomData,
             },
             self.sender,
             Flush {
@@ -423,8 +550,11 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
 
 /// The receiving half of a [`Connection`].
 pub struct Receiver<In> {
-    rx: mpsc::UnboundedReceiver<Result<In, RecvError>>,
+    rx: mpsc::UnboundedReceiver<Result<(u64, Vec<u8>), RecvError>>,
+    seal: Seal,
+    in_seq: u64,
     reader: JoinHandle<()>,
+    _in: std::marker::PhantomData<fn() -> In>,
 }
 
 impl<In> Drop for Receiver<In> {
@@ -433,9 +563,10 @@ impl<In> Drop for Receiver<In> {
     }
 }
 
-impl<In> Receiver<In> {
+impl<In: for<'de> Deserialize<'de>> Receiver<In> {
     pub async fn recv(&mut self) -> Result<In, RecvError> {
-        self.rx.recv().await.unwrap_or(Err(RecvError::Closed))
+        let (idx, line) = self.rx.recv().await.unwrap_or(Err(RecvError::Closed))?;
+        decode(&self.seal, &mut self.in_seq, idx, &line)
     }
 }
 
@@ -598,5 +729,64 @@ mod tests {
         );
         assert!(matches!(c.recv().await, Err(RecvError::Closed)));
         assert!(matches!(c.recv().await, Err(RecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn sealed_frames_pass_and_forged_replayed_reordered_ones_are_dropped() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (m2r, r2m) = crate::auth::JobKey::random().channel_keys("mn", "rn");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut c = Connection::<ToMaster>::new(s);
+            c.limit.set(MAX_TO_MASTER);
+            c.seal(SealKeys {
+                out_key: m2r,
+                in_key: r2m,
+                from_in: 1,
+                from_out: 2,
+            });
+            let mut got = Vec::new();
+            for _ in 0..9 {
+                got.push(match c.recv().await {
+                    Ok(m) => format!("{m:?}"),
+                    Err(RecvError::Forged(why)) => format!("forged: {why}"),
+                    Err(e) => format!("error: {e}"),
+                });
+            }
+            got
+        });
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let hb = encode(&ToMaster::Heartbeat);
+        let stopped = encode(&ToMaster::Stopped);
+        let rewritten = String::from_utf8(seal_line(&r2m, 1, &hb))
+            .unwrap()
+            .replace("heartbeat", "stopped");
+        for line in [
+            encode(&ToMaster::Hello(Box::new(hello()))).to_vec(), // the handshake: plain
+            seal_line(&r2m, 0, &hb),                              // frame 0
+            seal_line(&r2m, 0, &hb),                              // replayed
+            seal_line(&r2m, 2, &hb),                              // out of order
+            stopped.to_vec(),                                     // injected, no MAC
+            rewritten.into_bytes(),                               // rewritten
+            seal_line(&m2r, 1, &stopped),                         // the other direction's key
+            seal_line(&r2m, 1, &stopped),                         // frame 1
+        ] {
+            raw.write_all(&line).await.unwrap();
+        }
+        drop(raw);
+        let got = server.await.unwrap();
+        assert!(got[0].starts_with("Hello"), "{got:?}");
+        assert_eq!(got[1], "Heartbeat");
+        assert!(got[2].contains("frame 0 where 1 was due"), "{got:?}");
+        assert!(got[3].contains("frame 2 where 1 was due"), "{got:?}");
+        assert!(got[4].contains("carries no MAC"), "{got:?}");
+        assert!(got[5].contains("does not verify"), "{got:?}");
+        assert!(got[6].contains("does not verify"), "{got:?}");
+        assert_eq!(
+            got[7], "Stopped",
+            "the real frame after the forged ones: {got:?}"
+        );
+        assert_eq!(got[8], "error: connection closed");
     }
 }

@@ -100,9 +100,19 @@ pub async fn join(
         c.sender.send(&ToMaster::Hello(Box::new(h.clone())));
         match c.recv().await {
             Ok(ToRank::Accepted { proof }) => {
-                me.check_master(&b, channel::ACCEPTED, proof.as_deref())
+                let key = me
+                    .check_master(&b, channel::ACCEPTED, proof.as_deref())
                     .await
                     .expect("the master's proof verifies");
+                if let Some(k) = key {
+                    let (m2r, r2m) = k.channel_keys(&nonce, &h.nonce);
+                    c.seal(channel::SealKeys {
+                        out_key: r2m,
+                        in_key: m2r,
+                        from_in: 2,
+                        from_out: 1,
+                    });
+                }
                 return c;
             }
             other => panic!("rank {}: {other:?}", who.rank),

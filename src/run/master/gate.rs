@@ -3,7 +3,7 @@
 //! rank's messages go to the master's loop as [`Inbound`].
 
 use crate::auth::{self, Auth};
-use crate::run::channel::{self, Connection, Hello, Line, ToMaster, ToRank};
+use crate::run::channel::{self, Connection, Hello, Line, RecvError, ToMaster, ToRank};
 use crate::run::error::RunError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -172,16 +172,28 @@ async fn handshake(
             hello.job_id, hello.step_id, ctx.job, ctx.step
         ));
     }
+    let hd = hello.digest_without_proof();
+    let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
+    // every frame after the Accepted (or Refused) is sealed both ways, with this
+    // connection's keys
+    if let Some(k) = ctx.auth.master_job_key(&ctx.job, &ctx.step, &ctx.job_nonce) {
+        let (m2r, r2m) = k.channel_keys(&nonce, &hello.nonce);
+        c.seal(channel::SealKeys {
+            out_key: m2r,
+            in_key: r2m,
+            from_in: 1,
+            from_out: 2,
+        });
+    }
+    if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
+        return Err(format!("{who} but failed authentication: {why}"));
+    }
+    // the proof covers the port the rank dialled: one relayed from another port is refused
     if hello.master_port != ctx.port {
         return Err(format!(
             "{who} but reached the master through port {}, not the master's {}: a relay on another port (a port squatter)",
             hello.master_port, ctx.port
         ));
-    }
-    let hd = hello.digest_without_proof();
-    let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
-    if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
-        return Err(format!("{who} but failed authentication: {why}"));
     }
     let accepted = match ctx.auth.master_proof(&b, channel::ACCEPTED).await {
         Ok(proof) => channel::encode(&ToRank::Accepted { proof }),
@@ -210,6 +222,17 @@ async fn handle_conn(
         }
     };
     let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
+    // every frame after the Accepted (or Refused) is sealed both ways, with this
+    // connection's keys
+    if let Some(k) = ctx.auth.master_job_key(&ctx.job, &ctx.step, &ctx.job_nonce) {
+        let (m2r, r2m) = k.channel_keys(&nonce, &hello.nonce);
+        c.seal(channel::SealKeys {
+            out_key: m2r,
+            in_key: r2m,
+            from_in: 1,
+            from_out: 2,
+        });
+    }
     drop(pass);
     c.limit.set(channel::MAX_TO_MASTER);
     let (mut rx, sender, flush) = c.split();
@@ -251,6 +274,14 @@ async fn handle_conn(
         match rx.recv().await {
             Ok(m) => {
                 if tx.send(Inbound::Msg(rank, m)).is_err() {
+                    return;
+                }
+            }
+            // someone else's bytes in this rank's connection: dropped and named, the rank's
+            // own frames go on
+            Err(e @ RecvError::Forged(_)) => {
+                let reason = format!("on node rank {rank}'s connection: {e}");
+                if tx.send(Inbound::Refused { peer, reason }).is_err() {
                     return;
                 }
             }

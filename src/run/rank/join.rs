@@ -103,7 +103,19 @@ async fn attempt(
     match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
         Ok(Ok(ToRank::Accepted { proof })) => {
             match j.auth.check_master(&b, channel::ACCEPTED, proof.as_deref()).await {
-                Ok(key) => Ok((c, key)),
+                Ok(key) => {
+                    // from here on every frame is sealed both ways
+                    if let Some(k) = &key {
+                        let (m2r, r2m) = k.channel_keys(&master_nonce, &h.nonce);
+                        c.seal(channel::SealKeys {
+                            out_key: r2m,
+                            in_key: m2r,
+                            from_in: 2,
+                            from_out: 1,
+                        });
+                    }
+                    Ok((c, key))
+                }
                 Err(why) => Err(Loud(format!("{target} answered as the master, but {why}"))),
             }
         }

@@ -411,10 +411,15 @@ impl Shell {
             next = tokio::select! {
                 biased;
                 Some(sig) = sigs.recv() => Some(Input::Signal(sig)),
-                r = from_master.recv(), if !m.master_closed() => Some(match r {
-                    Ok(msg) => Input::FromMaster(msg),
-                    Err(e) => Input::MasterLost(e.to_string()),
-                }),
+                r = from_master.recv(), if !m.master_closed() => match r {
+                    Ok(msg) => Some(Input::FromMaster(msg)),
+                    // someone else's bytes in the master's connection: dropped, named
+                    Err(e @ channel::RecvError::Forged(_)) => {
+                        warn!("from the master {}'s connection: {e}", m.master);
+                        None
+                    }
+                    Err(e) => Some(Input::MasterLost(e.to_string())),
+                },
                 Some((slot, epoch, ev)) = inbox.local_rx.recv() => self.fresh(slot, epoch, ev).map(Input::Local),
                 left = async { self.teardown.as_mut().expect("guarded").await }, if self.teardown.is_some() => {
                     self.teardown = None;
