@@ -323,6 +323,33 @@ pub struct SealKeys {
     pub from_out: u64,
 }
 
+impl SealKeys {
+    /// The master's end of the connection whose handshake had these nonces: its first two
+    /// lines (the Challenge, the Accepted) are plain, and what it reads after the hello is
+    /// sealed.
+    pub fn master(key: &crate::auth::JobKey, master_nonce: &str, rank_nonce: &str) -> SealKeys {
+        let (m2r, r2m) = key.channel_keys(master_nonce, rank_nonce);
+        SealKeys {
+            out_key: m2r,
+            in_key: r2m,
+            from_in: 1,
+            from_out: 2,
+        }
+    }
+
+    /// The rank's end: its hello is plain, what it reads after the Challenge and the Accepted
+    /// is sealed.
+    pub fn rank(key: &crate::auth::JobKey, master_nonce: &str, rank_nonce: &str) -> SealKeys {
+        let (m2r, r2m) = key.channel_keys(master_nonce, rank_nonce);
+        SealKeys {
+            out_key: r2m,
+            in_key: m2r,
+            from_in: 2,
+            from_out: 1,
+        }
+    }
+}
+
 /// A connection's seal, set once its handshake is done (none: `security.auth: off`).
 #[derive(Clone, Default)]
 struct Seal(Arc<std::sync::Mutex<Option<SealKeys>>>);

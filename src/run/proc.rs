@@ -80,31 +80,13 @@ pub fn spawn(
     tcmd.spawn()
 }
 
-/// (pid, state) of every live (non-zombie) process whose session id is `sid`.
+/// Every live (non-zombie) process whose session id is `sid`.
 pub fn session_members(sid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // fields after the command name, which is in parentheses and may contain spaces
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // f[0] state, f[1] ppid, f[2] pgrp, f[3] session
-        if f.len() > 3 && f[3] == sid.to_string() && f[0] != "Z" && f[0] != "X" {
-            out.push(pid);
-        }
-    }
-    out
+    all()
+        .into_iter()
+        .filter(|p| p.sid == sid)
+        .map(|p| p.pid)
+        .collect()
 }
 
 pub fn signal_pid(pid: i32, sig: Signal) {

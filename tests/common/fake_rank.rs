@@ -105,13 +105,7 @@ pub async fn join(
                     .await
                     .expect("the master's proof verifies");
                 if let Some(k) = key {
-                    let (m2r, r2m) = k.channel_keys(&nonce, &h.nonce);
-                    c.seal(channel::SealKeys {
-                        out_key: r2m,
-                        in_key: m2r,
-                        from_in: 2,
-                        from_out: 1,
-                    });
+                    c.seal(channel::SealKeys::rank(&k, &nonce, &h.nonce));
                 }
                 return c;
             }

@@ -174,17 +174,6 @@ async fn handshake(
     }
     let hd = hello.digest_without_proof();
     let b = hello.binding(&hd, &nonce, &ctx.job_nonce);
-    // every frame after the Accepted (or Refused) is sealed both ways, with this
-    // connection's keys
-    if let Some(k) = ctx.auth.master_job_key(&ctx.job, &ctx.step, &ctx.job_nonce) {
-        let (m2r, r2m) = k.channel_keys(&nonce, &hello.nonce);
-        c.seal(channel::SealKeys {
-            out_key: m2r,
-            in_key: r2m,
-            from_in: 1,
-            from_out: 2,
-        });
-    }
     if let Err(why) = ctx.auth.check_rank(&b, hello.proof.as_deref()).await {
         return Err(format!("{who} but failed authentication: {why}"));
     }
@@ -225,13 +214,7 @@ async fn handle_conn(
     // every frame after the Accepted (or Refused) is sealed both ways, with this
     // connection's keys
     if let Some(k) = ctx.auth.master_job_key(&ctx.job, &ctx.step, &ctx.job_nonce) {
-        let (m2r, r2m) = k.channel_keys(&nonce, &hello.nonce);
-        c.seal(channel::SealKeys {
-            out_key: m2r,
-            in_key: r2m,
-            from_in: 1,
-            from_out: 2,
-        });
+        c.seal(channel::SealKeys::master(&k, &nonce, &hello.nonce));
     }
     drop(pass);
     c.limit.set(channel::MAX_TO_MASTER);

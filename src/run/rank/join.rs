@@ -106,13 +106,7 @@ async fn attempt(
                 Ok(key) => {
                     // from here on every frame is sealed both ways
                     if let Some(k) = &key {
-                        let (m2r, r2m) = k.channel_keys(&master_nonce, &h.nonce);
-                        c.seal(channel::SealKeys {
-                            out_key: r2m,
-                            in_key: m2r,
-                            from_in: 2,
-                            from_out: 1,
-                        });
+                        c.seal(channel::SealKeys::rank(k, &master_nonce, &h.nonce));
                     }
                     Ok((c, key))
                 }
