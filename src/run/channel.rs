@@ -360,23 +360,29 @@ impl Seal {
     }
 }
 
-fn mac(key: &[u8; 32], seq: u64, body: &[u8]) -> [u8; 32] {
+/// The MAC of frame `seq` whose JSON has this SHA-256 (a broadcast is hashed once, and each
+/// connection's MAC covers the hash).
+fn mac(key: &[u8; 32], seq: u64, digest: &[u8; 32]) -> [u8; 32] {
     use hmac::Mac as _;
     let mut m = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(key).expect("any key length");
     m.update(&seq.to_le_bytes());
-    m.update(body);
+    m.update(digest);
     m.finalize().into_bytes().into()
 }
 
-/// `line` (JSON and a newline) sealed with `key` as frame `seq`.
-pub fn seal_line(key: &[u8; 32], seq: u64, line: &[u8]) -> Vec<u8> {
+fn sealed(key: &[u8; 32], seq: u64, line: &[u8], digest: &[u8; 32]) -> Vec<u8> {
     let body = line.strip_suffix(b"\n").unwrap_or(line);
     let mut out = Vec::with_capacity(body.len() + 90);
     out.extend_from_slice(body);
     out.extend_from_slice(
-        format!("\t{seq}\t{}\n", crate::auth::hex(&mac(key, seq, body))).as_bytes(),
+        format!("\t{seq}\t{}\n", crate::auth::hex(&mac(key, seq, digest))).as_bytes(),
     );
     out
+}
+
+/// `line` (JSON and a newline) sealed with `key` as frame `seq`.
+pub fn seal_line(key: &[u8; 32], seq: u64, line: &[u8]) -> Vec<u8> {
+    sealed(key, seq, line, &body_digest(line))
 }
 
 /// The JSON of a sealed line, if its MAC and sequence number (`want`) are right.
@@ -390,9 +396,9 @@ fn open_line<'a>(key: &[u8; 32], want: u64, line: &'a [u8]) -> Result<&'a [u8], 
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or("its sequence number is unreadable")?;
-    let ok = crate::auth::unhex(std::str::from_utf8(tag).unwrap_or("")).is_some_and(|t| {
-        subtle::ConstantTimeEq::ct_eq(t.as_slice(), &mac(key, seq, body)[..]).into()
-    });
+    let want_mac = mac(key, seq, &body_digest(body));
+    let ok = crate::auth::unhex(std::str::from_utf8(tag).unwrap_or(""))
+        .is_some_and(|t| subtle::ConstantTimeEq::ct_eq(t.as_slice(), &want_mac[..]).into());
     if !ok {
         return Err(format!(
             "frame {seq}: its MAC does not verify (forged or rewritten)"
@@ -426,12 +432,40 @@ fn decode<T: for<'de> Deserialize<'de>>(
 
 /// One encoded message, shareable between connections (a Welcome for a thousand nodes is
 /// encoded once, not a thousand times).
-pub type Line = Arc<Vec<u8>>;
+pub type Line = Arc<Encoded>;
+
+/// A message as it goes on the wire (JSON and a newline), with the digest its seal covers,
+/// made once however many connections it is sealed for.
+pub struct Encoded {
+    bytes: Vec<u8>,
+    digest: std::sync::OnceLock<[u8; 32]>,
+}
+
+impl std::ops::Deref for Encoded {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Encoded {
+    fn digest(&self) -> &[u8; 32] {
+        self.digest.get_or_init(|| body_digest(&self.bytes))
+    }
+}
+
+/// SHA-256 of a line's JSON (its newline left out): what a seal's MAC covers.
+fn body_digest(line: &[u8]) -> [u8; 32] {
+    Sha256::digest(line.strip_suffix(b"\n").unwrap_or(line)).into()
+}
 
 pub fn encode<T: Serialize>(msg: &T) -> Line {
     let mut line = serde_json::to_vec(msg).expect("messages serialize");
     line.push(b'\n');
-    Arc::new(line)
+    Arc::new(Encoded {
+        bytes: line,
+        digest: std::sync::OnceLock::new(),
+    })
 }
 
 /// The sending half of a [`Connection`]: queue messages without waiting; a writer task sends
@@ -509,15 +543,15 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
         let writer = tokio::spawn(async move {
             let (mut idx, mut seq) = (0u64, 0u64);
             while let Some(l) = out_rx.recv().await {
-                let sealed = match out_seal.get() {
+                let frame = match out_seal.get() {
                     Some(k) if idx >= k.from_out => {
                         seq += 1;
-                        Some(seal_line(&k.out_key, seq - 1, &l))
+                        Some(sealed(&k.out_key, seq - 1, &l, l.digest()))
                     }
                     _ => None,
                 };
                 idx += 1;
-                let bytes: &[u8] = sealed.as_deref().unwrap_or(&l);
+                let bytes: &[u8] = frame.as_deref().unwrap_or(&l);
                 if wr.write_all(bytes).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
