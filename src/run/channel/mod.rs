@@ -8,8 +8,17 @@
 //! is dropped and logged; it never changes the job's course. Once every rank is in, the
 //! master sends `Welcome` and then drives the start with `Start { name }`.
 //! Every message is one line, at most [`PRE_AUTH_LINE`] bytes before the handshake and
-//! [`MAX_TO_MASTER`] / [`MAX_TO_RANK`] after it. [`Connection`] is the one place that
-//! encodes, decodes, reads and writes them, for both ends.
+//! [`MAX_TO_MASTER`] / [`MAX_TO_RANK`] after it; after the handshake each one is sealed
+//! ([`seal`]: its sequence number and a MAC). The rank's proof also covers the port it
+//! dialled, so a relay from another port is refused. [`Connection`] is the one place that
+//! encodes, decodes, seals, reads and writes them, for both ends.
+
+mod seal;
+#[cfg(test)]
+mod tests;
+
+use seal::{decode, sealed, Seal};
+pub use seal::{seal_line, SealKeys};
 
 use crate::plan::lifecycle::Kind;
 use crate::plan::NodeInfo;
@@ -311,125 +320,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 }
 
-/// The frames of one connection after its handshake: each carries its sequence number and an
-/// HMAC-SHA256 over both (`JSON\tSEQ\tMAC`), one key per direction. Lines before
-/// `from_in`/`from_out` (the handshake's) are plain.
-#[derive(Clone)]
-pub struct SealKeys {
-    pub out_key: [u8; 32],
-    pub in_key: [u8; 32],
-    /// The index of the first sealed line read, and written.
-    pub from_in: u64,
-    pub from_out: u64,
-}
-
-impl SealKeys {
-    /// The master's end of the connection whose handshake had these nonces: its first two
-    /// lines (the Challenge, the Accepted) are plain, and what it reads after the hello is
-    /// sealed.
-    pub fn master(key: &crate::auth::JobKey, master_nonce: &str, rank_nonce: &str) -> SealKeys {
-        let (m2r, r2m) = key.channel_keys(master_nonce, rank_nonce);
-        SealKeys {
-            out_key: m2r,
-            in_key: r2m,
-            from_in: 1,
-            from_out: 2,
-        }
-    }
-
-    /// The rank's end: its hello is plain, what it reads after the Challenge and the Accepted
-    /// is sealed.
-    pub fn rank(key: &crate::auth::JobKey, master_nonce: &str, rank_nonce: &str) -> SealKeys {
-        let (m2r, r2m) = key.channel_keys(master_nonce, rank_nonce);
-        SealKeys {
-            out_key: r2m,
-            in_key: m2r,
-            from_in: 2,
-            from_out: 1,
-        }
-    }
-}
-
-/// A connection's seal, set once its handshake is done (none: `security.auth: off`).
-#[derive(Clone, Default)]
-struct Seal(Arc<std::sync::Mutex<Option<SealKeys>>>);
-
-impl Seal {
-    fn get(&self) -> Option<SealKeys> {
-        self.0.lock().ok().and_then(|k| k.clone())
-    }
-}
-
-/// The MAC of frame `seq` whose JSON has this SHA-256 (a broadcast is hashed once, and each
-/// connection's MAC covers the hash).
-fn mac(key: &[u8; 32], seq: u64, digest: &[u8; 32]) -> [u8; 32] {
-    use hmac::Mac as _;
-    let mut m = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(key).expect("any key length");
-    m.update(&seq.to_le_bytes());
-    m.update(digest);
-    m.finalize().into_bytes().into()
-}
-
-fn sealed(key: &[u8; 32], seq: u64, line: &[u8], digest: &[u8; 32]) -> Vec<u8> {
-    let body = line.strip_suffix(b"\n").unwrap_or(line);
-    let mut out = Vec::with_capacity(body.len() + 90);
-    out.extend_from_slice(body);
-    out.extend_from_slice(
-        format!("\t{seq}\t{}\n", crate::auth::hex(&mac(key, seq, digest))).as_bytes(),
-    );
-    out
-}
-
-/// `line` (JSON and a newline) sealed with `key` as frame `seq`.
-pub fn seal_line(key: &[u8; 32], seq: u64, line: &[u8]) -> Vec<u8> {
-    sealed(key, seq, line, &body_digest(line))
-}
-
-/// The JSON of a sealed line, if its MAC and sequence number (`want`) are right.
-fn open_line<'a>(key: &[u8; 32], want: u64, line: &'a [u8]) -> Result<&'a [u8], String> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let mut parts = line.rsplitn(3, |b| *b == b'\t');
-    let (Some(tag), Some(seq), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("it carries no MAC".into());
-    };
-    let seq: u64 = std::str::from_utf8(seq)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or("its sequence number is unreadable")?;
-    let want_mac = mac(key, seq, &body_digest(body));
-    let ok = crate::auth::unhex(std::str::from_utf8(tag).unwrap_or(""))
-        .is_some_and(|t| subtle::ConstantTimeEq::ct_eq(t.as_slice(), &want_mac[..]).into());
-    if !ok {
-        return Err(format!(
-            "frame {seq}: its MAC does not verify (forged or rewritten)"
-        ));
-    }
-    if seq != want {
-        return Err(format!(
-            "frame {seq} where {want} was due (replayed or reordered)"
-        ));
-    }
-    Ok(body)
-}
-
-/// Decode line `idx` of a connection: plain before the seal's `from_in`, else opened.
-fn decode<T: for<'de> Deserialize<'de>>(
-    seal: &Seal,
-    in_seq: &mut u64,
-    idx: u64,
-    line: &[u8],
-) -> Result<T, RecvError> {
-    let body = match seal.get() {
-        Some(k) if idx >= k.from_in => {
-            let body = open_line(&k.in_key, *in_seq, line).map_err(RecvError::Forged)?;
-            *in_seq += 1;
-            body
-        }
-        _ => line,
-    };
-    serde_json::from_slice(body).map_err(|e| RecvError::Bad(e.to_string()))
-}
-
 /// One encoded message, shareable between connections (a Welcome for a thousand nodes is
 /// encoded once, not a thousand times).
 pub type Line = Arc<Encoded>;
@@ -455,7 +345,7 @@ impl Encoded {
 }
 
 /// SHA-256 of a line's JSON (its newline left out): what a seal's MAC covers.
-fn body_digest(line: &[u8]) -> [u8; 32] {
+pub(super) fn body_digest(line: &[u8]) -> [u8; 32] {
     Sha256::digest(line.strip_suffix(b"\n").unwrap_or(line)).into()
 }
 
@@ -573,9 +463,7 @@ impl<In: for<'de> Deserialize<'de> + Send + 'static> Connection<In> {
     /// must be: called by each end once its handshake is done, before it sends or reads past
     /// it.
     pub fn seal(&self, keys: SealKeys) {
-        if let Ok(mut k) = self.seal.0.lock() {
-            *k = Some(keys);
-        }
+        self.seal.set(keys);
     }
 
     /// The next message; `Err` once the other end closed or sent something unreadable (and
@@ -640,214 +528,5 @@ impl Flush {
     /// Once every [`Sender`] clone is dropped, wait (at most `limit`) until the queue is written.
     pub async fn wait(self, limit: Duration) {
         let _ = tokio::time::timeout(limit, self.writer).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info() -> NodeInfo {
-        NodeInfo {
-            name: "n1".into(),
-            address: "10.0.0.1".into(),
-            interface: Some("eth0".into()),
-            cpus: 4,
-            object_store_bytes: 1 << 30,
-            gpu_ids: vec![],
-            preset_ifname: vec![],
-            ray_client: false,
-        }
-    }
-
-    fn hello() -> Hello {
-        Hello {
-            protocol: PROTOCOL,
-            job_id: "7".into(),
-            step_id: "0".into(),
-            node: "n1".into(),
-            node_rank: 0,
-            version: "0.1.0".into(),
-            digest: "ab".into(),
-            settings_digests: [("config.model".to_string(), "d1".to_string())].into(),
-            info: info(),
-            busy: vec![],
-            preflight: vec![],
-            master_port: 0,
-            nonce: "n".into(),
-            proof: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_line_over_the_limit_is_refused_before_it_is_buffered() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let (_ar, mut aw) = tokio::io::split(a);
-        let (br, _bw) = tokio::io::split(b);
-        let mut r = Reader::new(br, Limit::new(1024));
-        tokio::spawn(async move {
-            let _ = aw.write_all(&vec![b'x'; 1 << 20]).await;
-        });
-        assert!(matches!(
-            r.recv::<ToMaster>().await,
-            Err(RecvError::TooLong)
-        ));
-        assert!(r.buf.capacity() < 64 << 10);
-    }
-
-    #[tokio::test]
-    async fn messages_round_trip_over_a_pipe() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let (ar, mut aw) = tokio::io::split(a);
-        let (br, _bw) = tokio::io::split(b);
-        let mut r = Reader::new(br, Limit::new(MAX_TO_MASTER));
-        let msgs = vec![
-            ToMaster::Hello(Box::new(hello())),
-            ToMaster::Up {
-                name: Kind::RayHead,
-                slot: 0,
-            },
-            ToMaster::Exited {
-                name: Kind::Engine,
-                slot: 1,
-                status: "signal 9 (SIGKILL)".into(),
-                code: 137,
-                log: None,
-                tail: vec!["x".into()],
-            },
-            ToMaster::Heartbeat,
-        ];
-        for m in &msgs {
-            aw.write_all(&encode(m)).await.unwrap();
-        }
-        drop(aw);
-        drop(ar);
-        for m in &msgs {
-            assert_eq!(&r.recv::<ToMaster>().await.unwrap(), m);
-        }
-        assert!(matches!(r.recv::<ToMaster>().await, Err(RecvError::Closed)));
-    }
-
-    #[tokio::test]
-    async fn garbage_is_an_error_not_a_panic() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let (_ar, mut aw) = tokio::io::split(a);
-        let (br, _bw) = tokio::io::split(b);
-        let mut r = Reader::new(br, Limit::new(PRE_AUTH_LINE));
-        aw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        assert!(matches!(r.recv::<ToMaster>().await, Err(RecvError::Bad(_))));
-    }
-
-    #[test]
-    fn wire_format_is_tagged_json() {
-        let s = serde_json::to_string(&ToRank::Start {
-            name: Kind::Engine,
-            slot: 0,
-        })
-        .unwrap();
-        assert_eq!(s, r#"{"type":"start","name":"engine"}"#);
-        // the hello's settings travel inside the message, next to its other fields
-        let h = serde_json::to_value(ToMaster::Hello(Box::new(hello()))).unwrap();
-        assert_eq!(h["type"], "hello");
-        assert_eq!(h["settings_digests"]["config.model"], "d1");
-        // the proof binds everything else in the hello
-        let mut a = hello();
-        let d = a.digest_without_proof();
-        a.proof = Some("p".into());
-        assert_eq!(a.digest_without_proof(), d);
-        a.node_rank = 1;
-        assert_ne!(a.digest_without_proof(), d);
-    }
-
-    #[tokio::test]
-    async fn a_connection_carries_both_ways_and_reports_the_close() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let mut c = Connection::<ToMaster>::new(s);
-            c.sender.send(&ToRank::Heartbeat);
-            let got = c.recv().await.unwrap();
-            let (_, sender, flush) = c.split();
-            sender.send(&ToRank::Start {
-                name: Kind::Client,
-                slot: 0,
-            });
-            drop(sender);
-            flush.wait(Duration::from_secs(2)).await;
-            got
-        });
-        let mut c = Connection::<ToRank>::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-        assert_eq!(c.recv().await.unwrap(), ToRank::Heartbeat);
-        c.sender.send(&ToMaster::Stopped);
-        assert_eq!(server.await.unwrap(), ToMaster::Stopped);
-        assert_eq!(
-            c.recv().await.unwrap(),
-            ToRank::Start {
-                name: Kind::Client,
-                slot: 0
-            }
-        );
-        assert!(matches!(c.recv().await, Err(RecvError::Closed)));
-        assert!(matches!(c.recv().await, Err(RecvError::Closed)));
-    }
-
-    #[tokio::test]
-    async fn sealed_frames_pass_and_forged_replayed_reordered_ones_are_dropped() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (m2r, r2m) = crate::auth::JobKey::random().channel_keys("mn", "rn");
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let mut c = Connection::<ToMaster>::new(s);
-            c.limit.set(MAX_TO_MASTER);
-            c.seal(SealKeys {
-                out_key: m2r,
-                in_key: r2m,
-                from_in: 1,
-                from_out: 2,
-            });
-            let mut got = Vec::new();
-            for _ in 0..9 {
-                got.push(match c.recv().await {
-                    Ok(m) => format!("{m:?}"),
-                    Err(RecvError::Forged(why)) => format!("forged: {why}"),
-                    Err(e) => format!("error: {e}"),
-                });
-            }
-            got
-        });
-        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let hb = encode(&ToMaster::Heartbeat);
-        let stopped = encode(&ToMaster::Stopped);
-        let rewritten = String::from_utf8(seal_line(&r2m, 1, &hb))
-            .unwrap()
-            .replace("heartbeat", "stopped");
-        for line in [
-            encode(&ToMaster::Hello(Box::new(hello()))).to_vec(), // the handshake: plain
-            seal_line(&r2m, 0, &hb),                              // frame 0
-            seal_line(&r2m, 0, &hb),                              // replayed
-            seal_line(&r2m, 2, &hb),                              // out of order
-            stopped.to_vec(),                                     // injected, no MAC
-            rewritten.into_bytes(),                               // rewritten
-            seal_line(&m2r, 1, &stopped),                         // the other direction's key
-            seal_line(&r2m, 1, &stopped),                         // frame 1
-        ] {
-            raw.write_all(&line).await.unwrap();
-        }
-        drop(raw);
-        let got = server.await.unwrap();
-        assert!(got[0].starts_with("Hello"), "{got:?}");
-        assert_eq!(got[1], "Heartbeat");
-        assert!(got[2].contains("frame 0 where 1 was due"), "{got:?}");
-        assert!(got[3].contains("frame 2 where 1 was due"), "{got:?}");
-        assert!(got[4].contains("carries no MAC"), "{got:?}");
-        assert!(got[5].contains("does not verify"), "{got:?}");
-        assert!(got[6].contains("does not verify"), "{got:?}");
-        assert_eq!(
-            got[7], "Stopped",
-            "the real frame after the forged ones: {got:?}"
-        );
-        assert_eq!(got[8], "error: connection closed");
     }
 }
