@@ -95,7 +95,7 @@ pub struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 const LOCK_MARKER: &str = "ray-launch temp dir ";
 
 /// Take the lock of a dir the launcher just created. The lock file is made under another name
-/// (holding [`LOCK_MARKER`] and a random id) and renamed into place once locked, so nobody
+/// (holding ray-launch's marker and a random id) and renamed into place once locked, so nobody
 /// ever sees it unlocked while we live.
 pub fn lock_dir(dir: &Path) -> std::io::Result<DirLock> {
     use std::io::Write as _;

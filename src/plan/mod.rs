@@ -379,7 +379,7 @@ impl ModelPlan {
 /// An endpoint that already runs (`attach:`): the router's own spec of it.
 pub use crate::route::attach::AttachSpec;
 
-/// What a planned argv[0] of `ray-launch` means: this launcher's own binary (the rank runs
+/// What a planned `argv[0]` of `ray-launch` means: this launcher's own binary (the rank runs
 /// the executable it was started from).
 pub const LAUNCHER: &str = "ray-launch";
 

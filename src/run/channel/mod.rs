@@ -9,7 +9,7 @@
 //! master sends `Welcome` and then drives the start with `Start { name }`.
 //! Every message is one line, at most [`PRE_AUTH_LINE`] bytes before the handshake and
 //! [`MAX_TO_MASTER`] / [`MAX_TO_RANK`] after it; after the handshake each one is sealed
-//! ([`seal`]: its sequence number and a MAC). The rank's proof also covers the port it
+//! (`seal.rs`: its sequence number and a MAC). The rank's proof also covers the port it
 //! dialled, so a relay from another port is refused. [`Connection`] is the one place that
 //! encodes, decodes, seals, reads and writes them, for both ends.
 
