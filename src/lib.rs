@@ -34,6 +34,9 @@
 //! router owns); nothing in `input` or `plan` names `run` or `cli`, `route` names no `plan`,
 //! and `run` reads `Settings`, never the YAML's `Config`.
 
+// module docs name their private rooms (`cargo doc --document-private-items` shows them)
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod auth;
 pub mod cli;
 pub mod endpoint;
