@@ -185,19 +185,30 @@ def relay(port, host, tport, seconds):
                 l = (json.dumps(m) + "\n").encode()
             rank.sendall(l)
 
+    def serve(c):
+        # as a real relay would: keep trying the master (it may not listen yet) while the
+        # rank waits for its challenge
+        deadline = time.time() + 8
+        while True:
+            try:
+                m = socket.create_connection((host, tport), timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    c.close()
+                    return
+                time.sleep(0.1)
+        stats["relayed"] += 1
+        pipe(c, m)
+
     end = time.time() + seconds
     while time.time() < end:
         try:
             c, _ = srv.accept()
         except socket.timeout:
             continue
-        try:
-            m = socket.create_connection((host, tport), timeout=5)
-        except OSError:
-            c.close()
-            continue
-        stats["relayed"] += 1
-        threading.Thread(target=pipe, args=(c, m), daemon=True).start()
+        stats["connections"] = stats.get("connections", 0) + 1
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
     print(json.dumps(stats), flush=True)
 
 
