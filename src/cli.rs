@@ -345,7 +345,31 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     for w in &plan.warnings {
         println!("warning: {w}");
     }
-    for need in crate::plan::versions::needs(&plan, &g.settings) {
+    check_versions(&plan, &g.settings)?;
+    check_attached(&plan, &g.settings)?;
+    check_node(&g, &plan)?;
+    println!(
+        "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",
+        g.settings.config_path,
+        plan.nodes,
+        plan.replicas,
+        security.method.name()
+    );
+    Ok(exit::SUCCESS)
+}
+
+/// A runtime on this thread (the launcher's children get PDEATHSIG from the thread that
+/// forked them: it must live as long as they do).
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal("cannot start the async runtime").cause(e))
+}
+
+/// `check`: the installed Ray/vLLM/SGLang are new enough for the plan.
+fn check_versions(plan: &Plan, s: &crate::input::settings::Settings) -> Result<()> {
+    for need in crate::plan::versions::needs(plan, s) {
         let answer = std::process::Command::new(&need.argv[0])
             .args(&need.argv[1..])
             .stdin(std::process::Stdio::null())
@@ -368,13 +392,16 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
             }
         }
     }
+    Ok(())
+}
+
+/// `check`: what the master checks before anything starts, checked now: every attached
+/// endpoint answers.
+fn check_attached(plan: &Plan, s: &crate::input::settings::Settings) -> Result<()> {
     if !plan.attached.is_empty() {
         // what the master checks before anything starts, checked now
-        let within = g.settings.policy.attach_timeout;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
+        let within = s.policy.attach_timeout;
+        let rt = current_thread()?;
         match rt.block_on(crate::route::attach::check_all(&plan.attached, within)) {
             Ok(found) => {
                 for (name, ids) in found {
@@ -388,6 +415,11 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
             }
         }
     }
+    Ok(())
+}
+
+/// `check`: where the GPU count came from, and this node's pre-flight check.
+fn check_node(g: &Gathered, plan: &Plan) -> Result<()> {
     match &g.settings.gpus_from {
         Some(from) => println!(
             "GPUs: {} per node (gpus_per_node: auto, from {from})",
@@ -402,10 +434,7 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
             .ranks
             .get(me)
             .map_or_else(|| "/tmp".to_string(), |r| r.temp_dir.clone());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
+        let rt = current_thread()?;
         let found = rt.block_on(crate::run::preflight::node(
             g.step.cuda_visible_devices.as_deref(),
             g.nodes.get(me).and_then(|n| n.interface.as_deref()),
@@ -422,14 +451,7 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
             "pre-flight: this node's GPUs are free, its interface is up, its temp dir has room"
         );
     }
-    println!(
-        "ok: {} is valid ({where_}; {} node(s), {} replica(s); ranks authenticate with {})",
-        g.settings.config_path,
-        plan.nodes,
-        plan.replicas,
-        security.method.name()
-    );
-    Ok(exit::SUCCESS)
+    Ok(())
 }
 
 fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
@@ -529,10 +551,7 @@ pub fn raise_nofile() {
 }
 
 fn run(a: RunArgs) -> Result<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::internal("cannot start the async runtime").cause(e))?;
+    let rt = current_thread()?;
     rt.block_on(async move {
         // Signal handlers before anything else, so that an early scancel is seen.
         let sigs = crate::run::signals::listen()

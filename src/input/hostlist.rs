@@ -138,6 +138,21 @@ fn split_items(expr: &str) -> Result<Vec<String>, HostlistError> {
     Ok(items)
 }
 
+/// The longest host name an item's pieces make.
+fn longest_name(pieces: &[Piece]) -> usize {
+    pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Text(t) => t.len(),
+            Piece::Group(g) => g
+                .iter()
+                .map(|r| r.width.max(r.hi.to_string().len()))
+                .max()
+                .unwrap_or(0),
+        })
+        .sum()
+}
+
 fn expand_item(expr: &str, item: &str, out: &mut Vec<String>) -> Result<(), HostlistError> {
     let mut pieces = Vec::new();
     let mut rest = item;
@@ -177,17 +192,7 @@ fn expand_item(expr: &str, item: &str, out: &mut Vec<String>) -> Result<(), Host
             ));
         }
     }
-    let longest: usize = pieces
-        .iter()
-        .map(|p| match p {
-            Piece::Text(t) => t.len(),
-            Piece::Group(g) => g
-                .iter()
-                .map(|r| r.width.max(r.hi.to_string().len()))
-                .max()
-                .unwrap_or(0),
-        })
-        .sum();
+    let longest = longest_name(&pieces);
     if longest > MAX_NAME {
         return Err(err(
             expr,

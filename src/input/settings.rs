@@ -105,6 +105,24 @@ fn absolute(p: &str, cwd: &Path) -> String {
     }
 }
 
+/// What the run decides by, from the config.
+fn policy(c: &Config) -> Policy {
+    Policy {
+        max_restarts: c.replicas.max_restarts,
+        restart_window: c.replicas.restart_window.0,
+        requeue_on_node_failure: c.on_node_failure == config::OnNodeFailure::Requeue,
+        attach_timeout: c.timeouts.attach.0,
+        api_key_file: c.server.api_key_file.clone(),
+        fixed_ports: [c.ray.port, c.server.port]
+            .into_iter()
+            .filter_map(|p| match p {
+                Auto::Value(v) => Some(v),
+                Auto::Auto => None,
+            })
+            .collect(),
+    }
+}
+
 pub fn resolve(
     loaded: &Loaded,
     ov: &Overrides,
@@ -186,20 +204,7 @@ pub fn resolve(
             .cloned()
             .collect(),
         step_suffix,
-        policy: Policy {
-            max_restarts: c.replicas.max_restarts,
-            restart_window: c.replicas.restart_window.0,
-            requeue_on_node_failure: c.on_node_failure == config::OnNodeFailure::Requeue,
-            attach_timeout: c.timeouts.attach.0,
-            api_key_file: c.server.api_key_file.clone(),
-            fixed_ports: [c.ray.port, c.server.port]
-                .into_iter()
-                .filter_map(|p| match p {
-                    Auto::Value(v) => Some(v),
-                    Auto::Auto => None,
-                })
-                .collect(),
-        },
+        policy: policy(c),
     };
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));

@@ -129,6 +129,104 @@ fn one_task_per_node(get: &dyn Fn(&str) -> Option<String>, nodes: &[String]) -> 
     Ok(())
 }
 
+/// `SLURM_JOB_ID` is a job id (it names files and ports).
+fn job_id_ok(job_id: &str) -> Result<()> {
+    if job_id.trim().is_empty()
+        || job_id.len() > 64
+        || !job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(env_error(
+            format!("SLURM_JOB_ID=`{job_id}` is not a job id"),
+            "run under Slurm, or unset SLURM_JOB_ID for a local run",
+        ));
+    }
+    Ok(())
+}
+
+/// `SLURM_STEP_ID` is a step id.
+fn step_id_ok(step_id: &str) -> Result<()> {
+    if step_id.is_empty()
+        || step_id.len() > 32
+        || !step_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(env_error(
+            format!("SLURM_STEP_ID=`{step_id}` is not a step id"),
+            "this variable comes from srun: do not set it by hand",
+        ));
+    }
+    Ok(())
+}
+
+/// The step's nodes from `SLURM_STEP_NODELIST`, as many as `SLURM_NNODES` says.
+fn step_nodes_of(get: &dyn Fn(&str) -> Option<String>, step_nodes: &str) -> Result<Vec<String>> {
+    let num = |name: &str| num(get, name);
+    let nodes = hostlist::expand(step_nodes).map_err(|e| {
+        env_error(
+            format!("SLURM_STEP_NODELIST: {e}"),
+            "this variable comes from Slurm; if you set it by hand, use hostlist syntax like `node[01-04]`",
+        )
+    })?;
+    if nodes.is_empty() {
+        return Err(env_error(
+            "SLURM_STEP_NODELIST is empty",
+            "run inside an srun step",
+        ));
+    }
+    let nnodes = num(ev::SLURM_NNODES)?;
+    if let Some(n) = nnodes {
+        if n as usize != nodes.len() {
+            return Err(env_error(
+                format!(
+                    "SLURM_NNODES={n} but SLURM_STEP_NODELIST=`{step_nodes}` has {} nodes",
+                    nodes.len()
+                ),
+                "do not override Slurm's step variables",
+            ));
+        }
+    }
+    Ok(nodes)
+}
+
+/// This task's place in the step (`SLURM_NODEID`), checked against `SLURMD_NODENAME`.
+fn node_rank(
+    get: &dyn Fn(&str) -> Option<String>,
+    nodes: &[String],
+    step_nodes: &str,
+) -> Result<usize> {
+    let num = |name: &str| num(get, name);
+    let node_id = num(ev::SLURM_NODEID)?.ok_or_else(|| {
+        env_error(
+            "SLURM_NODEID is not set inside an srun step",
+            "run ray-launch as an srun task, not through a wrapper that clears the environment",
+        )
+    })? as usize;
+    if node_id >= nodes.len() {
+        return Err(env_error(
+            format!(
+                "SLURM_NODEID={node_id} is outside the step's {} nodes",
+                nodes.len()
+            ),
+            "do not override Slurm's step variables",
+        ));
+    }
+    if let Some(name) = get(ev::SLURMD_NODENAME) {
+        if !name.is_empty() && name != nodes[node_id] {
+            return Err(env_error(
+                format!(
+                    "SLURMD_NODENAME=`{name}` but SLURM_NODEID={node_id} is `{}` in SLURM_STEP_NODELIST=`{step_nodes}`",
+                    nodes[node_id]
+                ),
+                "the step's variables disagree: were they copied from another task's environment?",
+            ));
+        }
+    }
+    Ok(node_id)
+}
+
 /// Read the step. `local_name` is this machine's host name, used for the local default.
 pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<Step> {
     let job_id = get(ev::SLURM_JOB_ID).or_else(|| get(ev::SLURM_JOBID));
@@ -156,17 +254,7 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
             machine_gpus: None,
         });
     };
-    if job_id.trim().is_empty()
-        || job_id.len() > 64
-        || !job_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(env_error(
-            format!("SLURM_JOB_ID=`{job_id}` is not a job id"),
-            "run under Slurm, or unset SLURM_JOB_ID for a local run",
-        ));
-    }
+    job_id_ok(&job_id)?;
     let (Some(step_id), Some(step_nodes)) = (step_id, step_nodes) else {
         return Err(env_error(
             format!("not launched by srun: job {job_id} has no step here (SLURM_STEP_ID/SLURM_STEP_NODELIST unset), so only this one node would run"),
@@ -174,68 +262,10 @@ pub fn detect(get: &dyn Fn(&str) -> Option<String>, local_name: &str) -> Result<
         ));
     };
     let step_id = step_id.trim().to_string();
-    if step_id.is_empty()
-        || step_id.len() > 32
-        || !step_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
-        return Err(env_error(
-            format!("SLURM_STEP_ID=`{step_id}` is not a step id"),
-            "this variable comes from srun: do not set it by hand",
-        ));
-    }
-    let nodes = hostlist::expand(&step_nodes).map_err(|e| {
-        env_error(
-            format!("SLURM_STEP_NODELIST: {e}"),
-            "this variable comes from Slurm; if you set it by hand, use hostlist syntax like `node[01-04]`",
-        )
-    })?;
-    if nodes.is_empty() {
-        return Err(env_error(
-            "SLURM_STEP_NODELIST is empty",
-            "run inside an srun step",
-        ));
-    }
-    let nnodes = num(ev::SLURM_NNODES)?;
-    if let Some(n) = nnodes {
-        if n as usize != nodes.len() {
-            return Err(env_error(
-                format!(
-                    "SLURM_NNODES={n} but SLURM_STEP_NODELIST=`{step_nodes}` has {} nodes",
-                    nodes.len()
-                ),
-                "do not override Slurm's step variables",
-            ));
-        }
-    }
+    step_id_ok(&step_id)?;
+    let nodes = step_nodes_of(get, &step_nodes)?;
     one_task_per_node(get, &nodes)?;
-    let node_id = num(ev::SLURM_NODEID)?.ok_or_else(|| {
-        env_error(
-            "SLURM_NODEID is not set inside an srun step",
-            "run ray-launch as an srun task, not through a wrapper that clears the environment",
-        )
-    })? as usize;
-    if node_id >= nodes.len() {
-        return Err(env_error(
-            format!(
-                "SLURM_NODEID={node_id} is outside the step's {} nodes",
-                nodes.len()
-            ),
-            "do not override Slurm's step variables",
-        ));
-    }
-    if let Some(name) = get(ev::SLURMD_NODENAME) {
-        if !name.is_empty() && name != nodes[node_id] {
-            return Err(env_error(
-                format!(
-                    "SLURMD_NODENAME=`{name}` but SLURM_NODEID={node_id} is `{}` in SLURM_STEP_NODELIST=`{step_nodes}`",
-                    nodes[node_id]
-                ),
-                "the step's variables disagree: were they copied from another task's environment?",
-            ));
-        }
-    }
+    let node_id = node_rank(get, &nodes, &step_nodes)?;
     Ok(Step {
         kind: StepKind::Srun,
         job_id,

@@ -1607,6 +1607,83 @@ fn model_plan(m: &ModelSpec, l: &Layout, uses_ray: bool) -> ModelPlan {
     }
 }
 
+/// What every model's part of the plan shares.
+struct Common<'a> {
+    s: &'a Settings,
+    step: &'a Step,
+    ports: Ports,
+    router: Option<RouterPlan>,
+    /// The port each replica's engine serves on.
+    serve_port: u16,
+    /// Requests go by model name (`models:` or `attach:`).
+    by_name: bool,
+}
+
+impl Common<'_> {
+    /// The router's URL for one model alone: `http://HOST:PORT/models/NAME/v1`.
+    fn own_url(&self, name: &str) -> Option<String> {
+        self.router
+            .as_ref()
+            .map(|r| format!("{}/models/{name}/v1", r.url.trim_end_matches("/v1")))
+    }
+}
+
+/// One model's part of the plan: the job its nodes' commands come from, its [`ModelPlan`],
+/// whether each replica runs alone (no Ray, no rendezvous) and whether it uses Ray.
+fn model_part<'a>(
+    co: &Common<'a>,
+    m: &'a ModelSpec,
+    l: &Layout,
+    (first_node, n): (usize, usize),
+    first_replica: usize,
+    nodes: &[NodeInfo],
+    min_healthy: usize,
+) -> (Job<'a>, ModelPlan, bool, bool) {
+    let c = &co.s.config;
+    let own = &nodes[first_node..first_node + n];
+    let eps = endpoints(
+        c,
+        m,
+        own,
+        l,
+        co.serve_port,
+        first_replica,
+        co.s.gpus_per_node as usize,
+    );
+    // A replica of one node needs neither Ray nor a rendezvous: with several replicas, each
+    // one-node replica is its engine alone (and so are replicas side by side on a node).
+    let alone = l.per_node > 1 || (l.npr == 1 && l.replicas > 1);
+    let uses_ray = m.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && !alone;
+    let url = match (&co.router, co.by_name) {
+        (Some(_), true) => co.own_url(&m.name).unwrap_or_default(),
+        (Some(r), false) => r.url.clone(),
+        (None, _) => eps[0].url.clone(),
+    };
+    let model = ModelPlan {
+        first_node,
+        nodes: n,
+        first_replica,
+        min_healthy,
+        url,
+        ..model_plan(m, l, uses_ray)
+    };
+    let job = Job {
+        s: co.s,
+        c,
+        m,
+        step: co.step,
+        ports: co.ports,
+        npr: l.npr,
+        first_node,
+        first_replica,
+        endpoints: eps,
+        router: co.router.clone(),
+        serve_port: co.serve_port,
+        per_node: l.per_node,
+    };
+    (job, model, alone, uses_ray)
+}
+
 /// The plan with the port block the master chose (`block`) and the channel port it listens
 /// on (`channel`, when it differs from the block's own).
 pub fn build_in(
@@ -1633,67 +1710,35 @@ pub fn build_in(
     } else {
         ports.engine_http
     };
-    let router = routed.then(|| router_plan(c, nodes, &ports));
-    // the router's URL for one model alone: `http://HOST:PORT/models/NAME/v1`
-    let own_url = |name: &str| {
-        router
-            .as_ref()
-            .map(|r| format!("{}/models/{name}/v1", r.url.trim_end_matches("/v1")))
+    let common = Common {
+        s,
+        step,
+        ports,
+        router: routed.then(|| router_plan(c, nodes, &ports)),
+        serve_port,
+        by_name,
     };
     let mut jobs = Vec::new();
     let mut models = Vec::new();
     let mut all_endpoints = Vec::new();
     let mut first_replica = 0;
     for (i, (m, l)) in specs.iter().zip(&layouts).enumerate() {
-        let (first_node, n) = shares[i];
-        let own = &nodes[first_node..first_node + n];
-        let eps = endpoints(
-            c,
+        let (job, model, alone, uses_ray) = model_part(
+            &common,
             m,
-            own,
             l,
-            serve_port,
+            shares[i],
             first_replica,
-            s.gpus_per_node as usize,
+            nodes,
+            min_healthy[i],
         );
-        // A replica of one node needs neither Ray nor a rendezvous: with several replicas, each
-        // one-node replica is its engine alone (and so are replicas side by side on a node).
-        let alone = l.per_node > 1 || (l.npr == 1 && l.replicas > 1);
-        let uses_ray = m.engine == Engine::Vllm && c.vllm.backend == VllmBackend::Ray && !alone;
-        let url = match (&router, by_name) {
-            (Some(_), true) => own_url(&m.name).unwrap_or_default(),
-            (Some(r), false) => r.url.clone(),
-            (None, _) => eps[0].url.clone(),
-        };
-        models.push(ModelPlan {
-            first_node,
-            nodes: n,
-            first_replica,
-            min_healthy: min_healthy[i],
-            url,
-            ..model_plan(m, l, uses_ray)
-        });
-        all_endpoints.extend(eps.iter().cloned());
-        jobs.push((
-            Job {
-                s,
-                c,
-                m,
-                step,
-                ports,
-                npr: l.npr,
-                first_node,
-                first_replica,
-                endpoints: eps,
-                router: router.clone(),
-                serve_port,
-                per_node: l.per_node,
-            },
-            alone,
-            uses_ray,
-        ));
+        all_endpoints.extend(job.endpoints.iter().cloned());
+        models.push(model);
+        jobs.push((job, alone, uses_ray));
         first_replica += l.replicas;
     }
+    let router = common.router.clone();
+    let own_url = |name: &str| common.own_url(name);
     let attached = attached(c, &own_url);
     let whole = Whole {
         endpoints: &all_endpoints,

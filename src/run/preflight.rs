@@ -97,19 +97,6 @@ fn user_name(uid: u32) -> String {
         .map_or_else(|| format!("uid {uid}"), |u| u.name)
 }
 
-/// Whether `pid` was started by some ray-launch (any launcher's tag) as this user.
-fn launched_by_us(pid: i32) -> bool {
-    use std::io::Read as _;
-    let mut buf = Vec::new();
-    let ok = std::fs::File::open(format!("/proc/{pid}/environ"))
-        .and_then(|f| f.take(256 * 1024).read_to_end(&mut buf))
-        .is_ok();
-    let want = format!("{}=", crate::env_vars::RAY_LAUNCH_PROC);
-    ok && buf
-        .split(|b| *b == 0)
-        .any(|v| v.starts_with(want.as_bytes()))
-}
-
 /// The GPUs of this step held by other processes: each described; the user's own orphans
 /// of an earlier ray-launch job are stopped instead (and logged).
 pub async fn gpus(visible: Option<&str>) -> Vec<String> {
@@ -147,7 +134,7 @@ pub async fn gpus(visible: Option<&str>) -> Vec<String> {
             continue;
         }
         let uid = uid_of(app.pid);
-        if uid == Some(me) && launched_by_us(app.pid) {
+        if uid == Some(me) && proc::own_tag(app.pid).is_some() {
             if let Some(p) = proc::stat(app.pid) {
                 tracing::warn!(
                     "GPU {index} is held by {} ({} MiB), an orphan of an earlier ray-launch job of yours: stopping it",

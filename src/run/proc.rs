@@ -93,49 +93,8 @@ pub fn signal_pid(pid: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(pid), sig);
 }
 
-pub fn kill_session(sid: i32, sig: Signal) -> usize {
-    let pids = session_members(sid);
-    for p in &pids {
-        let _ = kill(Pid::from_raw(*p), sig);
-    }
-    pids.len()
-}
-
 /// How long members may outlive their session's leader before they count as orphans.
 pub const ORPHAN_LINGER: Duration = Duration::from_secs(1);
-
-/// Wait until none of `sids` has a live member, or `limit` passes. True when all are empty.
-/// When the process that leads a session (pid == sid) is gone but members remain for
-/// `orphan_linger`, those are orphans that will not stop by themselves (an engine's workers
-/// whose API server died): give up early so the caller can SIGKILL them.
-pub async fn wait_sessions(sids: &[i32], limit: Duration, orphan_linger: Duration) -> bool {
-    let start = tokio::time::Instant::now();
-    let deadline = start + limit;
-    let mut orphaned_since: Option<tokio::time::Instant> = None;
-    loop {
-        let members: Vec<Vec<i32>> = sids.iter().map(|s| session_members(*s)).collect();
-        if members.iter().all(Vec::is_empty) {
-            return true;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        let leaders_gone = sids
-            .iter()
-            .zip(&members)
-            .all(|(s, m)| m.is_empty() || !m.contains(s));
-        if leaders_gone {
-            let since = *orphaned_since.get_or_insert(now);
-            if now.duration_since(since) >= orphan_linger {
-                return false;
-            }
-        } else {
-            orphaned_since = None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// "exit code 1" / "signal 9 (SIGKILL)", and the code a step should exit with for it.
 pub fn describe(status: &ExitStatus) -> (String, i32) {
@@ -368,6 +327,15 @@ pub fn tag_of(pid: i32) -> Option<(String, usize)> {
 
 /// [`tag_of`] for another launcher's token (the reaper's, after its launcher died).
 pub fn tag_with(pid: i32, token: &str) -> Option<(String, usize)> {
+    let tag = own_tag(pid)?;
+    let rest = tag.strip_prefix(token)?.strip_prefix('/')?;
+    let (kind, slot) = rest.rsplit_once('/')?;
+    Some((kind.to_string(), slot.parse().ok()?))
+}
+
+/// The `RAY_LAUNCH_PROC` value of a process of this user (some launcher's tag), read from at
+/// most 256 KiB of its environment; `None` for another user's process or an untagged one.
+pub fn own_tag(pid: i32) -> Option<String> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
     let path = format!("/proc/{pid}/environ");
@@ -380,13 +348,11 @@ pub fn tag_with(pid: i32, token: &str) -> Option<(String, usize)> {
         .take(256 * 1024)
         .read_to_end(&mut buf)
         .ok()?;
-    let want = format!("{}={token}/", crate::env_vars::RAY_LAUNCH_PROC);
+    let want = format!("{}=", crate::env_vars::RAY_LAUNCH_PROC);
     let var = buf
         .split(|b| *b == 0)
         .find(|v| v.starts_with(want.as_bytes()))?;
-    let rest = std::str::from_utf8(&var[want.len()..]).ok()?;
-    let (kind, slot) = rest.rsplit_once('/')?;
-    Some((kind.to_string(), slot.parse().ok()?))
+    String::from_utf8(var[want.len()..].to_vec()).ok()
 }
 
 /// This launcher's processes among `all`: its descendants, and what carries its tag; `skip`:

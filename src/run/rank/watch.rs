@@ -24,6 +24,16 @@ impl Reports {
     pub(super) fn send(&self, ev: Event) -> Result<(), ()> {
         self.tx.send((self.slot, self.epoch, ev)).map_err(|_| ())
     }
+
+    /// Report that `kind` (of this slot) failed with `code`.
+    pub(super) fn failed(&self, kind: Kind, code: i32, reason: String) {
+        let _ = self.send(Event::Failed {
+            code,
+            reason,
+            kind: Some(kind),
+            slot: self.slot,
+        });
+    }
 }
 
 /// The command an event is about.
@@ -175,67 +185,56 @@ pub(super) struct Probe {
 /// `/metrics` (busy without new tokens is a stall). Proxies are ignored: cluster shells
 /// often export http_proxy, and this is a local address.
 pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
-    let Probe {
-        url,
-        every,
-        failures,
-        timeout,
-        stall,
-    } = p;
     let client = match reqwest::Client::builder()
         .no_proxy()
-        .timeout(timeout)
+        .timeout(p.timeout)
         .build()
     {
         Ok(c) => c,
-        Err(e) => {
-            let _ = tx.send(Event::Failed {
-                code: exit::INTERNAL,
-                reason: format!("HTTP client: {e}"),
-                kind: Some(kind),
-                slot: tx.slot,
-            });
-            return;
-        }
+        Err(e) => return tx.failed(kind, exit::INTERNAL, format!("HTTP client: {e}")),
     };
-    let probe = |c: &reqwest::Client| {
-        let req = c.get(&url).send();
-        async move {
-            match req.await {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-                Err(e) => Err(if e.is_connect() {
-                    "connection refused".to_string()
-                } else {
-                    e.to_string()
-                }),
-            }
-        }
-    };
-    while probe(&client).await.is_err() {
+    while probe(&client, &p.url).await.is_err() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // Ready only if the engine itself answered: someone else may have bound the port first.
-    let port = reqwest::Url::parse(&url)
+    let port = reqwest::Url::parse(&p.url)
         .ok()
         .and_then(|u| u.port_or_known_default());
     if let Some(port) = port {
         if let Err(e) = ports::held_by_session(port, session) {
-            let _ = tx.send(Event::Failed {
-                code: e.exit_code(),
-                reason: e.msg,
-                kind: Some(kind),
-                slot: tx.slot,
-            });
-            return;
+            return tx.failed(kind, e.exit_code(), e.msg);
         }
     }
     let _ = tx.send(Event::Up(kind, tx.slot));
+    let why = alive(&client, &p).await;
+    tx.failed(kind, exit::ENGINE_FAILURE, why);
+}
+
+/// One `/health` poll: `Err` says why it failed.
+async fn probe(client: &reqwest::Client, url: &str) -> Result<(), String> {
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
+        Err(e) => Err(if e.is_connect() {
+            "connection refused".to_string()
+        } else {
+            e.to_string()
+        }),
+    }
+}
+
+/// Liveness of a serving engine, every `p.every`: its progress from `/metrics` (busy without
+/// new tokens for `p.stall` is a stall) and `/health` (`p.failures` in a row). Returns why it
+/// is not alive any more.
+async fn alive(client: &reqwest::Client, p: &Probe) -> String {
     let mut bad = 0;
-    let metrics = url.strip_suffix("/health").map(|b| format!("{b}/metrics"));
-    let mut progress = crate::run::progress::Progress::new(stall);
+    let metrics = p
+        .url
+        .strip_suffix("/health")
+        .map(|b| format!("{b}/metrics"));
+    let mut progress = crate::run::progress::Progress::new(p.stall);
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(p.every).await;
         if let Some(m) = &metrics {
             let sample = match client.get(m).send().await {
                 Ok(r) if r.status().is_success() => r
@@ -247,35 +246,24 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
             };
             if let Some(s) = sample {
                 if let Some(d) = progress.on_sample(s, std::time::Instant::now()) {
-                    let _ = tx.send(Event::Failed {
-                        code: exit::ENGINE_FAILURE,
-                        reason: format!(
-                            "engine stalled: {} request(s) running or waiting and no token generated for {} (health.stall_timeout; {} tokens so far)",
-                            s.busy,
-                            humantime::format_duration(Duration::from_secs(d.as_secs())),
-                            s.tokens
-                        ),
-                        kind: Some(kind),
-                        slot: tx.slot,
-                    });
-                    return;
+                    return format!(
+                        "engine stalled: {} request(s) running or waiting and no token generated for {} (health.stall_timeout; {} tokens so far)",
+                        s.busy,
+                        humantime::format_duration(Duration::from_secs(d.as_secs())),
+                        s.tokens
+                    );
                 }
             }
         }
-        match probe(&client).await {
+        match probe(client, &p.url).await {
             Ok(()) => bad = 0,
             Err(e) => {
                 bad += 1;
-                if bad >= failures {
-                    let _ = tx.send(Event::Failed {
-                        code: exit::ENGINE_FAILURE,
-                        reason: format!(
-                            "engine health check {url} failed {bad} times in a row (last: {e})"
-                        ),
-                        kind: Some(kind),
-                        slot: tx.slot,
-                    });
-                    return;
+                if bad >= p.failures {
+                    return format!(
+                        "engine health check {} failed {bad} times in a row (last: {e})",
+                        p.url
+                    );
                 }
             }
         }
