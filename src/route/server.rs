@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
-/// What one client may hold.
+/// What one client may hold (defaults: `ray-launch route --help`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// 0: the descriptor limit less [`FD_RESERVE`].
@@ -19,17 +19,6 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_buffered: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_connections: 0,
-            header_timeout: Duration::from_secs(30),
-            body_timeout: Duration::from_secs(60),
-            max_buffered: 512 << 20,
-        }
-    }
 }
 
 /// Descriptors kept for the router's own use (health polls, connections to replicas).

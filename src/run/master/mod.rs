@@ -264,7 +264,7 @@ impl Coord {
         // a node that failed under the job is the cluster's fault, not the user's: with
         // `on_node_failure: requeue` the job goes back in the queue (exit 4 only: config,
         // engine and startup errors would fail again)
-        if code == exit::PEER_FAILURE && self.plan_requeues() {
+        if code == exit::PEER_FAILURE && self.settings.policy.requeue_on_node_failure {
             acts.push(self.event(
                 Event::Requeue {
                     job_id: self.step.job_id.clone(),
@@ -285,11 +285,6 @@ impl Coord {
         });
         acts.extend(self.check_all_stopped());
         acts
-    }
-
-    /// Whether a lost node puts the job back in the queue (`on_node_failure: requeue`).
-    fn plan_requeues(&self) -> bool {
-        self.settings.policy.requeue_on_node_failure
     }
 
     fn check_all_stopped(&mut self) -> Vec<Action> {
