@@ -11,7 +11,7 @@ RAY_VERSION=2.60.0
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # ---- Debian packages (the Slurm test bed needs them; scontrol is the hostlist oracle)
-PKGS=(slurmctld slurmd slurm-client munge tini iproute2 util-linux procps curl unzip)
+PKGS=(slurmctld slurmd slurm-client munge tini iproute2 util-linux procps curl unzip binutils)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

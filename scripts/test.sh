@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run every test: unit, snapshot, bad-input corpus, hostlist oracle,
-# and the end-to-end tests on the local 3-node Slurm cluster (brought up here, torn down at
-# the end, also on failure).
+# the end-to-end tests on the local 3-node Slurm cluster (brought up here, torn down at the
+# end, also on failure), and the install check (the wheel alone, in a fresh venv, runs a job).
 #   scripts/test.sh              everything once
 #   scripts/test.sh --repeat N   the end-to-end suites N times in a row (also
 #                                RAY_LAUNCH_E2E_REPEAT=N), with a tally; fails if any round fails
@@ -45,7 +45,11 @@ for round in $(seq 1 "$REPEAT"); do
     tally+=("e2e round $round/$REPEAT: $r in $(( $(date +%s) - t )) s")
     echo "${tally[-1]}"
 done
+# the wheel, installed alone into a fresh venv, runs the quickstart's job (scripts/check-install.sh)
+t=$(date +%s)
+if bash scripts/check-install.sh 2>&1; then install=ok; else install=FAILED; fi
+echo "install check (wheel -> fresh venv -> job): $install in $(( $(date +%s) - t )) s"
 T2=$(date +%s)
 [ "$REPEAT" -gt 1 ] && printf '%s\n' "${tally[@]}" "e2e: $failed of $REPEAT round(s) failed"
 echo "timing: setup $((T1 - T0)) s, tests $((T2 - T1)) s"
-[ "$failed" = 0 ]
+[ "$failed" = 0 ] && [ "$install" = ok ]

@@ -27,10 +27,21 @@ fn footer() -> String {
     s
 }
 
+/// `--version`: the crate's version, the commit it was built from and the build date
+/// (build.rs; "unknown" when built outside a git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RAY_LAUNCH_COMMIT"),
+    ", built ",
+    env!("RAY_LAUNCH_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ray-launch",
-    version,
+    version = VERSION,
     about = "Serve or batch-run LLMs (vLLM, SGLang, Ray) across the nodes of a Slurm step",
     long_about = "Run once per node with `srun --ntasks-per-node=1 ray-launch --config FILE`.\n\
                   The node with SLURM_NODEID=0 (first of SLURM_STEP_NODELIST) is the master.",
@@ -62,6 +73,13 @@ pub enum Cmd {
     /// Serve one OpenAI endpoint over several replicas (what the master runs when the job has
     /// more than one; the API key comes from RAY_LAUNCH_ROUTER_API_KEY).
     Route(RouteArgs),
+    /// Print a shell completion script (`ray-launch completions bash > ~/.local/share/bash-completion/completions/ray-launch`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these same flags (`ray-launch man | man -l -`).
+    Man,
     /// Internal: clean up after a launcher that was killed (see src/run/reaper.rs).
     #[command(hide = true)]
     Reap {
@@ -260,6 +278,13 @@ pub fn main() -> i32 {
                     })
                 })
         }
+        Some(Cmd::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "ray-launch", &mut out);
+            Ok(print_all(&out))
+        }
+        Some(Cmd::Man) => cmd_man(),
         Some(Cmd::Reap { grace }) => Ok(crate::run::reaper::main(grace)),
     };
     match result {
@@ -269,6 +294,36 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// The man page: the top command's page, then each visible subcommand's as a section.
+fn cmd_man() -> Result<i32> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    let written = clap_mangen::Man::new(cmd.clone())
+        .render(&mut out)
+        .and_then(|()| {
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+                let name = format!("ray-launch-{}", sub.get_name());
+                let bin = format!("ray-launch {}", sub.get_name());
+                let page = clap_mangen::Man::new(sub.clone().display_name(name).bin_name(bin));
+                page.render_title(&mut out)?;
+                page.render_name_section(&mut out)?;
+                page.render_synopsis_section(&mut out)?;
+                page.render_description_section(&mut out)?;
+                page.render_options_section(&mut out)?;
+            }
+            Ok(())
+        });
+    written.map_err(|e| Error::usage(format!("cannot render the man page: {e}")))?;
+    Ok(print_all(&out))
+}
+
+/// Write generated text to stdout; a closed pipe (`| head`) is not an error worth a message.
+fn print_all(out: &[u8]) -> i32 {
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(out);
+    exit::SUCCESS
 }
 
 /// Gather the facts and build the plan a subcommand shows or runs.
@@ -578,7 +633,7 @@ fn run(a: RunArgs) -> Result<i32> {
         crate::logging::init(me, &g.step.nodes[me]);
         tracing::info!(
             "ray-launch {} job {} step {}: node rank {me} of {}, master {} ({}), address {}, auth {}",
-            env!("CARGO_PKG_VERSION"),
+            VERSION,
             g.step.job_id,
             g.step.step_id,
             g.step.nodes.len(),
