@@ -62,7 +62,11 @@ pub enum Cmd {
     /// Print the plan for every rank of the current step (or of a simulated one).
     Plan(PlanArgs),
     /// Validate the config (and the Slurm environment, when inside a step).
-    Check(CommonArgs),
+    Check(CheckArgs),
+    /// Send an OpenAI batch file through a running endpoint: every request answered exactly
+    /// once into OUT (or OUT.errors), resumable (what the job's `--batch` runs; also usable
+    /// on its own against a job's endpoint file).
+    Batch(BatchArgs),
     /// Expand or compress Slurm hostlist expressions.
     #[command(subcommand)]
     Hostlist(HostlistCmd),
@@ -120,9 +124,64 @@ pub struct RunArgs {
     /// Directory for per-node process logs (default from the config).
     #[arg(long, env = ev::RAY_LAUNCH_LOG_DIR)]
     pub log_dir: Option<String>,
+    /// An OpenAI batch file (JSON lines) to send through the endpoint once ready, instead of
+    /// serving or a client; the step ends when every request is answered (see `batch:`).
+    #[arg(long, value_name = "IN.jsonl", requires = "output")]
+    pub batch: Option<String>,
+    /// Where the batch's answers go (failures: its `.errors.jsonl` sibling).
+    #[arg(long, value_name = "OUT.jsonl", requires = "batch")]
+    pub output: Option<String>,
     /// Client command run on the master once ready; the step ends when it exits.
     #[arg(last = true, value_name = "CLIENT")]
     pub client: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Also validate this batch file (else the config's `batch.input`, if any).
+    #[arg(long, value_name = "IN.jsonl")]
+    pub batch: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// The requests: OpenAI's batch format, one JSON object per line.
+    #[arg(long, value_name = "IN.jsonl")]
+    pub input: PathBuf,
+    /// The answers, one line per request; failures go to OUT's `.errors.jsonl` sibling.
+    #[arg(long, value_name = "OUT.jsonl")]
+    pub output: PathBuf,
+    /// The OpenAI base URL (`http://HOST:PORT/v1`); else from the endpoint file.
+    #[arg(long, env = ev::OPENAI_BASE_URL)]
+    pub url: Option<String>,
+    /// A job's endpoint file: its URL, key and replicas (waits until it says ready).
+    #[arg(long, env = ev::RAY_LAUNCH_ENDPOINT)]
+    pub endpoint_file: Option<PathBuf>,
+    /// Each replica's base URL, space-separated (their queue gauges drive `auto`).
+    #[arg(long, env = ev::RAY_LAUNCH_ENDPOINTS, value_delimiter = ' ')]
+    pub replicas: Vec<String>,
+    /// Requests in flight: `auto` or a number.
+    #[arg(long, default_value = "auto")]
+    pub concurrency: String,
+    /// Attempts of a request that fails in a retriable way.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// After SIGTERM/SIGUSR1: how long requests in flight may finish before it exits.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// `none`, `auto` (this job array task's share) or INDEX/COUNT.
+    #[arg(long, default_value = "none")]
+    pub shard: String,
+    /// The model names the endpoint serves, comma-separated (checked before sending).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Where to write the progress (JSON, rewritten every few seconds).
+    #[arg(long)]
+    pub progress_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -248,6 +307,7 @@ pub fn main() -> i32 {
         Some(Cmd::Run(a)) => run(a),
         Some(Cmd::Plan(a)) => cmd_plan(a),
         Some(Cmd::Check(a)) => cmd_check(a),
+        Some(Cmd::Batch(a)) => crate::batch::cli::main(a),
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
         Some(Cmd::Status(a)) => cmd_status(a),
@@ -378,10 +438,10 @@ fn cmd_plan(a: PlanArgs) -> Result<i32> {
     Ok(exit::SUCCESS)
 }
 
-fn cmd_check(a: CommonArgs) -> Result<i32> {
+fn cmd_check(a: CheckArgs) -> Result<i32> {
     let (g, plan) = gather_and_plan(Request {
-        config: a.config.as_deref(),
-        overrides: a.overrides(),
+        config: a.common.config.as_deref(),
+        overrides: a.common.overrides(),
         nodelist: None,
         job_id: None,
         client: Vec::new(),
@@ -400,6 +460,8 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
     for w in &plan.warnings {
         println!("warning: {w}");
     }
+    // the batch first: a bad line is found without asking the engine anything
+    check_batch(a.batch.as_deref(), &g.settings)?;
     check_versions(&plan, &g.settings)?;
     check_attached(&plan, &g.settings)?;
     check_node(&g, &plan)?;
@@ -411,6 +473,39 @@ fn cmd_check(a: CommonArgs) -> Result<i32> {
         security.method.name()
     );
     Ok(exit::SUCCESS)
+}
+
+/// `check --batch IN` (or the config's batch): every line valid, every model served.
+fn check_batch(flag: Option<&std::path::Path>, s: &crate::input::settings::Settings) -> Result<()> {
+    let models = s.model_names();
+    let Some(path) = flag
+        .map(PathBuf::from)
+        .or_else(|| s.batch.as_ref().map(|b| PathBuf::from(&b.input)))
+    else {
+        return Ok(());
+    };
+    let sum = crate::batch::input::validate(
+        &path,
+        &models,
+        crate::batch::input::Shard::ALL,
+        &Default::default(),
+    )
+    .map_err(|e| {
+        Error::usage(e)
+            .hint("fix the line, or drop it; `ray-launch check --batch FILE` checks again")
+    })?;
+    let per: Vec<String> = sum
+        .per_model
+        .iter()
+        .map(|(m, n)| format!("{n} for {m}"))
+        .collect();
+    println!(
+        "ok: batch {} holds {} request(s): {}",
+        path.display(),
+        sum.requests,
+        per.join(", ")
+    );
+    Ok(())
 }
 
 /// A runtime on this thread (the launcher's children get PDEATHSIG from the thread that
@@ -618,8 +713,13 @@ fn run(a: RunArgs) -> Result<i32> {
             endpoint_file: a.endpoint_file.clone(),
             event_log: a.event_log.clone(),
             log_dir: a.log_dir.clone(),
+            batch: a.batch.clone().zip(a.output.clone()),
             ..a.common.overrides()
         };
+        if a.batch.is_some() && !a.client.is_empty() {
+            return Err(Error::usage("--batch and a client command (`-- CMD`) both given: a batch job runs its batch as its client")
+                .hint("drop one: `--batch IN --output OUT`, or `-- CMD`"));
+        }
         let (g, plan) = gather_and_plan(Request {
             config: a.common.config.as_deref(),
             overrides,

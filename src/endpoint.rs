@@ -140,6 +140,69 @@ pub fn model_statuses(
     out
 }
 
+/// A batch's progress (`ray-launch batch`, the job's `--batch`): written by the batch to its
+/// progress file, copied by the master into the endpoint file, shown by `ray-launch status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchStatus {
+    /// `running`, `done` (every request answered or failed for good), `stopped` (work left).
+    pub state: String,
+    /// Requests of this input (this shard's lines).
+    pub total: u64,
+    /// Answered (in OUT), this run and earlier ones.
+    pub done: u64,
+    /// Failed for good (in OUT.errors), this run and earlier ones.
+    pub failed: u64,
+    /// Found in OUT or OUT.errors at the start (earlier runs): not sent again.
+    pub resumed: u64,
+    /// Attempts sent again after a retriable failure.
+    pub retried: u64,
+    pub in_flight: u64,
+    /// How many requests it keeps in flight now.
+    pub window: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Requests (answered or failed) per second, over the last 10 s.
+    pub rate: f64,
+    /// Generated tokens per second, over the last 10 s.
+    pub tokens_rate: f64,
+    pub eta_s: Option<f64>,
+    pub elapsed_s: f64,
+    pub output: String,
+    pub errors: String,
+    /// Requests answered per model (this run).
+    pub per_model: std::collections::BTreeMap<String, u64>,
+}
+
+impl BatchStatus {
+    /// The progress line (`done/total, errors, rate, tokens/s, ETA`).
+    pub fn line(&self) -> String {
+        let pct = if self.total > 0 {
+            100.0 * (self.done + self.failed) as f64 / self.total as f64
+        } else {
+            100.0
+        };
+        let eta = self.eta_s.map_or_else(
+            || "-".to_string(),
+            |s| {
+                humantime::format_duration(std::time::Duration::from_secs(s.round() as u64))
+                    .to_string()
+            },
+        );
+        format!(
+            "batch {}: {}/{} done ({pct:.1}%), {} failed, {} retried, {} in flight, {:.1} req/s, {:.0} tokens/s, ETA {eta}",
+            self.state,
+            self.done + self.failed,
+            self.total,
+            self.failed,
+            self.retried,
+            self.in_flight,
+            self.rate,
+            self.tokens_rate
+        )
+    }
+}
+
 /// Readers take what is there: a missing field has its default (files of older or newer
 /// launchers, or written by hand, still read).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -166,6 +229,9 @@ pub struct EndpointFile {
     /// Why the job stopped, once it has.
     pub reason: Option<String>,
     pub exit_code: Option<i32>,
+    /// The batch's progress, in a batch job (`--batch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchStatus>,
 }
 
 impl EndpointFile {
@@ -245,6 +311,14 @@ pub fn status_text(f: &EndpointFile, now: std::time::SystemTime) -> String {
     }
     if let Some(k) = &f.api_key_path {
         let _ = writeln!(o, "api key: {k}");
+    }
+    if let Some(b) = &f.batch {
+        let _ = writeln!(o, "{}", b.line());
+        let _ = writeln!(
+            o,
+            "batch: {} resumed, tokens in {} out {}, answers in {}, failures in {}",
+            b.resumed, b.tokens_in, b.tokens_out, b.output, b.errors
+        );
     }
     if f.models.len() > 1 {
         let _ = writeln!(
@@ -337,6 +411,7 @@ mod tests {
             api_key_path: None,
             reason: None,
             exit_code: None,
+            batch: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("e/endpoint.json");

@@ -21,6 +21,10 @@ pub const REPLICAS_DOWN: i32 = 7;
 /// A process of the job survived SIGKILL at the teardown (it is named in the log): the node
 /// may still hold its memory or GPU.
 pub const LEFT_BEHIND: i32 = 8;
+/// A batch stopped with work left (SIGUSR1 before the time limit, or a stop before its end):
+/// what it answered is in its output files; the same job run again resumes (with
+/// `batch.requeue: true` the job is requeued at once).
+pub const BATCH_INCOMPLETE: i32 = 9;
 /// Killed by signal `n` (SIGTERM from scancel or the time limit: 143).
 /// 128 + the signal's number; a number that is no signal (from a peer, say) counts as 1.
 pub const fn signal(n: i32) -> i32 {
@@ -65,6 +69,10 @@ pub const TABLE: &[(i32, &str)] = &[
     (
         LEFT_BEHIND,
         "a process of the job survived SIGKILL at the teardown (named in the log)",
+    ),
+    (
+        BATCH_INCOMPLETE,
+        "a batch stopped with work left (SIGUSR1); run the same job again to resume",
     ),
     (
         143,

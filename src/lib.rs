@@ -38,6 +38,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod endpoint;
 pub mod env_vars;

@@ -276,27 +276,60 @@ fn version_names_the_commit_and_the_build_date() {
         assert!(v.contains(&format!("commit {c},")), "{v} does not name {c}");
     }
     // `built YYYY-MM-DD)`
-    let date = v.trim().rsplit("built ").next().unwrap().trim_end_matches(')');
+    let date = v
+        .trim()
+        .rsplit("built ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
     assert_eq!(date.len(), 10, "{v}");
-    assert!(humantime::parse_rfc3339_weak(&format!("{date}T00:00:00")).is_ok(), "{v}");
+    assert!(
+        humantime::parse_rfc3339_weak(&format!("{date}T00:00:00")).is_ok(),
+        "{v}"
+    );
 }
 
 #[test]
 fn completions_and_man_page_come_from_the_flags() {
-    for (shell, mark) in [("bash", "--endpoint-file"), ("zsh", "--endpoint-file"), ("fish", "endpoint-file")] {
+    for (shell, mark) in [
+        ("bash", "--endpoint-file"),
+        ("zsh", "--endpoint-file"),
+        ("fish", "endpoint-file"),
+    ] {
         let out = rl().args(["completions", shell]).output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{shell}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains(mark) && text.contains("hostlist"), "{shell}: {text}");
+        assert!(
+            text.contains(mark) && text.contains("hostlist"),
+            "{shell}: {text}"
+        );
     }
     let out = rl().args(["completions", "tcsh"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
     let out = rl().arg("man").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let man = String::from_utf8_lossy(&out.stdout);
-    assert!(man.starts_with(".ie") || man.contains("\n.TH ray-launch 1"), "{man}");
-    for sub in ["ray-launch-run", "ray-launch-plan", "ray-launch-wait", "ray-launch-status"] {
-        assert!(man.contains(&format!(".TH {sub} 1")), "no {sub} page in {man}");
+    assert!(
+        man.starts_with(".ie") || man.contains("\n.TH ray-launch 1"),
+        "{man}"
+    );
+    for sub in [
+        "ray-launch-run",
+        "ray-launch-plan",
+        "ray-launch-wait",
+        "ray-launch-status",
+    ] {
+        assert!(
+            man.contains(&format!(".TH {sub} 1")),
+            "no {sub} page in {man}"
+        );
     }
-    assert!(!man.contains("ray-launch-reap"), "the internal command stays out");
+    assert!(
+        !man.contains("ray-launch-reap"),
+        "the internal command stays out"
+    );
 }

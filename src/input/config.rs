@@ -318,6 +318,42 @@ impl Default for Ports {
     }
 }
 
+/// `batch:`: send an OpenAI batch file through the job's endpoint once every model is ready
+/// (src/batch/); the job then ends like a client that exited 0.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    /// The requests (JSON lines, OpenAI's batch format). Placeholder `{job}`.
+    pub input: String,
+    /// The answers; failures go to its `.errors` sibling. Placeholder `{job}`.
+    pub output: String,
+    /// Requests in flight: `auto` (from the engines' queue gauges) or a number.
+    #[serde(default)]
+    pub concurrency: Auto<u32>,
+    /// Attempts of a request that fails in a retriable way (refused, 429, 5xx, timeout).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Stopped with work left (SIGUSR1): `scontrol requeue` the job, which resumes.
+    #[serde(default)]
+    pub requeue: bool,
+    /// `none`, `auto` (a job array's task: SLURM_ARRAY_TASK_ID of the array), or `INDEX/COUNT`.
+    #[serde(default = "default_shard")]
+    pub shard: String,
+    /// How long one request may take.
+    #[serde(default = "default_batch_request_timeout")]
+    pub request_timeout: Dur,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_shard() -> String {
+    "none".into()
+}
+fn default_batch_request_timeout() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
@@ -639,6 +675,9 @@ pub struct Config {
     pub replicas: Replicas,
     #[serde(default)]
     pub router: Router,
+    /// A batch to run through the endpoint (instead of serving until stopped).
+    #[serde(default)]
+    pub batch: Option<Batch>,
     #[serde(default)]
     pub on_node_failure: OnNodeFailure,
     /// Per-node process logs. Placeholders `{job}`; relative paths are from the working directory.
@@ -939,7 +978,53 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
     validate_network(l)?;
     validate_timeouts(l)?;
     validate_ray(l)?;
+    validate_batch(l)?;
     Ok(range)
+}
+
+/// The `batch:` section.
+fn validate_batch(l: &Loaded) -> Result<()> {
+    let Some(b) = &l.config.batch else {
+        return Ok(());
+    };
+    if b.input.trim().is_empty() || b.output.trim().is_empty() {
+        return Err(l.key_error(
+            "batch",
+            "needs both `input` and `output`",
+            "e.g. `batch: {input: prompts.jsonl, output: answers.jsonl}`",
+        ));
+    }
+    if b.max_attempts == 0 || b.max_attempts > 100 {
+        return Err(l.key_error(
+            "batch.max_attempts",
+            format!("{} is not between 1 and 100", b.max_attempts),
+            "3 is a good start",
+        ));
+    }
+    if matches!(b.concurrency, Auto::Value(0)) {
+        return Err(l.key_error(
+            "batch.concurrency",
+            "0 would send nothing",
+            "write `auto` or a number of requests in flight, e.g. 64",
+        ));
+    }
+    if b.request_timeout.0.is_zero() {
+        return Err(l.key_error(
+            "batch.request_timeout",
+            "must be longer than zero",
+            "write it like `10m`",
+        ));
+    }
+    if !matches!(b.shard.as_str(), "none" | "auto") {
+        crate::batch::input::Shard::parse(&b.shard).map_err(|why| {
+            l.key_error(
+                "batch.shard",
+                why,
+                "write `none`, `auto` (a job array's task) or INDEX/COUNT like `0/4`",
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The server, replica and router keys.

@@ -39,6 +39,58 @@ pub struct Settings {
     /// or a default endpoint file; empty for step 0.
     pub step_suffix: String,
     pub policy: Policy,
+    /// A batch job (`--batch`, `batch:`): what its batch runs with. Its command is the client.
+    pub batch: Option<BatchJob>,
+}
+
+/// A batch job's settings (the config's `batch:` with the command line's `--batch`/`--output`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchJob {
+    pub input: String,
+    pub output: String,
+    /// None: `auto`.
+    pub concurrency: Option<u32>,
+    pub max_attempts: u32,
+    pub requeue: bool,
+    pub shard: String,
+    pub request_timeout: Duration,
+    /// Where the batch writes its progress for the master (next to the endpoint file).
+    pub progress_file: String,
+    /// The names a request's `model` may take: each model's name and served name, and the
+    /// attached endpoints' names.
+    pub models: Vec<String>,
+}
+
+impl BatchJob {
+    /// The batch's command line (`ray-launch batch ...`), run as the job's client.
+    pub fn argv(&self, grace: Duration) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "ray-launch".into(),
+            "batch".into(),
+            "--input".into(),
+            self.input.clone(),
+            "--output".into(),
+            self.output.clone(),
+            "--concurrency".into(),
+            self.concurrency
+                .map_or_else(|| "auto".to_string(), |n| n.to_string()),
+            "--max-attempts".into(),
+            self.max_attempts.to_string(),
+            "--request-timeout".into(),
+            humantime::format_duration(self.request_timeout).to_string(),
+            "--grace".into(),
+            humantime::format_duration(grace).to_string(),
+            "--shard".into(),
+            self.shard.clone(),
+            "--progress-file".into(),
+            self.progress_file.clone(),
+        ];
+        if !self.models.is_empty() {
+            v.push("--models".into());
+            v.push(self.models.join(","));
+        }
+        v
+    }
 }
 
 /// What the run decides by, from the config (so `run/` never reads [`Config`]).
@@ -95,6 +147,8 @@ pub struct Overrides {
     pub endpoint_file: Option<String>,
     pub event_log: Option<String>,
     pub log_dir: Option<String>,
+    /// `run --batch IN --output OUT`.
+    pub batch: Option<(String, String)>,
 }
 
 fn absolute(p: &str, cwd: &Path) -> String {
@@ -205,7 +259,13 @@ pub fn resolve(
             .collect(),
         step_suffix,
         policy: policy(c),
+        batch: None,
     };
+    s.batch = batch_job(c, ov, &s, &fill, cwd);
+    if let (Some(b), true) = (&s.batch, s.client.is_empty()) {
+        // the batch finishes its requests in flight within most of the client's grace
+        s.client = b.argv(s.timeouts.shutdown_grace.mul_f64(0.75));
+    }
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -218,7 +278,60 @@ pub fn resolve(
     s
 }
 
+/// The batch of a job: the command line's `--batch`/`--output` over the config's `batch:`.
+fn batch_job(
+    c: &Config,
+    ov: &Overrides,
+    s: &Settings,
+    fill: &dyn Fn(&str) -> String,
+    cwd: &Path,
+) -> Option<BatchJob> {
+    let cfg = c.batch.clone();
+    let (input, output) = match (&ov.batch, &cfg) {
+        (Some((i, o)), _) => (i.clone(), o.clone()),
+        (None, Some(b)) => (b.input.clone(), b.output.clone()),
+        (None, None) => return None,
+    };
+    let models = s.model_names();
+    Some(BatchJob {
+        input: absolute(&fill(&input), cwd),
+        output: absolute(&fill(&output), cwd),
+        concurrency: cfg.as_ref().and_then(|b| match b.concurrency {
+            Auto::Value(n) => Some(n),
+            Auto::Auto => None,
+        }),
+        max_attempts: cfg.as_ref().map_or(3, |b| b.max_attempts),
+        requeue: cfg.as_ref().is_some_and(|b| b.requeue),
+        shard: cfg
+            .as_ref()
+            .map_or_else(|| "none".into(), |b| b.shard.clone()),
+        request_timeout: cfg
+            .as_ref()
+            .map_or(Duration::from_secs(600), |b| b.request_timeout.0),
+        progress_file: Path::new(&s.endpoint_file)
+            .with_extension("batch.json")
+            .display()
+            .to_string(),
+        models,
+    })
+}
+
 impl Settings {
+    /// The names a request's `model` may take: each model's name and served name, and the
+    /// attached endpoints' names.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for m in &self.models {
+            for n in [m.name.clone(), m.served().to_string()] {
+                if !n.is_empty() && !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        names.extend(self.config.attach.iter().map(|a| a.name.clone()));
+        names
+    }
+
     /// What every rank of a step must agree on. The digest is taken over it; the master
     /// compares it key by key to say what differs when digests do not match.
     pub fn agreed(&self) -> serde_json::Value {

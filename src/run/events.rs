@@ -81,6 +81,31 @@ pub enum Event {
         job_id: String,
         reason: String,
     },
+    /// A batch job's input was read and found valid (before anything started).
+    BatchChecked {
+        requests: u64,
+    },
+    /// A batch's progress (every 10 s while it runs).
+    BatchProgress {
+        total: u64,
+        done: u64,
+        failed: u64,
+        retried: u64,
+        rate: f64,
+        tokens_rate: f64,
+        eta_s: Option<f64>,
+    },
+    /// A batch ended: `done` (every request has its line) or `stopped` (work left).
+    BatchDone {
+        state: String,
+        total: u64,
+        done: u64,
+        failed: u64,
+        resumed: u64,
+        tokens_in: u64,
+        tokens_out: u64,
+        elapsed_s: f64,
+    },
     Failure {
         code: i32,
         reason: String,

@@ -68,6 +68,16 @@ pub mod libc_sig {
     pub const TERM: i32 = 15;
 }
 
+/// Exit code for a graceful stop of a job caused by `signal`: in a batch job SIGUSR1 stops
+/// the batch with work left (9: run it again to resume); else as [`exit_code_for`].
+pub fn exit_code_for_job(signal: i32, batch: bool) -> i32 {
+    if batch && signal == libc_sig::USR1 {
+        crate::exit::BATCH_INCOMPLETE
+    } else {
+        exit_code_for(signal)
+    }
+}
+
 /// Exit code for a graceful stop caused by `signal`: SIGUSR1 is a drain (0), others 128+n.
 pub fn exit_code_for(signal: i32) -> i32 {
     if signal == libc_sig::USR1 {

@@ -28,6 +28,8 @@ pub(super) enum Inbound {
     Closed(usize),
     /// What the check of the attached endpoints found.
     Attached(Result<Vec<(String, Vec<String>)>, RunError>),
+    /// The batch input's check: its request count, or the first bad line.
+    BatchChecked(Result<u64, String>),
 }
 
 /// Bind the channel's port (before anything else starts, so a clash fails fast).

@@ -63,6 +63,9 @@ pub enum Action {
     Replicas(Vec<ReplicaStatus>, Vec<String>),
     /// Check that every attached endpoint answers, then say [`Coord::on_attach_checked`].
     CheckAttach(Vec<crate::route::attach::AttachSpec>),
+    /// Read the batch input through (every line valid, every model served), then say
+    /// [`Coord::on_batch_checked`].
+    CheckBatch,
     /// Every rank has finished its teardown (or is gone).
     AllStopped,
     /// Put the job back in Slurm's queue once the teardown is over (`on_node_failure:
@@ -140,6 +143,8 @@ pub struct Coord {
     dropped: Vec<String>,
     /// The attached endpoints are being checked: nothing has started yet.
     attaching: bool,
+    /// A batch job whose input is not checked yet: nothing starts before it is.
+    batch_unchecked: bool,
     plan: Option<Plan>,
     phase: Phase,
     rendezvous_deadline: Instant,
@@ -193,6 +198,7 @@ impl Coord {
             restarts: false,
             dropped: Vec::new(),
             attaching: false,
+            batch_unchecked: false,
             plan: None,
             phase: Phase::Rendezvous,
             rendezvous_deadline: now + rendezvous,
@@ -287,6 +293,28 @@ impl Coord {
         acts
     }
 
+    /// A batch stopped with work left and `batch.requeue: true`: back in the queue (the next
+    /// run resumes from the output files).
+    fn requeue_batch(&mut self, code: i32) -> Vec<Action> {
+        if code != exit::BATCH_INCOMPLETE
+            || !self.settings.batch.as_ref().is_some_and(|b| b.requeue)
+        {
+            return Vec::new();
+        }
+        let reason =
+            "the batch stopped with work left (SIGUSR1); batch.requeue is true".to_string();
+        vec![
+            self.event(
+                Event::Requeue {
+                    job_id: self.step.job_id.clone(),
+                    reason: reason.clone(),
+                },
+                None,
+            ),
+            Action::Requeue(reason),
+        ]
+    }
+
     fn check_all_stopped(&mut self) -> Vec<Action> {
         if self.phase != Phase::Stopping || self.all_stopped_sent {
             return Vec::new();
@@ -357,13 +385,15 @@ impl Coord {
             ToMaster::ResetDone { slot } => self.on_reset_done(rank, slot, now),
             ToMaster::Phase { name, slot, phase } => self.on_phase(rank, name, slot, phase, now),
             ToMaster::Stopping { signal } => {
-                let code = signals::exit_code_for(signal);
+                let code = signals::exit_code_for_job(signal, self.settings.batch.is_some());
                 let what = if signal == signals::libc_sig::USR1 {
                     "drain requested (SIGUSR1)".to_string()
                 } else {
                     format!("received {}", signals::name(signal))
                 };
-                self.stop(code, format!("{node} {what}"), Some(rank))
+                let mut acts = self.stop(code, format!("{node} {what}"), Some(rank));
+                acts.extend(self.requeue_batch(code));
+                acts
             }
             ToMaster::Stopped => {
                 self.peers[rank].stopped = true;

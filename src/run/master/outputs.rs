@@ -27,6 +27,12 @@ pub(super) struct Outputs {
     pub(super) status: (Status, Option<String>, Option<i32>),
     pub(super) replicas: Vec<ReplicaStatus>,
     pub(super) dropped: Vec<String>,
+    /// A batch job's progress, as its batch last wrote it.
+    pub(super) batch: Option<crate::endpoint::BatchStatus>,
+    /// When the progress was last logged / recorded as an event; whether `batch_done` was.
+    batch_logged: Option<Instant>,
+    batch_evented: Option<Instant>,
+    batch_done: bool,
 }
 
 impl Outputs {
@@ -96,6 +102,7 @@ impl Outputs {
             api_key_path: self.api_key_path.clone(),
             reason: reason.map(str::to_string),
             exit_code: code,
+            batch: self.batch.clone(),
         };
         let path = std::path::Path::new(&self.settings.endpoint_file);
         if let Err(e) = f.write(path) {
@@ -169,6 +176,10 @@ impl Outputs {
             status: (Status::Starting, None, None),
             replicas: Vec::new(),
             dropped: Vec::new(),
+            batch: None,
+            batch_logged: None,
+            batch_evented: None,
+            batch_done: false,
         };
         if !settings.auth {
             return out;
@@ -190,8 +201,95 @@ impl Outputs {
         out
     }
 
+    /// Read the batch's progress file: into the endpoint file when it changed, a line in the
+    /// log every 5 s, a `batch_progress` event every 10 s, `batch_done` once it ended.
+    /// `last`: the batch has exited (the job is over): whatever it said last is final.
+    pub(super) fn batch_poll(&mut self, plan: Option<&Plan>, last: bool) {
+        let Some(b) = &self.settings.batch else {
+            return;
+        };
+        let Ok(data) = std::fs::read(&b.progress_file) else {
+            return;
+        };
+        let Ok(mut st) = serde_json::from_slice::<crate::endpoint::BatchStatus>(&data) else {
+            return;
+        };
+        if last && st.state == "running" {
+            // it was stopped before it could say so
+            st.state = "stopped".into();
+        }
+        let due = |t: Option<Instant>, every: u64| {
+            t.is_none_or(|t| t.elapsed() >= Duration::from_secs(every))
+        };
+        if self.batch.as_ref() != Some(&st) {
+            self.batch = Some(st.clone());
+            let (status, reason, code) = self.status.clone();
+            self.endpoint(plan, status, reason.as_deref(), code);
+        }
+        let ended = st.state != "running";
+        if due(self.batch_logged, 5) || (ended && !self.batch_done) {
+            self.batch_logged = Some(Instant::now());
+            tracing::info!("{}", st.line());
+        }
+        if due(self.batch_evented, 10) && !ended {
+            self.batch_evented = Some(Instant::now());
+            self.event(
+                &Event::BatchProgress {
+                    total: st.total,
+                    done: st.done,
+                    failed: st.failed,
+                    retried: st.retried,
+                    rate: st.rate,
+                    tokens_rate: st.tokens_rate,
+                    eta_s: st.eta_s,
+                },
+                None,
+            );
+        }
+        if (ended || last) && !self.batch_done {
+            self.batch_done = true;
+            let per: Vec<String> = st
+                .per_model
+                .iter()
+                .map(|(m, n)| format!("{m} {n}"))
+                .collect();
+            let run = st.done + st.failed - st.resumed;
+            tracing::info!(
+                "batch {}: {} answered, {} failed for good, {} resumed from earlier runs; {run} this run in {:.1} s ({:.1} req/s), tokens in {} out {}; per model: {}; answers in {}, failures in {}",
+                st.state,
+                st.done,
+                st.failed,
+                st.resumed,
+                st.elapsed_s,
+                if st.elapsed_s > 0.0 { run as f64 / st.elapsed_s } else { 0.0 },
+                st.tokens_in,
+                st.tokens_out,
+                if per.is_empty() { "-".to_string() } else { per.join(", ") },
+                st.output,
+                st.errors
+            );
+            self.event(
+                &Event::BatchDone {
+                    state: st.state.clone(),
+                    total: st.total,
+                    done: st.done,
+                    failed: st.failed,
+                    resumed: st.resumed,
+                    tokens_in: st.tokens_in,
+                    tokens_out: st.tokens_out,
+                    elapsed_s: st.elapsed_s,
+                },
+                None,
+            );
+        }
+    }
+
     /// The job is over: the key file the launcher wrote goes.
     pub(super) fn close(&self) {
+        if let Some(b) = &self.settings.batch {
+            // the progress file is the job's own (its last state is in the endpoint file)
+            let _ = std::fs::remove_file(&b.progress_file);
+        }
         if self.wrote_api_key {
             if let Some(p) = &self.api_key_path {
                 let _ = std::fs::remove_file(p);

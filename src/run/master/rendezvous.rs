@@ -178,6 +178,7 @@ impl Coord {
         let attached = plan.attached.clone();
         self.plan = Some(plan);
         acts.push(self.replicas_action());
+        self.batch_unchecked = self.settings.batch.is_some();
         if !attached.is_empty() {
             // nothing starts before every attached endpoint answers
             self.attaching = true;
@@ -192,8 +193,36 @@ impl Coord {
             acts.push(Action::CheckAttach(attached));
             return acts;
         }
-        acts.extend(self.start_after(0..self.n(), StartAfter::Rendezvous, None, now));
+        acts.extend(self.begin(now));
         acts
+    }
+
+    /// Start the job once its checks passed: the batch input's, if it has one.
+    fn begin(&mut self, now: Instant) -> Vec<Action> {
+        if self.batch_unchecked {
+            return vec![Action::CheckBatch];
+        }
+        self.start_after(0..self.n(), StartAfter::Rendezvous, None, now)
+    }
+
+    /// The batch input's check: valid (its request count), or the first bad line (the job
+    /// stops with exit 2, nothing started).
+    pub fn on_batch_checked(&mut self, result: Result<u64, String>, now: Instant) -> Vec<Action> {
+        if !self.batch_unchecked || self.phase != Phase::Starting {
+            return Vec::new();
+        }
+        self.batch_unchecked = false;
+        match result {
+            Err(e) => self.stop(exit::USAGE, format!("bad batch input: {e}"), None),
+            Ok(requests) => {
+                let mut acts = vec![
+                    self.event(Event::BatchChecked { requests }, None),
+                    Action::Info(format!("batch input checked: {requests} request(s)")),
+                ];
+                acts.extend(self.begin(now));
+                acts
+            }
+        }
     }
 
     /// What the check of the attached endpoints found: each one's model ids, or why one
@@ -224,7 +253,7 @@ impl Coord {
                         ids.join(", ")
                     )));
                 }
-                acts.extend(self.start_after(0..self.n(), StartAfter::Rendezvous, None, now));
+                acts.extend(self.begin(now));
                 acts
             }
         }

@@ -87,6 +87,7 @@ impl Master {
         let tick = Duration::from_millis(250);
         let mut hb = tokio::time::interval(self.settings.health.heartbeat_interval);
         let mut ticker = tokio::time::interval(tick);
+        let mut batch_ticker = tokio::time::interval(Duration::from_secs(2));
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         loop {
             // heartbeats out first, then what arrived, then the clock: a queued message counts
@@ -101,6 +102,10 @@ impl Master {
                     Vec::new()
                 }
                 Some(m) = in_rx.recv() => self.inbound(m),
+                _ = batch_ticker.tick(), if self.settings.batch.is_some() => {
+                    self.out.batch_poll(self.coord.plan(), false);
+                    Vec::new()
+                }
                 _ = ticker.tick() => {
                     if stop_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                         tracing::warn!("not every node reported its teardown complete; giving up waiting");
@@ -158,6 +163,7 @@ impl Master {
             }
             Inbound::Msg(rank, msg) => self.coord.on_message(rank, msg, now),
             Inbound::Attached(res) => self.coord.on_attach_checked(res, now),
+            Inbound::BatchChecked(res) => self.coord.on_batch_checked(res, now),
             Inbound::Closed(rank) => {
                 self.writers.remove(&rank);
                 self.coord.on_closed(rank, now)
@@ -201,6 +207,23 @@ impl Master {
                         let _ = tx.send(Inbound::Attached(res));
                     });
                 }
+                Action::CheckBatch => {
+                    let tx = self.in_tx.clone();
+                    let b = self.settings.batch.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let res = b.map_or(Ok(0), |b| {
+                            let path = std::path::Path::new(&b.input);
+                            crate::batch::input::validate(
+                                path,
+                                &b.models,
+                                crate::batch::input::Shard::ALL,
+                                &Default::default(),
+                            )
+                            .map(|s| s.requests)
+                        });
+                        let _ = tx.send(Inbound::BatchChecked(res));
+                    });
+                }
                 Action::Info(s) => tracing::info!("{s}"),
                 Action::Warn(s) => tracing::warn!("{s}"),
                 Action::AllStopped => done = true,
@@ -235,6 +258,8 @@ impl Master {
         if !abandoned.is_empty() {
             self.end_abandoned(abandoned, in_rx).await;
         }
+        // the batch has exited: its last word goes into the endpoint file and the event log
+        self.out.batch_poll(self.coord.plan(), true);
         self.out.close();
         if let Some(why) = &self.requeue {
             outputs::requeue_job(&self.out.step, why).await;

@@ -146,6 +146,8 @@ pub struct RankMachine {
     last_master: Instant,
     own_stall: crate::run::stall::OwnStall,
     heartbeat_timeout: Duration,
+    /// A batch job: SIGUSR1 stops it with work left (exit 9), not as a drain (0).
+    batch: bool,
 }
 
 fn report_stop(code: i32, reason: &str, culprit: Option<&str>) -> Action {
@@ -183,7 +185,15 @@ impl RankMachine {
             own_stall: crate::run::stall::OwnStall::new(heartbeat_interval),
             last_master: now,
             heartbeat_timeout,
+            batch: false,
         }
+    }
+
+    /// The job runs a batch (see [`signals::exit_code_for_job`]).
+    #[must_use]
+    pub fn for_batch(mut self, batch: bool) -> Self {
+        self.batch = batch;
+        self
     }
 
     pub fn phase(&self) -> Phase {

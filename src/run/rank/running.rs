@@ -56,7 +56,7 @@ impl RankMachine {
                 };
                 acts.push(Action::Send(ToMaster::Stopping { signal }));
                 acts.push(Action::Info(what.clone()));
-                acts.extend(self.stop(signals::exit_code_for(signal), what));
+                acts.extend(self.stop(signals::exit_code_for_job(signal, self.batch), what));
             }
             Shutdown::Graceful { .. } | Shutdown::Duplicate => {}
             Shutdown::Kill => {

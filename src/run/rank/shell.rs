@@ -331,7 +331,8 @@ pub async fn run(
         s.health.heartbeat_timeout,
         s.timeouts.rendezvous,
         Instant::now(),
-    );
+    )
+    .for_batch(s.batch.is_some());
     let (mut sh, inbox) = Shell::new(&g, me);
     let (channel_port, coord_done) = match master {
         Some(h) => (Some(h.port), Some(h.done)),

@@ -349,3 +349,71 @@ fn all_stopped_after_every_rank_reports() {
 // ---- replicas: restarts, the budget, min_healthy, the router
 
 mod replicas;
+
+const BATCH: &str = "engine: vllm\nmodel: m\nvllm:\n  backend: mp\nparallel:\n  tensor: 2\nbatch:\n  input: in.jsonl\n  output: out.jsonl\n  requeue: true\n";
+
+#[test]
+fn a_batch_job_starts_nothing_before_its_input_is_checked_and_a_bad_line_stops_it() {
+    let (mut c, infos, now) = setup(BATCH, 2, &[]);
+    assert_eq!(
+        c.settings.client[..2],
+        ["ray-launch".to_string(), "batch".to_string()],
+        "the batch is the client"
+    );
+    let acts = hello_all(&mut c, &infos, now);
+    assert!(acts.contains(&Action::CheckBatch));
+    assert!(sends(&acts).is_empty(), "nothing started: {acts:?}");
+    let acts = c.on_batch_checked(Err("in.jsonl line 3: custom_id is missing".into()), now);
+    assert_eq!(
+        sends(&acts),
+        [(0, "stop 2".to_string()), (1, "stop 2".to_string())]
+    );
+    assert!(acts.iter().any(|a| matches!(a, Action::Endpoint { reason: Some(r), code: Some(2), .. } if r.contains("line 3"))));
+
+    let (mut c, infos, now) = setup(BATCH, 2, &[]);
+    hello_all(&mut c, &infos, now);
+    let acts = c.on_batch_checked(Ok(300), now);
+    assert_eq!(
+        sends(&acts),
+        [(0, "engine".to_string()), (1, "engine".to_string())]
+    );
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Event(Event::BatchChecked { requests: 300 }, _))));
+}
+
+#[test]
+fn usr1_stops_a_batch_with_work_left_and_requeues_it() {
+    let (mut c, infos, now) = setup(BATCH, 2, &[]);
+    hello_all(&mut c, &infos, now);
+    c.on_batch_checked(Ok(10), now);
+    let acts = c.on_message(
+        1,
+        ToMaster::Stopping {
+            signal: signals::libc_sig::USR1,
+        },
+        now,
+    );
+    assert_eq!(
+        sends(&acts),
+        [(0, "stop 9".to_string()), (1, "stop 9".to_string())]
+    );
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Requeue(r) if r.contains("batch.requeue"))));
+    // without a batch, SIGUSR1 is a drain: 0, no requeue
+    let (mut c, infos, now) = setup(RAY2, 2, &[]);
+    hello_all(&mut c, &infos, now);
+    let acts = c.on_message(
+        1,
+        ToMaster::Stopping {
+            signal: signals::libc_sig::USR1,
+        },
+        now,
+    );
+    assert_eq!(
+        sends(&acts),
+        [(0, "stop 0".to_string()), (1, "stop 0".to_string())]
+    );
+    assert!(!acts.iter().any(|a| matches!(a, Action::Requeue(_))));
+}
