@@ -24,7 +24,9 @@ tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A
 tok.add_tokens([f"<x{i}>" for i in range(1024 - tok.get_vocab_size())])
 tok.save(os.path.join(out, "tokenizer.json"))
 json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "model_max_length": 256, "add_bos_token": True, "clean_up_tokenization_spaces": False},
+           "model_max_length": 256, "add_bos_token": True, "clean_up_tokenization_spaces": False,
+           # a plain chat template, so that /v1/chat/completions works too (batch tests mix both)
+           "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"},
           open(os.path.join(out, "tokenizer_config.json"), "w"), indent=1)
 json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
           open(os.path.join(out, "special_tokens_map.json"), "w"), indent=1)

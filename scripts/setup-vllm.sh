@@ -53,7 +53,8 @@ if [ ! -f "$SGL/.ok" ]; then
     rm -rf "$W"
     touch "$SGL/.ok"
 fi
-if [ ! -f "$MODEL/config.json" ]; then
+# (made again when it predates the chat template)
+if [ ! -f "$MODEL/config.json" ] || ! grep -q chat_template "$MODEL/tokenizer_config.json" 2>/dev/null; then
     "$VENV/bin/python" scripts/make_tiny_model.py "$MODEL" >/dev/null
 fi
 log "vLLM $V (CPU) in $VENV; tiny model in $MODEL"

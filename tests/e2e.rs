@@ -1267,3 +1267,195 @@ fn kill_9_of_a_launcher_takes_its_escaped_children_along_and_a_restart_its_repli
     );
     // Bed's drop: no process in any node's namespace (escaped children included), no temp dir
 }
+
+// ---- batch generation (issue 25): a job's `batch:` through sbatch, scancel, USR1, arrays
+
+/// Three one-node stand-in replicas behind the router, each answer taking 40 ms; a batch of
+/// the bed's in.jsonl into out.jsonl, 6 requests in flight.
+const BATCH: &str = "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_SERVICE_MS: '40', STANDIN_REPLICA: '{replica}'}\nevent_log: @RECORD@/events.jsonl\nbatch: {input: @RECORD@/in.jsonl, output: @RECORD@/out.jsonl, concurrency: 6";
+
+/// `n` requests, completions and chat mixed; every 97th is BAD (the stand-in's 400).
+fn batch_input(bed: &Bed, n: usize) -> usize {
+    let mut text = String::new();
+    let mut bad = 0;
+    for i in 0..n {
+        let prompt = if i % 97 == 5 {
+            bad += 1;
+            format!("BAD {i}")
+        } else {
+            format!("p{i}")
+        };
+        if i % 2 == 0 {
+            text.push_str(&format!("{{\"custom_id\":\"r{i}\",\"method\":\"POST\",\"url\":\"/v1/completions\",\"body\":{{\"model\":\"tiny\",\"prompt\":\"{prompt}\"}}}}\n"));
+        } else {
+            text.push_str(&format!("{{\"custom_id\":\"r{i}\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{{\"model\":\"tiny\",\"messages\":[{{\"role\":\"user\",\"content\":\"{prompt}\"}}]}}}}\n"));
+        }
+    }
+    std::fs::write(bed.path("in.jsonl"), text).unwrap();
+    bad
+}
+
+/// custom_id → count over OUT and OUT.errors (named by their stem), and the error lines.
+fn batch_written(bed: &Bed, stem: &str) -> (std::collections::BTreeMap<String, u32>, Vec<serde_json::Value>) {
+    let read = |name: String| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(bed.path(&name))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: {e}: {l}")))
+            .collect()
+    };
+    let ok = read(format!("{stem}.jsonl"));
+    let err = read(format!("{stem}.errors.jsonl"));
+    let mut count = std::collections::BTreeMap::new();
+    for v in ok.iter().chain(&err) {
+        *count.entry(v["custom_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    (count, err)
+}
+
+fn lines_in(p: &Path) -> usize {
+    std::fs::read_to_string(p).unwrap_or_default().lines().count()
+}
+
+/// sbatch the batch job (`-N nodes`, more sbatch flags); its id.
+fn sbatch_batch(bed: &Bed, cfg: &Path, nodes: usize, args: &[&str]) -> String {
+    let script = bed.path("batch.sbatch");
+    std::fs::write(
+        &script,
+        format!("#!/bin/bash\nsrun --kill-on-bad-exit=0 {} --config {}\n", bin().display(), cfg.display()),
+    )
+    .unwrap();
+    let out = slurm("sbatch")
+        .args(["--parsable", &format!("-N{nodes}"), "--ntasks-per-node=1", "-J", "rl-batch", "--open-mode=append"])
+        .args(args)
+        .arg(format!("--output={}", bed.path("job-%j.out").display()))
+        .arg(format!("--chdir={}", bed.dir.path().display()))
+        .arg(&script)
+        .output()
+        .unwrap();
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!job.is_empty(), "{}", text(&out));
+    job
+}
+
+fn job_log(bed: &Bed, job: &str) -> String {
+    std::fs::read_to_string(bed.path(&format!("job-{job}.out"))).unwrap_or_default()
+}
+
+/// Until `p` holds at least `n` lines (the job must not end first).
+fn wait_lines(p: &Path, n: usize, job: &str, bed: &Bed) {
+    let t0 = Instant::now();
+    while lines_in(p) < n {
+        assert!(t0.elapsed() < Duration::from_secs(120), "only {} lines: {}", lines_in(p), job_log(bed, job));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The way users run a batch: sbatch; scancel mid-batch (what is written stays, nothing
+/// twice); the same sbatch again resumes and ends by itself with exit 0: every request once
+/// across out.jsonl and out.errors.jsonl, the engine's 400s with its message; the endpoint
+/// file and the event log say what the batch did.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn a_batch_job_survives_scancel_and_resumes_exactly_once() {
+    let bed = Bed::new();
+    let bad = batch_input(&bed, 1500);
+    let cfg = bed.config(&format!("{BATCH}}}"), "");
+    let job = sbatch_batch(&bed, &cfg, 3, &[]);
+    wait_lines(&bed.path("out.jsonl"), 150, &job, &bed);
+    assert!(slurm("scancel").arg(&job).status().unwrap().success());
+    wait_gone(&job, Duration::from_secs(60));
+    let first = job_log(&bed, &job);
+    let (count, _) = batch_written(&bed, "out");
+    eprintln!("{first}\nafter scancel: {} of 1500 written", count.len());
+    assert!(count.len() < 1500, "stopped mid-batch");
+    assert!(count.values().all(|n| *n == 1));
+    assert!(first.contains("all processes of this job on node1 are gone; exit 143"), "{first}");
+    let ep = bed.path(&format!("ray-launch-{job}/endpoint.json"));
+    let f = endpoint_status(&ep).unwrap();
+    assert_eq!(f["batch"]["total"], 1500, "{f}");
+
+    let job2 = sbatch_batch(&bed, &cfg, 3, &[]);
+    wait_gone(&job2, Duration::from_secs(180));
+    let log = job_log(&bed, &job2);
+    eprintln!("{log}");
+    let (count, errors) = batch_written(&bed, "out");
+    assert_eq!(count.len(), 1500, "every request: {log}");
+    assert!(count.values().all(|n| *n == 1), "exactly once across both jobs");
+    assert_eq!(errors.len(), bad);
+    assert_eq!(errors[0]["error"]["message"], "This model's maximum context length is 256 tokens");
+    assert!(log.contains("resuming:"), "{log}");
+    assert!(log.contains("batch done: "), "{log}");
+    assert!(log.contains("done: the client exited with exit code 0; exit 0"), "{log}");
+    let f = endpoint_status(&bed.path(&format!("ray-launch-{job2}/endpoint.json"))).unwrap();
+    assert_eq!(f["status"], "stopped");
+    assert_eq!(f["batch"]["state"], "done", "{f}");
+    assert_eq!(f["batch"]["done"].as_u64().unwrap() + f["batch"]["failed"].as_u64().unwrap(), 1500);
+    let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
+    assert!(events.contains("\"event\":\"batch_checked\"") && events.contains("\"requests\":1500"), "{events}");
+    assert!(events.contains("\"event\":\"batch_done\"") && events.contains("\"state\":\"done\""), "{events}");
+    assert!(!bed.path(&format!("ray-launch-{job2}/endpoint.batch.json")).exists(), "the progress file goes with the job");
+    // Bed's drop: no process, no temp dir
+}
+
+/// `--signal=USR1@...` before the time limit, here sent by hand: the batch stops sending,
+/// finishes what is in flight, the job exits 9 and, with `batch.requeue: true`, is requeued
+/// through the bed's real scontrol; the next run resumes and finishes.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn usr1_stops_a_batch_with_work_left_and_the_requeued_job_finishes_it() {
+    let bed = Bed::new();
+    batch_input(&bed, 1200);
+    let cfg = bed.config(&format!("{BATCH}, requeue: true}}"), "");
+    let job = sbatch_batch(&bed, &cfg, 3, &["--requeue"]);
+    wait_lines(&bed.path("out.jsonl"), 150, &job, &bed);
+    let signalled = Instant::now();
+    assert!(slurm("scancel").args(["--signal=USR1", &job]).status().unwrap().success());
+    // requeued: back in the queue, then running again
+    let t0 = Instant::now();
+    loop {
+        let o = slurm("scontrol").args(["show", "job", &job]).output().unwrap();
+        let s = String::from_utf8_lossy(&o.stdout).to_string();
+        if s.contains("Restarts=1") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not requeued: {s}\n{}", job_log(&bed, &job));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stopped_at = lines_in(&bed.path("out.jsonl"));
+    wait_gone(&job, Duration::from_secs(400));
+    let log = job_log(&bed, &job);
+    eprintln!("{log}\nUSR1 -> requeued in {:.1}s, {stopped_at} lines then", signalled.elapsed().as_secs_f64());
+    assert!(log.contains("requeueing job") || log.contains("is back in the queue"), "{log}");
+    let (count, _) = batch_written(&bed, "out");
+    assert_eq!(count.len(), 1200, "the requeued run finished it: {log}");
+    assert!(count.values().all(|n| *n == 1), "exactly once across the two runs");
+    let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
+    assert!(events.contains("\"event\":\"requeue\""), "{events}");
+    assert!(events.contains("\"state\":\"stopped\"") && events.contains("\"state\":\"done\""), "{events}");
+}
+
+/// `batch.shard: auto` in a job array: each task sends its share of the lines and writes its
+/// own files; together they answer every request once.
+#[test]
+#[ignore = "needs the Slurm test bed: scripts/test.sh"]
+fn an_array_of_two_shards_answers_every_request_once() {
+    let bed = Bed::new();
+    batch_input(&bed, 301);
+    let cfg = bed.config(&format!("{BATCH}, shard: auto}}"), "");
+    let job = sbatch_batch(&bed, &cfg, 1, &["--array=0-1"]);
+    let t0 = Instant::now();
+    loop {
+        let q = slurm("squeue").args(["-h", "-j", &job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "array {job} still queued");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (a, _) = batch_written(&bed, "out.shard-0-of-2");
+    let (b, _) = batch_written(&bed, "out.shard-1-of-2");
+    assert_eq!((a.len(), b.len()), (151, 150));
+    assert!(a.keys().all(|k| !b.contains_key(k)), "disjoint shards");
+    assert!(!bed.path("out.jsonl").exists());
+}

@@ -126,10 +126,15 @@ pub fn main(a: BatchArgs) -> Result<i32> {
         let mut sigs = crate::run::signals::listen().map_err(|e| Error::internal("cannot install signal handlers").cause(e))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let mut n = 0;
+            // Slurm sends SIGTERM twice at a time limit, and scancel's SIGTERM meets the
+            // launcher's own: a repeat within 2 s is the same request, a later one insists
+            let mut first: Option<std::time::Instant> = None;
             while let Some(sig) = sigs.recv().await {
-                n += 1;
-                if n == 1 {
+                if first.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
+                    continue;
+                }
+                if first.is_none() {
+                    first = Some(std::time::Instant::now());
                     tracing::info!("batch: {} received: no new requests; finishing those in flight", crate::run::signals::name(sig));
                     let _ = stop_tx.send(true);
                 } else {

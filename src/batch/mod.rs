@@ -305,6 +305,11 @@ async fn drive(
             Some(f) = done_rx.recv() => {
                 in_flight -= 1;
                 seq += 1;
+                if stopping.is_some() && f.result.retriable() {
+                    // the job is going down under it (replicas stopping): not the request's
+                    // fault, and not final; the next run sends it again
+                    continue;
+                }
                 record(f, &job, seq, outputs, tally)?;
             }
             r = req_rx.recv(), if can_send => match r {

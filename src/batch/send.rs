@@ -19,6 +19,14 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// No answer, or an answer worth another try (a 429, a 5xx from a stopping replica).
+    pub fn retriable(&self) -> bool {
+        match self {
+            Answer::Transport(_) => true,
+            Answer::Http { status, .. } => super::retry::retriable_status(*status),
+        }
+    }
+
     /// `usage.prompt_tokens` and `usage.completion_tokens` of an answer's body.
     pub fn usage(&self) -> Option<(u64, u64)> {
         #[derive(serde::Deserialize)]

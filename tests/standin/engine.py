@@ -14,6 +14,8 @@ Accepts the command lines ray-launch builds for `vllm serve ...` and
 Environment: STANDIN_RECORD_DIR (write <node>.<flavour>.json there), STANDIN_EXPECT_NODES,
 STANDIN_FAIL_REPLICA + STANDIN_REPLICA (the config's `{replica}`): when equal, exit 1 after
 half a second, as an engine whose model does not load (tests of replica restarts);
+STANDIN_SERVICE_MS: each answer takes that long; a request whose body holds BAD gets a 400
+(as an engine answers a request too long for it); answers carry `usage`.
 STANDIN_AUTH_LOG: append the Authorization header of every request there (tests that a key
 goes only where it belongs). Like vLLM, a request for a model it does not serve is a 404,
 and /metrics counts requests running and tokens generated (vLLM's names);
@@ -154,6 +156,8 @@ stall_after = os.environ.get("STANDIN_STALL_AFTER")
 stall_rep = os.environ.get("STANDIN_STALL_REPLICA")
 stalls = stall_after is not None and (stall_rep is None or stall_rep == os.environ.get("STANDIN_REPLICA"))
 api_key = opt("--api-key") or os.environ.get("VLLM_API_KEY")
+# STANDIN_SERVICE_MS: each answer takes this long (batch tests: work left when stopped)
+service_s = float(os.environ.get("STANDIN_SERVICE_MS", "0")) / 1000
 
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
@@ -213,16 +217,23 @@ class H(BaseHTTPRequestHandler):
         if asked is not None and asked != served:
             self.reply(404, {"error": {"message": f"The model `{asked}` does not exist.", "type": "NotFoundError", "code": 404}})
             return
+        if b"BAD" in raw:
+            # what an engine says to a request it cannot serve (batch tests: a final error)
+            self.reply(400, {"error": {"message": "This model's maximum context length is 256 tokens", "type": "BadRequestError", "code": 400}})
+            return
         with stats_lock:
             stats["running"] += 1
             hang = stalls and stats["done"] >= int(stall_after)
         while hang:
             time.sleep(1)
+        time.sleep(service_s)
         with stats_lock:
             stats["running"] -= 1
             stats["done"] += 1
             stats["tokens"] += 2
-        self.reply(200, {"choices": [{"text": " stand-in", "index": 0}], "model": served})
+        self.reply(200, {"choices": [{"text": " stand-in", "index": 0}], "model": served,
+                         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6},
+                         "replica": os.environ.get("STANDIN_REPLICA", "")})
 
 host, port = opt("--host", "0.0.0.0"), int(opt("--port", "8000"))
 # a slow engine (tests: a squatter may take the port in the meantime)
