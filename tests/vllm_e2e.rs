@@ -507,6 +507,11 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         "the restarted replica serves"
     );
 
+    // a batch through the same job (`ray-launch batch` against its endpoint file), with
+    // kill -9 of replica 0's vLLM in the middle: every request once, the engine's bodies
+    let (batch_log, answered, failed_for_good) = batch_with_a_kill(&bed, &ep);
+    eprintln!("{batch_log}");
+
     let all = scancel_all_143(&mut child, "rl-vllm-replicas");
     assert!(all.contains("replica 1 (leader node2) failed"), "{all}");
     assert!(
@@ -520,6 +525,68 @@ fn two_real_vllm_replicas_behind_the_router_survive_kill_9_of_one() {
         failed.len(),
         back.as_secs_f64()
     );
+    eprintln!("batch of 240 through the real replicas with kill -9 of replica 0's vLLM mid-batch: {answered} answered, {failed_for_good} failed for good (the 4 too long for the model)");
+}
+
+/// 240 requests (completions and chat mixed; 4 ask for more tokens than the model's 256)
+/// sent by `ray-launch batch` through the job's router; replica 0's vLLM is SIGKILLed once 40
+/// are answered. Every custom_id ends in exactly one file; answers are vLLM's own bodies;
+/// the too-long ones carry vLLM's 400 message. The log, the answered and failed counts.
+fn batch_with_a_kill(bed: &Bed, ep: &Path) -> (String, usize, usize) {
+    let inp = bed.path("batch-in.jsonl");
+    let mut text = String::new();
+    for i in 0..240 {
+        let max_tokens = if i % 60 == 7 { 1000 } else { 4 };
+        if i % 2 == 0 {
+            text.push_str(&format!("{{\"custom_id\":\"q{i}\",\"method\":\"POST\",\"url\":\"/v1/completions\",\"body\":{{\"model\":\"tiny\",\"prompt\":\"the cat {i}\",\"max_tokens\":{max_tokens}}}}}\n"));
+        } else {
+            text.push_str(&format!("{{\"custom_id\":\"q{i}\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{{\"model\":\"tiny\",\"messages\":[{{\"role\":\"user\",\"content\":\"the dog {i}\"}}],\"max_tokens\":{max_tokens}}}}}\n"));
+        }
+    }
+    std::fs::write(&inp, text).unwrap();
+    let out = bed.path("batch-out.jsonl");
+    let mut b = KillOnDrop(
+        Command::new(bin())
+            .args(["batch", "--input", inp.to_str().unwrap(), "--output", out.to_str().unwrap(), "--endpoint-file", ep.to_str().unwrap(), "--models", "tiny"])
+            .env("NO_PROXY", "*")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&out).unwrap_or_default().lines().count() < 40 {
+        assert!(t0.elapsed() < Duration::from_secs(300), "the batch does not progress");
+        assert!(b.0.try_wait().unwrap().is_none(), "the batch ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = pid_on(1, "vllm").unwrap_or_else(|| panic!("no vllm on node1: {:#?}", node_procs()));
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let mut err = String::new();
+    std::io::Read::read_to_string(b.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = b.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    let read = |p: PathBuf| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let ok = read(out.clone());
+    let bad = read(bed.path("batch-out.errors.jsonl"));
+    let mut seen = std::collections::BTreeMap::new();
+    for v in ok.iter().chain(&bad) {
+        *seen.entry(v["custom_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 240, "{err}");
+    assert!(seen.values().all(|n| *n == 1), "exactly once");
+    assert_eq!(bad.len(), 4, "only the too-long ones: {bad:?}");
+    for v in &bad {
+        assert_eq!(v["response"]["status_code"], 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("256"), "vLLM's own message: {v}");
+    }
+    for v in &ok {
+        let object = v["response"]["body"]["object"].as_str().unwrap_or_default();
+        assert!(object == "text_completion" || object == "chat.completion", "vLLM's body: {v}");
+        assert!(v["response"]["body"]["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+    }
+    (err, ok.len(), bad.len())
 }
 
 /// Several models in one job, the way users run it: `sbatch` a script whose `srun` runs
