@@ -18,14 +18,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A stand-in replica: `slots` at a time, `service` each; its port.
 fn replica(slots: usize, service: Duration) -> u16 {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap().port()).unwrap();
@@ -64,7 +71,11 @@ impl Drop for Kill {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn input(path: &Path, n: u64) {
@@ -104,25 +115,53 @@ fn main() {
     let inp = dir.path().join("in.jsonl");
     input(&inp, n);
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-vllm/bin/python");
-    println!("batch of {n} requests; replicas with {slots} slots, {} ms per request", service.as_millis());
-    println!("{:<10} {:>10} {:>12} {:>8} {:>14} {:>8}", "replicas", "ideal/s", "ray-launch/s", "ratio", "openai SDK/s", "ratio");
+    println!(
+        "batch of {n} requests; replicas with {slots} slots, {} ms per request",
+        service.as_millis()
+    );
+    println!(
+        "{:<10} {:>10} {:>12} {:>8} {:>14} {:>8}",
+        "replicas", "ideal/s", "ray-launch/s", "ratio", "openai SDK/s", "ratio"
+    );
     for reps in [1usize, 3] {
         let ports: Vec<u16> = (0..reps).map(|_| replica(slots, service)).collect();
-        let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}/v1")).collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/v1"))
+            .collect();
         let mut _router = None;
         let base = if reps == 1 {
             urls[0].clone()
         } else {
             let port = free_port();
-            let mut args = vec!["route".to_string(), "--listen".into(), format!("127.0.0.1:{port}"), "--health-interval".into(), "1s".into()];
+            let mut args = vec![
+                "route".to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--health-interval".into(),
+                "1s".into(),
+            ];
             for p in &ports {
                 args.push("--replica".into());
                 args.push(format!("http://127.0.0.1:{p}"));
             }
-            _router = Some(Kill(Command::new(bin).args(&args).env_remove(ray_launch::route::API_KEY_VAR).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+            _router = Some(Kill(
+                Command::new(bin)
+                    .args(&args)
+                    .env_remove(ray_launch::route::API_KEY_VAR)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ));
             let t0 = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || t0.elapsed() < Duration::from_secs(2) {
-                assert!(t0.elapsed() < Duration::from_secs(20), "the router did not come up");
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                || t0.elapsed() < Duration::from_secs(2)
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the router did not come up"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
             format!("http://127.0.0.1:{port}/v1")
@@ -131,7 +170,15 @@ fn main() {
         let out = dir.path().join(format!("out-{reps}.jsonl"));
         let t0 = Instant::now();
         let o = Command::new(bin)
-            .args(["batch", "--input", inp.to_str().unwrap(), "--output", out.to_str().unwrap(), "--url", &base])
+            .args([
+                "batch",
+                "--input",
+                inp.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--url",
+                &base,
+            ])
             .env("RAY_LAUNCH_ENDPOINTS", urls.join(" "))
             .env_remove("OPENAI_API_KEY")
             .output()
@@ -142,17 +189,29 @@ fn main() {
             let s = dir.path().join("sdk.py");
             std::fs::write(&s, SDK).unwrap();
             let o = Command::new(&py)
-                .args([s.to_str().unwrap(), &base, inp.to_str().unwrap(), dir.path().join("sdk.jsonl").to_str().unwrap(), &(reps * slots).to_string()])
+                .args([
+                    s.to_str().unwrap(),
+                    &base,
+                    inp.to_str().unwrap(),
+                    dir.path().join("sdk.jsonl").to_str().unwrap(),
+                    &(reps * slots).to_string(),
+                ])
                 .env("NO_PROXY", "*")
                 .output()
                 .unwrap();
-            String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok()
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
         } else {
             None
         };
         let sdk_s = sdk.map_or("-".into(), |v| format!("{v:.0}"));
         let sdk_r = sdk.map_or("-".into(), |v| format!("{:.2}", v / ideal));
-        println!("{reps:<10} {ideal:>10.0} {ours:>12.0} {:>8.2} {sdk_s:>14} {sdk_r:>8}", ours / ideal);
+        println!(
+            "{reps:<10} {ideal:>10.0} {ours:>12.0} {:>8.2} {sdk_s:>14} {sdk_r:>8}",
+            ours / ideal
+        );
     }
     // memory on a large input: peak RSS of the batch process, bounded by the window
     let big_in = dir.path().join("big.jsonl");
@@ -161,11 +220,28 @@ fn main() {
     let out = dir.path().join("big-out.jsonl");
     let t0 = Instant::now();
     let o = Command::new("/usr/bin/time")
-        .args(["-f", "%M", bin, "batch", "--input", big_in.to_str().unwrap(), "--output", out.to_str().unwrap(), "--url", &format!("http://127.0.0.1:{port}/v1"), "--concurrency", "64"])
+        .args([
+            "-f",
+            "%M",
+            bin,
+            "batch",
+            "--input",
+            big_in.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--url",
+            &format!("http://127.0.0.1:{port}/v1"),
+            "--concurrency",
+            "64",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    let rss_kb: u64 = err.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let rss_kb: u64 = err
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
     println!(
         "{big} lines ({} MB in): peak RSS {} MB, {:.0} req/s against an instant replica",
         std::fs::metadata(&big_in).unwrap().len() >> 20,

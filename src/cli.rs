@@ -653,17 +653,25 @@ fn cmd_status(a: StatusArgs) -> Result<i32> {
 }
 
 fn cmd_wait(w: WaitArgs) -> Result<i32> {
+    let f = wait_ready(&w.endpoint_file, w.timeout)?;
+    println!("{}", f.url.unwrap_or_default());
+    Ok(exit::SUCCESS)
+}
+
+/// Wait until the endpoint file at `path` says ready (`ray-launch wait`, `ray-launch batch
+/// --endpoint-file`); a job that ended first, or `timeout`, is the error.
+pub fn wait_ready(
+    path: &std::path::Path,
+    timeout: Duration,
+) -> Result<crate::endpoint::EndpointFile> {
     use crate::endpoint::{EndpointFile, Status};
-    let deadline = std::time::Instant::now() + w.timeout;
-    let shown = w.endpoint_file.display().to_string();
+    let deadline = std::time::Instant::now() + timeout;
+    let shown = path.display().to_string();
     loop {
         // not there yet, or caught half-written by a non-atomic copy: look again
-        if let Ok(Some(f)) = EndpointFile::read(&w.endpoint_file) {
+        if let Ok(Some(f)) = EndpointFile::read(path) {
             match f.status {
-                Status::Ready => {
-                    println!("{}", f.url.unwrap_or_default());
-                    return Ok(exit::SUCCESS);
-                }
+                Status::Ready => return Ok(f),
                 st if st.is_final() => {
                     let reason = f.reason.as_deref().unwrap_or("no reason given");
                     return Err(Error::new(
@@ -680,7 +688,7 @@ fn cmd_wait(w: WaitArgs) -> Result<i32> {
                 crate::error::Kind::StartupTimeout,
                 format!(
                     "{shown} did not say ready within {}",
-                    humantime::format_duration(w.timeout)
+                    humantime::format_duration(timeout)
                 ),
             )
             .hint("is the job running (squeue)? raise --timeout for large models"));

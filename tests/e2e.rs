@@ -1296,7 +1296,13 @@ fn batch_input(bed: &Bed, n: usize) -> usize {
 }
 
 /// custom_id → count over OUT and OUT.errors (named by their stem), and the error lines.
-fn batch_written(bed: &Bed, stem: &str) -> (std::collections::BTreeMap<String, u32>, Vec<serde_json::Value>) {
+fn batch_written(
+    bed: &Bed,
+    stem: &str,
+) -> (
+    std::collections::BTreeMap<String, u32>,
+    Vec<serde_json::Value>,
+) {
     let read = |name: String| -> Vec<serde_json::Value> {
         std::fs::read_to_string(bed.path(&name))
             .unwrap_or_default()
@@ -1308,13 +1314,18 @@ fn batch_written(bed: &Bed, stem: &str) -> (std::collections::BTreeMap<String, u
     let err = read(format!("{stem}.errors.jsonl"));
     let mut count = std::collections::BTreeMap::new();
     for v in ok.iter().chain(&err) {
-        *count.entry(v["custom_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *count
+            .entry(v["custom_id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     (count, err)
 }
 
 fn lines_in(p: &Path) -> usize {
-    std::fs::read_to_string(p).unwrap_or_default().lines().count()
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 /// sbatch the batch job (`-N nodes`, more sbatch flags); its id.
@@ -1322,11 +1333,22 @@ fn sbatch_batch(bed: &Bed, cfg: &Path, nodes: usize, args: &[&str]) -> String {
     let script = bed.path("batch.sbatch");
     std::fs::write(
         &script,
-        format!("#!/bin/bash\nsrun --kill-on-bad-exit=0 {} --config {}\n", bin().display(), cfg.display()),
+        format!(
+            "#!/bin/bash\nsrun --kill-on-bad-exit=0 {} --config {}\n",
+            bin().display(),
+            cfg.display()
+        ),
     )
     .unwrap();
     let out = slurm("sbatch")
-        .args(["--parsable", &format!("-N{nodes}"), "--ntasks-per-node=1", "-J", "rl-batch", "--open-mode=append"])
+        .args([
+            "--parsable",
+            &format!("-N{nodes}"),
+            "--ntasks-per-node=1",
+            "-J",
+            "rl-batch",
+            "--open-mode=append",
+        ])
         .args(args)
         .arg(format!("--output={}", bed.path("job-%j.out").display()))
         .arg(format!("--chdir={}", bed.dir.path().display()))
@@ -1346,7 +1368,12 @@ fn job_log(bed: &Bed, job: &str) -> String {
 fn wait_lines(p: &Path, n: usize, job: &str, bed: &Bed) {
     let t0 = Instant::now();
     while lines_in(p) < n {
-        assert!(t0.elapsed() < Duration::from_secs(120), "only {} lines: {}", lines_in(p), job_log(bed, job));
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} lines: {}",
+            lines_in(p),
+            job_log(bed, job)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1370,7 +1397,10 @@ fn a_batch_job_survives_scancel_and_resumes_exactly_once() {
     eprintln!("{first}\nafter scancel: {} of 1500 written", count.len());
     assert!(count.len() < 1500, "stopped mid-batch");
     assert!(count.values().all(|n| *n == 1));
-    assert!(first.contains("all processes of this job on node1 are gone; exit 143"), "{first}");
+    assert!(
+        first.contains("all processes of this job on node1 are gone; exit 143"),
+        "{first}"
+    );
     let ep = bed.path(&format!("ray-launch-{job}/endpoint.json"));
     let f = endpoint_status(&ep).unwrap();
     assert_eq!(f["batch"]["total"], 1500, "{f}");
@@ -1381,20 +1411,42 @@ fn a_batch_job_survives_scancel_and_resumes_exactly_once() {
     eprintln!("{log}");
     let (count, errors) = batch_written(&bed, "out");
     assert_eq!(count.len(), 1500, "every request: {log}");
-    assert!(count.values().all(|n| *n == 1), "exactly once across both jobs");
+    assert!(
+        count.values().all(|n| *n == 1),
+        "exactly once across both jobs"
+    );
     assert_eq!(errors.len(), bad);
-    assert_eq!(errors[0]["error"]["message"], "This model's maximum context length is 256 tokens");
+    assert_eq!(
+        errors[0]["error"]["message"],
+        "This model's maximum context length is 256 tokens"
+    );
     assert!(log.contains("resuming:"), "{log}");
     assert!(log.contains("batch done: "), "{log}");
-    assert!(log.contains("done: the client exited with exit code 0; exit 0"), "{log}");
+    assert!(
+        log.contains("done: the client exited with exit code 0; exit 0"),
+        "{log}"
+    );
     let f = endpoint_status(&bed.path(&format!("ray-launch-{job2}/endpoint.json"))).unwrap();
     assert_eq!(f["status"], "stopped");
     assert_eq!(f["batch"]["state"], "done", "{f}");
-    assert_eq!(f["batch"]["done"].as_u64().unwrap() + f["batch"]["failed"].as_u64().unwrap(), 1500);
+    assert_eq!(
+        f["batch"]["done"].as_u64().unwrap() + f["batch"]["failed"].as_u64().unwrap(),
+        1500
+    );
     let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
-    assert!(events.contains("\"event\":\"batch_checked\"") && events.contains("\"requests\":1500"), "{events}");
-    assert!(events.contains("\"event\":\"batch_done\"") && events.contains("\"state\":\"done\""), "{events}");
-    assert!(!bed.path(&format!("ray-launch-{job2}/endpoint.batch.json")).exists(), "the progress file goes with the job");
+    assert!(
+        events.contains("\"event\":\"batch_checked\"") && events.contains("\"requests\":1500"),
+        "{events}"
+    );
+    assert!(
+        events.contains("\"event\":\"batch_done\"") && events.contains("\"state\":\"done\""),
+        "{events}"
+    );
+    assert!(
+        !bed.path(&format!("ray-launch-{job2}/endpoint.batch.json"))
+            .exists(),
+        "the progress file goes with the job"
+    );
     // Bed's drop: no process, no temp dir
 }
 
@@ -1410,29 +1462,52 @@ fn usr1_stops_a_batch_with_work_left_and_the_requeued_job_finishes_it() {
     let job = sbatch_batch(&bed, &cfg, 3, &["--requeue"]);
     wait_lines(&bed.path("out.jsonl"), 150, &job, &bed);
     let signalled = Instant::now();
-    assert!(slurm("scancel").args(["--signal=USR1", &job]).status().unwrap().success());
+    assert!(slurm("scancel")
+        .args(["--signal=USR1", &job])
+        .status()
+        .unwrap()
+        .success());
     // requeued: back in the queue, then running again
     let t0 = Instant::now();
     loop {
-        let o = slurm("scontrol").args(["show", "job", &job]).output().unwrap();
+        let o = slurm("scontrol")
+            .args(["show", "job", &job])
+            .output()
+            .unwrap();
         let s = String::from_utf8_lossy(&o.stdout).to_string();
         if s.contains("Restarts=1") {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "not requeued: {s}\n{}", job_log(&bed, &job));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not requeued: {s}\n{}",
+            job_log(&bed, &job)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let stopped_at = lines_in(&bed.path("out.jsonl"));
     wait_gone(&job, Duration::from_secs(400));
     let log = job_log(&bed, &job);
-    eprintln!("{log}\nUSR1 -> requeued in {:.1}s, {stopped_at} lines then", signalled.elapsed().as_secs_f64());
-    assert!(log.contains("requeueing job") || log.contains("is back in the queue"), "{log}");
+    eprintln!(
+        "{log}\nUSR1 -> requeued in {:.1}s, {stopped_at} lines then",
+        signalled.elapsed().as_secs_f64()
+    );
+    assert!(
+        log.contains("requeueing job") || log.contains("is back in the queue"),
+        "{log}"
+    );
     let (count, _) = batch_written(&bed, "out");
     assert_eq!(count.len(), 1200, "the requeued run finished it: {log}");
-    assert!(count.values().all(|n| *n == 1), "exactly once across the two runs");
+    assert!(
+        count.values().all(|n| *n == 1),
+        "exactly once across the two runs"
+    );
     let events = std::fs::read_to_string(bed.path("events.jsonl")).unwrap();
     assert!(events.contains("\"event\":\"requeue\""), "{events}");
-    assert!(events.contains("\"state\":\"stopped\"") && events.contains("\"state\":\"done\""), "{events}");
+    assert!(
+        events.contains("\"state\":\"stopped\"") && events.contains("\"state\":\"done\""),
+        "{events}"
+    );
 }
 
 /// `batch.shard: auto` in a job array: each task sends its share of the lines and writes its
@@ -1450,7 +1525,10 @@ fn an_array_of_two_shards_answers_every_request_once() {
         if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(180), "array {job} still queued");
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "array {job} still queued"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let (a, _) = batch_written(&bed, "out.shard-0-of-2");

@@ -547,15 +547,33 @@ fn batch_with_a_kill(bed: &Bed, ep: &Path) -> (String, usize, usize) {
     let out = bed.path("batch-out.jsonl");
     let mut b = KillOnDrop(
         Command::new(bin())
-            .args(["batch", "--input", inp.to_str().unwrap(), "--output", out.to_str().unwrap(), "--endpoint-file", ep.to_str().unwrap(), "--models", "tiny"])
+            .args([
+                "batch",
+                "--input",
+                inp.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--endpoint-file",
+                ep.to_str().unwrap(),
+                "--models",
+                "tiny",
+            ])
             .env("NO_PROXY", "*")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
     let t0 = Instant::now();
-    while std::fs::read_to_string(&out).unwrap_or_default().lines().count() < 40 {
-        assert!(t0.elapsed() < Duration::from_secs(300), "the batch does not progress");
+    while std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 40
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the batch does not progress"
+        );
         assert!(b.0.try_wait().unwrap().is_none(), "the batch ended early");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -566,25 +584,43 @@ fn batch_with_a_kill(bed: &Bed, ep: &Path) -> (String, usize, usize) {
     let status = b.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
     let read = |p: PathBuf| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let ok = read(out.clone());
     let bad = read(bed.path("batch-out.errors.jsonl"));
     let mut seen = std::collections::BTreeMap::new();
     for v in ok.iter().chain(&bad) {
-        *seen.entry(v["custom_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *seen
+            .entry(v["custom_id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 240, "{err}");
     assert!(seen.values().all(|n| *n == 1), "exactly once");
     assert_eq!(bad.len(), 4, "only the too-long ones: {bad:?}");
     for v in &bad {
         assert_eq!(v["response"]["status_code"], 400, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("256"), "vLLM's own message: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("256"),
+            "vLLM's own message: {v}"
+        );
     }
     for v in &ok {
         let object = v["response"]["body"]["object"].as_str().unwrap_or_default();
-        assert!(object == "text_completion" || object == "chat.completion", "vLLM's body: {v}");
-        assert!(v["response"]["body"]["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+        assert!(
+            object == "text_completion" || object == "chat.completion",
+            "vLLM's body: {v}"
+        );
+        assert!(
+            v["response"]["body"]["usage"]["completion_tokens"]
+                .as_u64()
+                .unwrap()
+                > 0,
+            "{v}"
+        );
     }
     (err, ok.len(), bad.len())
 }

@@ -5,7 +5,6 @@
 use super::input::Shard;
 use super::{retry, Options};
 use crate::cli::BatchArgs;
-use crate::endpoint::EndpointFile;
 use crate::env_vars as ev;
 use crate::error::{Error, Result};
 use crate::exit;
@@ -49,39 +48,17 @@ fn endpoint(a: &BatchArgs) -> Result<(String, Option<String>, Vec<String>)> {
         return Err(Error::usage("batch: no endpoint: give --url (or OPENAI_BASE_URL) or --endpoint-file (or RAY_LAUNCH_ENDPOINT)")
             .hint("e.g. ray-launch batch --endpoint-file ray-launch-1234/endpoint.json --input in.jsonl --output out.jsonl"));
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(1800);
-    loop {
-        if let Ok(Some(f)) = EndpointFile::read(path) {
-            if f.status == crate::endpoint::Status::Ready {
-                let key = match &f.api_key_path {
-                    Some(p) => Some(
-                        std::fs::read_to_string(p)
-                            .map_err(|e| {
-                                Error::usage(format!("cannot read the job's API key file {p}: {e}"))
-                            })?
-                            .trim()
-                            .to_string(),
-                    ),
-                    None => None,
-                };
-                return Ok((f.url.unwrap_or_default(), key, f.urls));
-            }
-            if f.status.is_final() {
-                return Err(Error::usage(format!(
-                    "the job behind {} has {}",
-                    path.display(),
-                    f.status.as_str()
-                )));
-            }
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(Error::usage(format!(
-                "{} did not say ready within 30m",
-                path.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let f = crate::cli::wait_ready(path, Duration::from_secs(1800))?;
+    let key = match &f.api_key_path {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::usage(format!("cannot read the job's API key file {p}: {e}")))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok((f.url.unwrap_or_default(), key, f.urls))
 }
 
 pub fn main(a: BatchArgs) -> Result<i32> {

@@ -85,7 +85,7 @@ struct BodyModel {
 
 /// One line → a request, or what is wrong with it (without the line number).
 pub fn parse_line(line: u64, text: &[u8]) -> Result<Request, String> {
-    if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if !text.trim_ascii_start().starts_with(b"{") {
         return Err(
             if serde_json::from_slice::<serde_json::Value>(text).is_ok() {
                 "not a JSON object".into()
@@ -94,15 +94,26 @@ pub fn parse_line(line: u64, text: &[u8]) -> Result<Request, String> {
             },
         );
     }
-    let w: Wire = serde_json::from_slice(text).map_err(|e| {
-        let what = e.to_string();
-        if what.starts_with("invalid type") {
-            "not a JSON object".to_string()
-        } else {
-            format!("not valid JSON ({what})")
-        }
-    })?;
-    let custom_id = match w.custom_id {
+    let w: Wire = serde_json::from_slice(text).map_err(|e| format!("not valid JSON ({e})"))?;
+    let (custom_id, url) = envelope(w.custom_id, w.method, w.url)?;
+    let body = w.body.ok_or("body is missing")?;
+    let model = body_model(&body)?;
+    Ok(Request {
+        line,
+        custom_id,
+        url,
+        body,
+        model,
+    })
+}
+
+/// The batch envelope: a non-empty `custom_id`, `POST`, a supported `url`.
+fn envelope(
+    custom_id: Option<serde_json::Value>,
+    method: Option<serde_json::Value>,
+    url: Option<serde_json::Value>,
+) -> Result<(String, String), String> {
+    let custom_id = match custom_id {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(serde_json::Value::String(_)) => return Err("custom_id is empty".into()),
         Some(_) => return Err("custom_id is not a string".into()),
@@ -111,35 +122,32 @@ pub fn parse_line(line: u64, text: &[u8]) -> Result<Request, String> {
     if custom_id.len() > MAX_ID {
         return Err(format!("custom_id is longer than {MAX_ID} bytes"));
     }
-    match w.method {
+    match method {
         Some(serde_json::Value::String(m)) if m == "POST" => {}
         Some(m) => return Err(format!("method {m} is not \"POST\"")),
         None => return Err("method is missing (want \"POST\")".into()),
     }
-    let url = match w.url {
+    let url = match url {
         Some(serde_json::Value::String(u)) if URLS.contains(&u.as_str()) => u,
         Some(u) => return Err(format!("url {u} is not one of {}", URLS.join(", "))),
         None => return Err(format!("url is missing (one of {})", URLS.join(", "))),
     };
-    let body = w.body.ok_or("body is missing")?;
+    Ok((custom_id, url))
+}
+
+/// The request body: an object naming its model, not streamed.
+fn body_model(body: &RawValue) -> Result<String, String> {
     let b: BodyModel = serde_json::from_str(body.get()).map_err(|_| "body is not a JSON object")?;
     if b.stream
         .is_some_and(|v| v != serde_json::Value::Bool(false))
     {
         return Err("body.stream is set: batch answers are not streamed (drop it)".into());
     }
-    let model = match b.model {
-        Some(serde_json::Value::String(m)) if !m.is_empty() => m,
-        Some(_) => return Err("body.model is not a model name".into()),
-        None => return Err("body.model is missing".into()),
-    };
-    Ok(Request {
-        line,
-        custom_id,
-        url,
-        body,
-        model,
-    })
+    match b.model {
+        Some(serde_json::Value::String(m)) if !m.is_empty() => Ok(m),
+        Some(_) => Err("body.model is not a model name".into()),
+        None => Err("body.model is missing".into()),
+    }
 }
 
 /// Lines of a file, each with its number; a line longer than [`MAX_LINE`] is an error.

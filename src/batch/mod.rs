@@ -70,7 +70,6 @@ pub struct Finished {
     pub model: String,
     pub attempts: u32,
     pub result: send::Answer,
-    pub took: Duration,
 }
 
 /// The two output files, held open for appending; OUT is flock'ed so that two batches never
@@ -370,6 +369,5 @@ fn record(
     } else {
         tally.s.failed += 1;
     }
-    let _ = f.took;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use super::retry::{Outcome, Verdict};
 use super::{input, Finished, Options};
 use serde_json::value::RawValue;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// What a request came to: an HTTP answer (2xx or final), or no answer at all.
@@ -65,12 +65,6 @@ pub fn join(base: &str, path: &str) -> String {
     format!("{base}{path}")
 }
 
-fn random_hex() -> String {
-    let mut b = [0u8; 12];
-    let _ = getrandom::getrandom(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 async fn attempt(client: &reqwest::Client, o: &Options, r: &input::Request) -> (Answer, Outcome) {
     let mut req = client
         .post(join(&o.base_url, &r.url))
@@ -97,7 +91,10 @@ async fn attempt(client: &reqwest::Client, o: &Options, r: &input::Request) -> (
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .map_or_else(|| format!("req_{}", random_hex()), str::to_string);
+        .map_or_else(
+            || format!("req_{}", &crate::auth::random_hex()[..24]),
+            str::to_string,
+        );
     match resp.bytes().await {
         Ok(body) => (
             Answer::Http {
@@ -141,7 +138,6 @@ pub async fn request(
     r: input::Request,
     done: mpsc::UnboundedSender<Finished>,
 ) {
-    let t0 = Instant::now();
     let mut n = 0;
     let result = loop {
         n += 1;
@@ -162,7 +158,6 @@ pub async fn request(
         model: r.model,
         attempts: n,
         result,
-        took: t0.elapsed(),
     });
 }
 
@@ -176,7 +171,7 @@ pub fn answer_line(f: &Finished, job: &str, seq: u64) -> (Vec<u8>, bool) {
         } else {
             format!("{job}_")
         },
-        &random_hex()[..8]
+        &crate::auth::random_hex()[..8]
     );
     let (response, error, ok) = match &f.result {
         Answer::Http {
@@ -279,7 +274,6 @@ mod tests {
             model: "tiny".into(),
             attempts: 2,
             result,
-            took: Duration::ZERO,
         }
     }
 

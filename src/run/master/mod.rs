@@ -69,7 +69,8 @@ pub enum Action {
     /// Every rank has finished its teardown (or is gone).
     AllStopped,
     /// Put the job back in Slurm's queue once the teardown is over (`on_node_failure:
-    /// requeue`, a node failed): why.
+    /// requeue` and a node failed, or `batch.requeue` and a batch stopped with work left):
+    /// `(SETTING): why`.
     Requeue(String),
 }
 
@@ -267,10 +268,7 @@ impl Coord {
                 ));
             }
         }
-        // a node that failed under the job is the cluster's fault, not the user's: with
-        // `on_node_failure: requeue` the job goes back in the queue (exit 4 only: config,
-        // engine and startup errors would fail again)
-        if code == exit::PEER_FAILURE && self.settings.policy.requeue_on_node_failure {
+        if let Some(setting) = self.requeue_for(code) {
             acts.push(self.event(
                 Event::Requeue {
                     job_id: self.step.job_id.clone(),
@@ -278,7 +276,7 @@ impl Coord {
                 },
                 node,
             ));
-            acts.push(Action::Requeue(reason.clone()));
+            acts.push(Action::Requeue(format!("({setting}): {reason}")));
         }
         acts.push(Action::Endpoint {
             status: if exit::is_failure(code) {
@@ -293,26 +291,16 @@ impl Coord {
         acts
     }
 
-    /// A batch stopped with work left and `batch.requeue: true`: back in the queue (the next
-    /// run resumes from the output files).
-    fn requeue_batch(&mut self, code: i32) -> Vec<Action> {
-        if code != exit::BATCH_INCOMPLETE
-            || !self.settings.batch.as_ref().is_some_and(|b| b.requeue)
-        {
-            return Vec::new();
+    /// Whether a stop with `code` puts the job back in Slurm's queue: the setting that says
+    /// so. A node that failed under the job is the cluster's fault, not the user's
+    /// (`on_node_failure: requeue`, exit 4 only: config, engine and startup errors would fail
+    /// again); a batch stopped with work left resumes from its files (`batch.requeue`, exit 9).
+    fn requeue_for(&self, code: i32) -> Option<&'static str> {
+        if code == exit::PEER_FAILURE && self.settings.policy.requeue_on_node_failure {
+            return Some("on_node_failure: requeue");
         }
-        let reason =
-            "the batch stopped with work left (SIGUSR1); batch.requeue is true".to_string();
-        vec![
-            self.event(
-                Event::Requeue {
-                    job_id: self.step.job_id.clone(),
-                    reason: reason.clone(),
-                },
-                None,
-            ),
-            Action::Requeue(reason),
-        ]
+        let batch_requeue = self.settings.batch.as_ref().is_some_and(|b| b.requeue);
+        (code == exit::BATCH_INCOMPLETE && batch_requeue).then_some("batch.requeue: true")
     }
 
     fn check_all_stopped(&mut self) -> Vec<Action> {
@@ -391,9 +379,7 @@ impl Coord {
                 } else {
                     format!("received {}", signals::name(signal))
                 };
-                let mut acts = self.stop(code, format!("{node} {what}"), Some(rank));
-                acts.extend(self.requeue_batch(code));
-                acts
+                self.stop(code, format!("{node} {what}"), Some(rank))
             }
             ToMaster::Stopped => {
                 self.peers[rank].stopped = true;

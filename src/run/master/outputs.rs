@@ -118,13 +118,10 @@ impl Outputs {
 /// and queues it again (a batch job, requeue allowed on the cluster); what it says is logged.
 pub(super) async fn requeue_job(step: &Step, why: &str) {
     if step.kind != crate::input::slurm::StepKind::Srun {
-        tracing::warn!("on_node_failure is requeue, but this is no Slurm job: nothing to requeue");
+        tracing::warn!("a requeue {why}, but this is no Slurm job: nothing to requeue");
         return;
     }
-    tracing::warn!(
-        "requeueing job {} (on_node_failure: requeue): {why}",
-        step.job_id
-    );
+    tracing::warn!("requeueing job {} {why}", step.job_id);
     let run = tokio::process::Command::new("scontrol")
         .args(["requeue", &step.job_id])
         .stdin(std::process::Stdio::null())
