@@ -269,6 +269,26 @@ pub struct RouteArgs {
     /// Retry-After).
     #[arg(long, default_value_t = 512 << 20)]
     pub max_buffered: usize,
+    /// How requests are spread over a model's replicas: `prefix` (to the replica that holds
+    /// the prompt's longest prefix, or the client's session, unless it is loaded past the
+    /// margin) or `least_outstanding` (fewest in flight).
+    #[arg(long, value_enum, default_value_t = crate::route::policy::Policy::Prefix)]
+    pub policy: crate::route::policy::Policy,
+    /// Another replica for a request whose replica failed before any byte of its answer
+    /// (refused, reset, no headers, its own 502/503), at most this often.
+    #[arg(long, default_value_t = 2)]
+    pub retries: usize,
+    /// What the prefix policy remembers, in bytes, at most.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub prefix_memory: usize,
+    /// How many more requests in flight than the least loaded replica the prefix's replica
+    /// may have and still get the request.
+    #[arg(long, default_value_t = 4)]
+    pub prefix_margin: usize,
+    /// The job's endpoint file: a replica serves only while the master calls it ready (the
+    /// `--replica` flags in the job's replica order).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -335,6 +355,11 @@ pub fn main() -> i32 {
                             body_timeout: r.body_timeout,
                             max_buffered: r.max_buffered,
                         },
+                        policy: r.policy,
+                        retries: r.retries,
+                        prefix_memory: r.prefix_memory,
+                        prefix_margin: r.prefix_margin,
+                        state_file: r.state_file,
                     })
                 })
         }

@@ -402,6 +402,10 @@ pub struct Health {
     /// While the engine has requests running or waiting (its `/metrics`), its generated-token
     /// counter must advance within this long; else it counts as stalled (an engine failure).
     pub stall_timeout: Dur,
+    /// Once `/health` answers, a one-token completion through the engine must come back
+    /// within this long before the replica counts as ready (a replica that answers `/health`
+    /// but hangs at its first request is a failed start).
+    pub first_token_timeout: Dur,
 }
 
 impl Default for Health {
@@ -412,6 +416,7 @@ impl Default for Health {
             heartbeat_interval: Dur(Duration::from_secs(1)),
             heartbeat_timeout: Dur(Duration::from_secs(4)),
             stall_timeout: Dur(Duration::from_secs(180)),
+            first_token_timeout: Dur(Duration::from_secs(120)),
         }
     }
 }
@@ -471,6 +476,17 @@ pub struct Router {
     pub max_body: Size,
     /// How long one request may take through the router, its streamed answer included.
     pub request_timeout: Dur,
+    /// `prefix` (the replica that holds the prompt's longest prefix, within a load margin)
+    /// or `least_outstanding`.
+    pub policy: crate::route::policy::Policy,
+    /// Another replica for a request that failed before the first byte of its answer, at
+    /// most this often.
+    pub retries: u32,
+    /// What the prefix policy remembers, at most (`4MiB`).
+    pub prefix_memory: Size,
+    /// How many more requests in flight than the least loaded replica a prefix's replica may
+    /// have and still get the request.
+    pub prefix_margin: u32,
 }
 
 impl Default for Router {
@@ -479,6 +495,10 @@ impl Default for Router {
             enabled: None,
             max_body: Size::Bytes(32 << 20),
             request_timeout: Dur(Duration::from_secs(1800)),
+            policy: crate::route::policy::Policy::Prefix,
+            retries: 2,
+            prefix_memory: Size::Bytes(4 << 20),
+            prefix_margin: 4,
         }
     }
 }
@@ -1177,6 +1197,7 @@ fn validate_timeouts(l: &Loaded) -> Result<()> {
         ("health.heartbeat_interval", c.health.heartbeat_interval),
         ("health.heartbeat_timeout", c.health.heartbeat_timeout),
         ("health.stall_timeout", c.health.stall_timeout),
+        ("health.first_token_timeout", c.health.first_token_timeout),
     ] {
         if durv.0.is_zero() {
             return Err(l.key_error(

@@ -139,6 +139,7 @@ pub struct Health {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub stall_timeout: Duration,
+    pub first_token_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -247,6 +248,7 @@ pub fn resolve(
             heartbeat_interval: c.health.heartbeat_interval.0,
             heartbeat_timeout: c.health.heartbeat_timeout.0,
             stall_timeout: c.health.stall_timeout.0,
+            first_token_timeout: c.health.first_token_timeout.0,
         },
         port_range: loaded.port_range,
         auth: c.security.auth != config::AuthSetting::Off,

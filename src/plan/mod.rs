@@ -1255,10 +1255,11 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
         for m in w.models {
             argv.push("--model".into());
             argv.push(format!("{}={}", m.name, m.served_model_name));
-            for e in w.endpoints.iter().filter(|e| e.model == m.name) {
-                argv.push("--replica".into());
-                argv.push(format!("{}={}", m.name, base(e)));
-            }
+        }
+        // in the job's replica order: the router's replica N is the endpoint file's
+        for e in w.endpoints {
+            argv.push("--replica".into());
+            argv.push(format!("{}={}", e.model, base(e)));
         }
         for a in w.attached {
             argv.push("--attach".into());
@@ -1297,6 +1298,20 @@ fn router_command(j: &Job<'_>, x: &Slot<'_>, r: &RouterPlan, w: &Whole<'_>) -> C
         max_body.to_string(),
         "--request-timeout".into(),
         humantime::format_duration(c.router.request_timeout.0).to_string(),
+        "--policy".into(),
+        c.router.policy.as_str().into(),
+        "--retries".into(),
+        c.router.retries.to_string(),
+        "--prefix-memory".into(),
+        match c.router.prefix_memory {
+            crate::input::config::Size::Bytes(b) => b,
+            crate::input::config::Size::Auto => 4 << 20,
+        }
+        .to_string(),
+        "--prefix-margin".into(),
+        c.router.prefix_margin.to_string(),
+        "--state-file".into(),
+        s.endpoint_file.clone(),
     ]);
     let mut cmd = x.command(j, Kind::Router, argv, BTreeMap::new(), Lifecycle::router());
     if s.auth {

@@ -1,8 +1,11 @@
-//! Forwarding a request to a replica of its model: the pick (fewest outstanding among the
-//! healthy), another replica when the connection is refused, never twice once sent, and the
-//! response streamed back.
+//! Forwarding a request to a replica of its model: the pick (the policy's), and another
+//! replica when the first failed before any byte of its answer reached the client (refused,
+//! reset, no headers, a 502/503 of its own, a body that broke before its first chunk), at
+//! most `--retries` times; after the first byte, a failure is told in the answer (an SSE
+//! error event, or a cut body). A non-streamed answer is read whole before it is passed on
+//! (up to [`WHOLE`] bytes), so its failure is still before the first byte.
 
-use super::{error, hop_by_hop, policy, InFlight, Shared};
+use super::{error, hop_by_hop, policy, prefix, InFlight, Shared};
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -12,6 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A non-streamed answer up to this size is read whole before the client sees a byte of it.
+const WHOLE: usize = 16 << 20;
+
 /// The headers an attached server (one outside the job) is sent: the body's type, what the
 /// client accepts, and OpenAI's own; `Authorization` is set by the router (that server's key).
 fn to_attached(name: &HeaderName) -> bool {
@@ -19,6 +25,15 @@ fn to_attached(name: &HeaderName) -> bool {
     matches!(n, "content-type" | "accept" | "user-agent" | "x-request-id")
         || n.starts_with("openai-")
         || n.starts_with("x-stainless-")
+}
+
+/// What one try at a replica came to.
+enum Try {
+    /// The client's answer (the replica's, or a failure that may not be retried).
+    Answer(Response),
+    /// Nothing reached the client: another replica may take the request. The reason (for
+    /// `/metrics`) and the answer to give if none is left.
+    Again(&'static str, Response),
 }
 
 /// Send the request (path and query `pq`, body `bytes`) to a replica of `group` (none: of
@@ -34,50 +49,77 @@ pub(super) async fn forward(
         Some(g) => st.groups[g].members.clone(),
         None => (0..st.replicas.len()).collect(),
     };
+    let keys = affinity_keys(&st, &parts, &bytes);
     let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<Response> = None;
     loop {
-        let i = match pick(&st, &members, &tried) {
-            Some(i) => i,
-            None => return none_left(&st, group, &tried),
+        let Some(i) = pick(&st, &members, &tried, keys.as_ref()) else {
+            return last.unwrap_or_else(|| none_left(&st, group, &tried));
         };
-        let r = &st.replicas[i];
-        r.outstanding.fetch_add(1, Ordering::Relaxed);
-        r.m_outstanding.inc();
-        r.m_requests.inc();
-        let flight = InFlight {
-            shared: st.clone(),
-            i,
-            t0: Instant::now(),
-        };
-        match upstream(&st, i, &parts, &pq, &bytes).send().await {
-            Ok(resp) => return stream_back(&st, i, resp, flight),
-            // nothing reached the replica: another one may take the request
-            Err(e) if e.is_connect() => {
-                st.metrics.error(&r.label.replica, "connect");
-                drop(flight);
-                let change = r.health.lock().ok().and_then(|mut h| {
-                    h.on_refused(format!("connection failed ({e})"), Instant::now())
-                });
-                st.note(i, change);
+        match attempt(&st, i, &parts, &pq, &bytes).await {
+            Try::Answer(r) => return r,
+            Try::Again(why, answer) => {
+                st.metrics.retry(&st.replicas[i].label.replica, why);
                 tried.push(i);
-            }
-            // it may have started the request: never sent twice
-            Err(e) => {
-                st.metrics.error(&r.label.replica, "upstream");
-                return upstream_failed(i, e);
+                if tried.len() > st.retries {
+                    return answer;
+                }
+                last = Some(answer);
             }
         }
     }
 }
 
-/// The healthy member with the fewest requests in flight, of those not tried yet.
-fn pick(st: &Shared, members: &[usize], tried: &[usize]) -> Option<usize> {
-    let start = st.turn.fetch_add(1, Ordering::Relaxed);
+/// The request's prefix and session keys, under the prefix policy.
+fn affinity_keys(st: &Shared, parts: &Parts, bytes: &[u8]) -> Option<prefix::Keys> {
+    if st.policy != policy::Policy::Prefix || parts.method != axum::http::Method::POST {
+        return None;
+    }
+    let (text, user) = prefix::prompt_of(bytes)?;
+    let header = parts
+        .headers
+        .get("x-session-id")
+        .map(HeaderValue::as_bytes);
+    let session = header.or(user.as_deref().map(str::as_bytes));
+    Some(st.keyer.keys(text, session))
+}
+
+/// The member for this try (not tried yet), by the router's policy; it is marked chosen.
+fn pick(
+    st: &Shared,
+    members: &[usize],
+    tried: &[usize],
+    keys: Option<&prefix::Keys>,
+) -> Option<usize> {
     let views: Vec<policy::View> = members.iter().map(|&i| st.view(i)).collect();
     let skip: Vec<usize> = (0..members.len())
         .filter(|k| tried.contains(&members[*k]))
         .collect();
-    policy::pick(&views, start, &skip).map(|k| members[k])
+    let local = |r: usize| members.iter().position(|&m| m == r);
+    let chosen = match keys {
+        None => policy::pick(&views, &skip).map(|k| (members[k], policy::By::Load)),
+        Some(keys) => {
+            let mut index = st.index.lock().unwrap_or_else(|p| p.into_inner());
+            let found = index.find(keys);
+            let session = found.session.and_then(local);
+            let prefixes: Vec<(usize, usize)> = found
+                .prefixes
+                .iter()
+                .filter_map(|&(r, d)| local(r).map(|k| (k, d)))
+                .collect();
+            let c = policy::pick_affine(&views, &skip, session, &prefixes, st.prefix_margin)
+                .map(|(k, by)| (members[k], by));
+            if let Some((i, _)) = c {
+                index.record(keys, i);
+            }
+            c
+        }
+    };
+    let (i, by) = chosen?;
+    st.metrics.routed(by);
+    let seq = st.seq.fetch_add(1, Ordering::Relaxed) + 1;
+    st.replicas[i].last_chosen.store(seq, Ordering::Relaxed);
+    Some(i)
 }
 
 /// The 503 when no replica (of the model) can take the request.
@@ -93,6 +135,142 @@ fn none_left(st: &Shared, group: Option<usize>, tried: &[usize]) -> Response {
         format!("no replica{of} accepted the connection (tried {tried:?})")
     };
     error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", &why)
+}
+
+/// One try at replica `i`: sent, and its answer up to the first byte the client would see.
+async fn attempt(
+    st: &Arc<Shared>,
+    i: usize,
+    parts: &Parts,
+    pq: &str,
+    bytes: &bytes::Bytes,
+) -> Try {
+    let r = &st.replicas[i];
+    r.outstanding.fetch_add(1, Ordering::Relaxed);
+    r.m_outstanding.inc();
+    r.m_requests.inc();
+    let flight = InFlight {
+        shared: st.clone(),
+        i,
+        t0: Instant::now(),
+    };
+    let resp = match upstream(st, i, parts, pq, bytes).send().await {
+        Ok(resp) => resp,
+        // nothing reached the replica
+        Err(e) if e.is_connect() => {
+            st.metrics.error(&r.label.replica, "connect");
+            let change = r
+                .health
+                .lock()
+                .ok()
+                .and_then(|mut h| h.on_refused(format!("connection failed ({e})"), Instant::now()));
+            st.note(i, change);
+            return Try::Again("connect", upstream_failed(i, e));
+        }
+        // the whole time it had: a second try would wait as long again
+        Err(e) if e.is_timeout() => {
+            st.metrics.error(&r.label.replica, "upstream");
+            return Try::Answer(upstream_failed(i, e));
+        }
+        // reset, or closed before its headers: the client has seen nothing
+        Err(e) => {
+            st.metrics.error(&r.label.replica, "upstream");
+            return Try::Again("upstream", upstream_failed(i, e));
+        }
+    };
+    let status = resp.status();
+    if status.is_server_error() {
+        st.metrics.error(&r.label.replica, "status");
+    }
+    let sse = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    let head = head_of(&resp, i);
+    let mut body = resp.bytes_stream();
+    // the answer's start: the first chunk of a stream, or the whole of a plain answer
+    let mut start = bytes::BytesMut::new();
+    loop {
+        if sse && !start.is_empty() || !sse && start.len() > WHOLE {
+            break;
+        }
+        match body.next().await {
+            Some(Ok(c)) => start.extend_from_slice(&c),
+            Some(Err(e)) => {
+                st.metrics.error(&r.label.replica, "upstream");
+                if e.is_timeout() {
+                    return Try::Answer(upstream_failed(i, e));
+                }
+                return Try::Again("upstream", upstream_failed(i, e));
+            }
+            None => {
+                // the engine's own shutdown (502/503): another replica may answer
+                if matches!(status.as_u16(), 502 | 503) {
+                    let answer = whole(head, start.freeze());
+                    return Try::Again("status", answer);
+                }
+                return Try::Answer(whole(head, start.freeze()));
+            }
+        }
+    }
+    let st2 = st.clone();
+    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(start.freeze())]);
+    let rest = body.map(move |chunk| {
+        let _keep = &flight;
+        chunk.map_err(|e| {
+            st2.metrics.error(&st2.replicas[i].label.replica, "upstream");
+            std::io::Error::other(format!("replica {i} failed mid-answer: {}", e.without_url()))
+        })
+    });
+    let stream = first.chain(rest);
+    let body = if sse {
+        // a failure after the first event: one SSE error event, then the end
+        Body::from_stream(stream.scan(false, move |failed, c| {
+            let out = match (*failed, c) {
+                (true, _) => None,
+                (false, Ok(b)) => Some(Ok::<_, std::io::Error>(b)),
+                (false, Err(e)) => {
+                    *failed = true;
+                    Some(Ok(sse_error(&e.to_string())))
+                }
+            };
+            std::future::ready(out)
+        }))
+    } else {
+        Body::from_stream(stream)
+    };
+    Try::Answer(
+        head.body(body)
+            .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())),
+    )
+}
+
+/// The answer's status and headers as the client gets them, naming the replica.
+fn head_of(resp: &reqwest::Response, i: usize) -> axum::http::response::Builder {
+    let mut out = Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        if !hop_by_hop(k) {
+            out = out.header(k, v);
+        }
+    }
+    out.header(
+        HeaderName::from_static("x-ray-launch-replica"),
+        HeaderValue::from(i),
+    )
+}
+
+fn whole(head: axum::http::response::Builder, b: bytes::Bytes) -> Response {
+    head.body(Body::from(b))
+        .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string()))
+}
+
+/// An error event in OpenAI's streaming shape (`data: {"error": ...}`).
+fn sse_error(message: &str) -> bytes::Bytes {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": "upstream_error", "param": null, "code": 502 }
+    });
+    bytes::Bytes::from(format!("data: {body}\n\n"))
 }
 
 /// The request as replica `i` gets it: a server outside the job gets only what an OpenAI
@@ -126,42 +304,16 @@ fn upstream(
     rb
 }
 
-/// Replica `i`'s answer, streamed through; the request's accounting ends with its body.
-fn stream_back(st: &Arc<Shared>, i: usize, resp: reqwest::Response, flight: InFlight) -> Response {
-    if resp.status().is_server_error() {
-        st.metrics.error(&st.replicas[i].label.replica, "status");
-    }
-    let mut out = Response::builder().status(resp.status());
-    for (k, v) in resp.headers() {
-        if !hop_by_hop(k) {
-            out = out.header(k, v);
-        }
-    }
-    let st2 = st.clone();
-    let stream = resp.bytes_stream().map(move |chunk| {
-        let _keep = &flight;
-        if chunk.is_err() {
-            st2.metrics
-                .error(&st2.replicas[i].label.replica, "upstream");
-        }
-        chunk
-    });
-    out.header(
-        HeaderName::from_static("x-ray-launch-replica"),
-        HeaderValue::from(i),
-    )
-    .body(Body::from_stream(stream))
-    .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string()))
-}
-
-/// A replica that took the request and then failed: 504 past the request timeout, else 502;
-/// the replica by number (its internal address is not the client's business).
+/// A replica that failed: 504 past the request timeout, else 502; the replica by number (its
+/// internal address is not the client's business).
 fn upstream_failed(i: usize, e: reqwest::Error) -> Response {
     let (status, what) = if e.is_timeout() {
         (
             StatusCode::GATEWAY_TIMEOUT,
             "did not answer in time (router.request_timeout)",
         )
+    } else if e.is_connect() {
+        (StatusCode::BAD_GATEWAY, "refused the connection")
     } else {
         (StatusCode::BAD_GATEWAY, "failed while handling the request")
     };

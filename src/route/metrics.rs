@@ -23,6 +23,17 @@ pub(super) struct ErrorLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct RetryLabel {
+    pub(super) replica: String,
+    pub(super) reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct RoutedLabel {
+    pub(super) by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RejectLabel {
     pub(super) reason: String,
 }
@@ -35,6 +46,9 @@ pub(super) struct Metrics {
     pub(super) healthy: Family<ReplicaLabel, Gauge>,
     pub(super) outstanding: Family<ReplicaLabel, Gauge>,
     rejected: Family<RejectLabel, Counter>,
+    retries: Family<RetryLabel, Counter>,
+    // why replicas were chosen (`policy::By` in order), looked up once
+    routed_by: [Counter; 3],
 }
 
 impl Metrics {
@@ -50,6 +64,23 @@ impl Metrics {
         let healthy = Family::<ReplicaLabel, Gauge>::default();
         let outstanding = Family::<ReplicaLabel, Gauge>::default();
         let rejected = Family::<RejectLabel, Counter>::default();
+        let retries = Family::<RetryLabel, Counter>::default();
+        let routed = Family::<RoutedLabel, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests sent to another replica because this one failed before the first byte of its answer: connect, upstream (reset, no headers, a broken body), status (its own 502/503)",
+            retries.clone(),
+        );
+        registry.register(
+            "routed",
+            "Why each replica was chosen: load (fewest in flight), prefix (it holds the prompt's longest prefix), session (the client's key)",
+            routed.clone(),
+        );
+        let routed_by = ["load", "prefix", "session"].map(|by| {
+            routed
+                .get_or_create(&RoutedLabel { by: by.into() })
+                .clone()
+        });
         registry.register(
             "requests",
             "Requests sent to each replica",
@@ -88,6 +119,8 @@ impl Metrics {
             healthy,
             outstanding,
             rejected,
+            retries,
+            routed_by,
         }
     }
 }
@@ -111,6 +144,21 @@ impl Metrics {
                 kind: kind.into(),
             })
             .inc();
+    }
+
+    /// A request that goes to another replica: `replica` failed it before its first byte.
+    pub(super) fn retry(&self, replica: &str, reason: &str) {
+        self.retries
+            .get_or_create(&RetryLabel {
+                replica: replica.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A replica chosen, and why.
+    pub(super) fn routed(&self, by: super::policy::By) {
+        self.routed_by[by as usize].inc();
     }
 
     /// `GET /metrics`.

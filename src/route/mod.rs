@@ -21,7 +21,9 @@ pub mod attach;
 mod forward;
 mod metrics;
 pub mod policy;
+pub mod prefix;
 mod resolve;
+mod state;
 pub mod server;
 
 use axum::body::Body;
@@ -34,7 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use resolve::Route;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +74,16 @@ pub struct Options {
     pub api_key: Option<String>,
     /// What one client may hold: connections, time, buffered bytes.
     pub limits: server::Limits,
+    pub policy: policy::Policy,
+    /// Another replica for a request that failed before its first byte, at most this often.
+    pub retries: usize,
+    /// What the prefix policy may remember, in bytes.
+    pub prefix_memory: usize,
+    /// How many more requests in flight than the least loaded a prefix's replica may have.
+    pub prefix_margin: usize,
+    /// The job's endpoint file: a replica serves only while the master says it is ready
+    /// (`--replica` in the job's replica order).
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// Each model's (name, served name), when requests go by name; empty for one model.
@@ -163,6 +175,11 @@ struct Replica {
     ids: Mutex<Vec<String>>,
     health: Mutex<policy::Health>,
     outstanding: AtomicUsize,
+    /// When the policy last chose it (`Shared::seq`).
+    last_chosen: AtomicU64,
+    /// Its engine's own `/v1/models` entry, fetched when it comes up (`GET /v1/models` is
+    /// answered from it).
+    card: Mutex<Option<serde_json::Value>>,
     // this replica's metrics, looked up once (the families hash their labels on each lookup)
     m_requests: Counter,
     m_latency: Histogram,
@@ -184,7 +201,13 @@ struct Shared {
     groups: Vec<Group>,
     /// Requests go by model name (several models, or attached endpoints).
     by_name: bool,
-    turn: AtomicUsize,
+    /// Picks so far (what `last_chosen` counts in).
+    seq: AtomicU64,
+    policy: policy::Policy,
+    retries: usize,
+    keyer: prefix::Keyer,
+    index: Mutex<prefix::Index>,
+    prefix_margin: usize,
     client: reqwest::Client,
     api_key: Option<String>,
     max_body: usize,
@@ -259,6 +282,7 @@ impl Shared {
         policy::View {
             healthy: r.health.lock().map(|h| h.healthy()).unwrap_or(false),
             outstanding: r.outstanding.load(Ordering::Relaxed),
+            last_chosen: r.last_chosen.load(Ordering::Relaxed),
         }
     }
 
@@ -300,14 +324,29 @@ impl Shared {
         let data: Vec<serde_json::Value> = groups
             .iter()
             .map(|&g| {
-                serde_json::json!({
-                    "id": self.target(g),
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": if self.groups[g].attached { "attached" } else { "ray-launch" },
-                    "name": self.groups[g].name,
-                })
+                let grp = &self.groups[g];
+                // the engine's own entry (max_model_len, root, ...) when one came up
+                let card = grp.members.iter().find_map(|&i| {
+                    self.replicas[i].card.lock().ok().and_then(|c| c.clone())
+                });
+                let mut v = card.unwrap_or_else(|| {
+                    serde_json::json!({
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": if grp.attached { "attached" } else { "ray-launch" },
+                    })
+                });
+                let id = match self.target(g) {
+                    t if t.is_empty() => v["id"].as_str().unwrap_or_default().to_string(),
+                    t => t,
+                };
+                v["id"] = id.into();
+                if self.by_name {
+                    v["name"] = grp.name.clone().into();
+                }
+                v
             })
+            .filter(|v| v["id"].as_str().is_some_and(|id| !id.is_empty()))
             .collect();
         Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
@@ -315,6 +354,12 @@ impl Shared {
                 serde_json::json!({ "object": "list", "data": data }).to_string(),
             ))
             .expect("a static response builds")
+    }
+
+    fn has_card(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| r.card.lock().is_ok_and(|c| c.is_some()))
     }
 
     fn note(&self, i: usize, change: Option<policy::Change>) {
@@ -329,6 +374,10 @@ impl Shared {
             }
             Some(policy::Change::Down(why)) => {
                 r.m_healthy.set(0);
+                // its engine's cache is gone with it (or will be, when it restarts)
+                if let Ok(mut ix) = self.index.lock() {
+                    ix.forget(i);
+                }
                 log(&format!("replica {i} ({}) left the router: {why}", r.base));
             }
             None => {}
@@ -501,6 +550,10 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
     let get = parts.method == axum::http::Method::GET;
     match resolve::resolve(&*st, st.by_name, &scope, get, &bytes) {
         Route::List(groups) => st.model_list(&groups),
+        // one model: the list from its engine's own entry, once a replica came up
+        Route::To { .. } if get && !st.by_name && scope.pq == "/v1/models" && st.has_card() => {
+            st.model_list(&[0])
+        }
         Route::Unknown(m) => st.unknown(&m),
         Route::Bad(why) => st.bad(&why),
         Route::To { group, rewrite } => {
@@ -519,6 +572,7 @@ async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) 
     let timeout = policy::poll_timeout(interval).max(timeout);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_card: Option<Instant> = None;
     loop {
         tick.tick().await;
         let res = if r.attached {
@@ -543,13 +597,43 @@ async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) 
                 Err(e) => Err(format!("/health failed: {e}")),
             }
         };
+        let answered = res.is_ok();
         let change = r
             .health
             .lock()
             .ok()
             .and_then(|mut h| h.on_poll(res, Instant::now()));
         st.note(i, change);
+        // its engine's own `/v1/models` entry, once it answers (every 10 s until it gives one)
+        let missing = !r.attached && r.card.lock().is_ok_and(|c| c.is_none());
+        if answered && missing && last_card.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            last_card = Some(Instant::now());
+            if let Some(card) = card(&st, i, timeout).await {
+                if let Ok(mut c) = r.card.lock() {
+                    *c = Some(card);
+                }
+            }
+        }
     }
+}
+
+/// Replica `i`'s own `/v1/models` entry for the model it serves (with the job's key).
+async fn card(st: &Shared, i: usize, timeout: Duration) -> Option<serde_json::Value> {
+    let r = &st.replicas[i];
+    let mut rb = st
+        .client
+        .get(format!("{}/v1/models", r.base))
+        .timeout(timeout);
+    if let Some(k) = &st.api_key {
+        rb = rb.bearer_auth(k);
+    }
+    let body = rb.send().await.ok()?.bytes().await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let served = &st.groups[r.group].served;
+    let data = v["data"].as_array()?;
+    data.iter()
+        .find(|m| served.is_empty() || m["id"].as_str() == Some(served))
+        .cloned()
 }
 
 /// The models (groups) and the replicas that serve them, from the options.
@@ -608,6 +692,8 @@ fn build(o: &Options, metrics: &Metrics) -> Result<(Vec<Group>, Vec<Replica>), S
             ids: Mutex::new(Vec::new()),
             health: Mutex::new(policy::Health::new(o.health_failures)),
             outstanding: AtomicUsize::new(0),
+            last_chosen: AtomicU64::new(0),
+            card: Mutex::new(None),
             m_requests: metrics.requests.get_or_create(&label).clone(),
             m_latency: metrics.latency.get_or_create(&label).clone(),
             m_outstanding: metrics.outstanding.get_or_create(&label).clone(),
@@ -642,7 +728,12 @@ pub async fn serve(o: Options) -> Result<(), String> {
         replicas,
         groups,
         by_name,
-        turn: AtomicUsize::new(0),
+        seq: AtomicU64::new(0),
+        policy: o.policy,
+        retries: o.retries,
+        keyer: prefix::Keyer::default(),
+        index: Mutex::new(prefix::Index::new(o.prefix_memory)),
+        prefix_margin: o.prefix_margin,
         client,
         api_key: o.api_key.clone(),
         max_body: o.max_body,
@@ -656,11 +747,16 @@ pub async fn serve(o: Options) -> Result<(), String> {
     for i in 0..shared.replicas.len() {
         tokio::spawn(poll(shared.clone(), i, o.health_interval, o.health_timeout));
     }
+    if let Some(f) = &o.state_file {
+        tokio::spawn(state::watch(shared.clone(), f.clone()));
+    }
     log(&format!(
-        "{LISTENING} http://{} over {} replica(s): {}",
+        "{LISTENING} http://{} over {} replica(s): {} (policy {}, {} retries)",
         o.listen,
         shown.len(),
-        shown.join(" ")
+        shown.join(" "),
+        o.policy.as_str(),
+        o.retries
     ));
     let app = axum::Router::new()
         .fallback(handle)

@@ -287,12 +287,19 @@ impl Shell {
                 let h = &self.settings.health;
                 let plan = self.plan.as_ref().expect("started only once planned");
                 let engine = plan.model_of_rank(self.me).engine;
+                let first_token = (kind == Kind::Engine).then(|| watch::FirstToken {
+                    base: url.trim_end_matches("/health").to_string(),
+                    model: plan.model_of_rank(self.me).served_model_name.clone(),
+                    key: self.secrets.api_key.clone(),
+                    timeout: h.first_token_timeout,
+                });
                 let probe = Probe {
                     url: url.clone(),
                     every: h.interval,
                     failures: h.failures,
                     timeout: crate::plan::lifecycle::probe_timeout(engine),
                     stall: h.stall_timeout,
+                    first_token,
                 };
                 if let Some(l) = log {
                     let phases = watch::watch_phases(l, from, kind, self.reports(slot));

@@ -75,7 +75,7 @@ pub enum Event {
         slot: usize,
     },
     /// While starting, its log says it entered this phase (`loading weights`, ...).
-    Phase(Kind, usize, &'static str),
+    Phase(Kind, usize, String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

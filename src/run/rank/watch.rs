@@ -97,7 +97,7 @@ pub(super) async fn watch_phases(path: PathBuf, from: u64, kind: Kind, tx: Repor
                     last.is_none_or(|l| crate::run::phases::rank(p) > crate::run::phases::rank(l));
                 if later {
                     last = Some(p);
-                    if tx.send(Event::Phase(kind, tx.slot, p)).is_err() {
+                    if tx.send(Event::Phase(kind, tx.slot, p.to_string())).is_err() {
                         return;
                     }
                     if p == "starting the server" {
@@ -179,6 +179,76 @@ pub(super) struct Probe {
     pub(super) timeout: Duration,
     /// `health.stall_timeout`: busy without a new token this long is a stall.
     pub(super) stall: Duration,
+    /// The engine's first token, asked for once `/health` answers (the engine only).
+    pub(super) first_token: Option<FirstToken>,
+}
+
+/// A one-token request through the engine, the last step of its start.
+pub(super) struct FirstToken {
+    /// The engine's base URL, without `/v1`.
+    pub(super) base: String,
+    /// The name it serves its model under.
+    pub(super) model: String,
+    pub(super) key: Option<String>,
+    /// `health.first_token_timeout`.
+    pub(super) timeout: Duration,
+}
+
+/// One token from the engine, within `f.timeout`: a completion (`max_tokens: 1`), or for a
+/// model that does not complete (an embedding model answers 4xx), an embedding. Tried again
+/// each second until then: the last failure is the answer.
+pub(super) async fn first_token(f: &FirstToken) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let post = |path: &str, body: serde_json::Value, left: Duration| {
+        let mut rb = client
+            .post(format!("{}{path}", f.base))
+            .timeout(left)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(k) = &f.key {
+            rb = rb.bearer_auth(k);
+        }
+        rb.send()
+    };
+    let mut last = String::from("no answer");
+    while let Some(left) = f.timeout.checked_sub(t0.elapsed()).filter(|d| !d.is_zero()) {
+        let body = serde_json::json!({"model": f.model, "prompt": "Hello", "max_tokens": 1, "temperature": 0});
+        match post("/v1/completions", body, left).await {
+            Ok(r) if r.status().is_success() => {
+                let b = r.bytes().await.unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                    return Ok(());
+                }
+                last = format!("a completion with no choices: {v}");
+            }
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status().as_u16();
+                let body = serde_json::json!({"model": f.model, "input": "Hello"});
+                match post("/v1/embeddings", body, left).await {
+                    Ok(e) if e.status().is_success() => return Ok(()),
+                    Ok(e) => {
+                        last = format!(
+                            "/v1/completions answered {status}, /v1/embeddings {}",
+                            e.status().as_u16()
+                        );
+                    }
+                    Err(e) => last = format!("/v1/embeddings: {e}"),
+                }
+            }
+            Ok(r) => last = format!("/v1/completions answered {}", r.status().as_u16()),
+            Err(e) if e.is_timeout() => {
+                last = format!("no answer to a one-token completion within {}", humantime::format_duration(f.timeout));
+            }
+            Err(e) => last = format!("/v1/completions: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(last)
 }
 
 /// Readiness, then liveness, of the engine's HTTP server: `/health`, and progress from its
@@ -204,6 +274,21 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
         if let Err(e) = ports::held_by_session(port, session) {
             return tx.failed(kind, e.exit_code(), e.msg);
         }
+    }
+    // ready means it generates: /health alone has marked engines ready that hang at the
+    // first request
+    if let Some(f) = &p.first_token {
+        let _ = tx.send(Event::Phase(kind, tx.slot, "asking for a first token".into()));
+        let t0 = std::time::Instant::now();
+        if let Err(why) = first_token(f).await {
+            return tx.failed(
+                kind,
+                exit::ENGINE_FAILURE,
+                format!("the engine answers /health but gave no first token: {why} (health.first_token_timeout)"),
+            );
+        }
+        let ms = t0.elapsed().as_millis();
+        let _ = tx.send(Event::Phase(kind, tx.slot, format!("first token in {ms} ms")));
     }
     let _ = tx.send(Event::Up(kind, tx.slot));
     let why = alive(&client, &p).await;
