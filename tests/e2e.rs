@@ -722,15 +722,9 @@ fn replicas_behind_the_router_fail_alone_and_come_back() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (during, failed) = load.join().unwrap();
-    // only a request replica 1 was handling when it was killed may fail, and the router says so
+    // a request replica 1 was handling when it was killed got no byte: the router sent it on
     assert!(during.get(&200).copied().unwrap_or(0) > 20, "{during:?}");
-    assert!(failed.len() <= 1, "{failed:?}");
-    for f in &failed {
-        assert!(
-            f.starts_with("502 ") && f.contains("replica 1 failed while handling the request"),
-            "{f}"
-        );
-    }
+    assert!(failed.is_empty(), "no failed request: {failed:?}");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
         seen.insert(routed(&completions, key, Some(body)).1.unwrap());
@@ -1018,7 +1012,8 @@ fn ask_at(base: &str, key: &str) -> u16 {
     .0
 }
 
-/// A hung engine (stand-in: from its third completion on, requests hang and no token is
+/// A hung engine (stand-in: from its fourth completion on — the first is the readiness
+/// check's first token — requests hang and no token is
 /// generated while /health answers 200) is a stall once busy for `health.stall_timeout`
 /// without a token: its replica fails with a reason that says so and is restarted, while
 /// the other replicas serve.
@@ -1027,7 +1022,7 @@ fn ask_at(base: &str, key: &str) -> u16 {
 fn a_hung_engine_that_still_answers_health_is_caught_by_its_token_counter() {
     let bed = Bed::new();
     let cfg = bed.config(
-        "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_REPLICA: '{replica}', STANDIN_STALL_REPLICA: '1', STANDIN_STALL_AFTER: '2'}\nhealth: {interval: 1s, stall_timeout: 3s}",
+        "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_REPLICA: '{replica}', STANDIN_STALL_REPLICA: '1', STANDIN_STALL_AFTER: '3'}\nhealth: {interval: 1s, stall_timeout: 3s}",
         "",
     );
     let (mut child, ep) = serve(&bed, &cfg);

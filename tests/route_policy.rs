@@ -78,7 +78,9 @@ fn reply(s: &mut TcpStream, status: &str, ctype: &str, body: &str) {
 fn prompt_of(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     match v["messages"].as_array() {
-        Some(m) => m.last().map(|x| x["content"].as_str().unwrap_or("").to_string()),
+        Some(m) => m
+            .last()
+            .map(|x| x["content"].as_str().unwrap_or("").to_string()),
         None => v["prompt"].as_str().map(str::to_string),
     }
     .unwrap_or_default()
@@ -140,7 +142,9 @@ fn backend(id: usize) -> Backend {
                     Mode::Ok => {
                         prompts.lock().unwrap().push(prompt_of(&body));
                         if stream {
-                            let ev = format!("data: {{\"backend\":{id},\"text\":\"a\"}}\n\ndata: [DONE]\n\n");
+                            let ev = format!(
+                                "data: {{\"backend\":{id},\"text\":\"a\"}}\n\ndata: [DONE]\n\n"
+                            );
                             let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{ev}\r\n0\r\n\r\n", ev.len());
                         } else {
                             reply(
@@ -201,7 +205,12 @@ fn router(backends: &[&Backend], extra: &[&str]) -> Router {
 }
 
 /// (status, body, the replica that answered).
-fn post(r: &Router, path: &str, body: &serde_json::Value, headers: &[&str]) -> (u16, String, Option<usize>) {
+fn post(
+    r: &Router,
+    path: &str,
+    body: &serde_json::Value,
+    headers: &[&str],
+) -> (u16, String, Option<usize>) {
     let mut c = Command::new("curl");
     c.args(["-s", "-m", "10", "-D", "-", "-X", "POST"])
         .args(["-H", "content-type: application/json"]);
@@ -228,7 +237,10 @@ fn post(r: &Router, path: &str, body: &serde_json::Value, headers: &[&str]) -> (
 }
 
 fn get(url: &str) -> String {
-    let out = Command::new("curl").args(["-s", "-m", "5", url]).output().unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", url])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -255,11 +267,15 @@ fn a_request_whose_replica_fails_before_the_first_byte_goes_to_another() {
     for (mode, reason) in [(Mode::Close, "upstream"), (Mode::Unavailable, "status")] {
         a.set(mode);
         for n in 0..8 {
-            let (status, body, replica) = post(&r, "/v1/completions", &completion(&format!("q{n}")), &[]);
+            let (status, body, replica) =
+                post(&r, "/v1/completions", &completion(&format!("q{n}")), &[]);
             assert_eq!((status, replica), (200, Some(1)), "{mode:?}: {body}");
         }
         let m = metrics(&r);
-        let retried = metric(&m, &format!("ray_launch_router_retries_total{{replica=\"0\",reason=\"{reason}\"}}"));
+        let retried = metric(
+            &m,
+            &format!("ray_launch_router_retries_total{{replica=\"0\",reason=\"{reason}\"}}"),
+        );
         assert!(retried >= 3.0, "{mode:?}: retries counted: {m}");
     }
     // streamed: a stream cut before its first event is retried too
@@ -269,7 +285,10 @@ fn a_request_whose_replica_fails_before_the_first_byte_goes_to_another() {
         req["stream"] = true.into();
         let (status, body, replica) = post(&r, "/v1/completions", &req, &[]);
         assert_eq!((status, replica), (200, Some(1)), "{body}");
-        assert!(body.contains("\"backend\":1") && body.contains("[DONE]"), "{body}");
+        assert!(
+            body.contains("\"backend\":1") && body.contains("[DONE]"),
+            "{body}"
+        );
     }
     // both fail: after the retries, the last answer, naming the replica, not its address
     b.set(Mode::Close);
@@ -295,7 +314,10 @@ fn a_stream_cut_after_its_first_event_ends_with_an_error_event() {
     assert!(body.contains("\"text\":\"first\""), "{body}");
     let last = body.trim().lines().last().unwrap_or("");
     assert!(last.starts_with("data: {\"error\""), "{body}");
-    assert!(last.contains(&format!("replica {i} failed mid-answer")), "{body}");
+    assert!(
+        last.contains(&format!("replica {i} failed mid-answer")),
+        "{body}"
+    );
     assert!(!body.contains("127.0.0.1"), "{body}");
     assert_eq!(metric(&metrics(&r), "ray_launch_router_retries_total"), 0.0);
 }
@@ -309,7 +331,8 @@ fn the_router_lists_the_models_itself_and_ties_do_not_pin_a_kind_of_request() {
     // a client that lists the models before each completion, one at a time
     let mut by = Vec::new();
     for n in 0..12 {
-        let list: serde_json::Value = serde_json::from_str(&get(&format!("{}/v1/models", r.1))).unwrap();
+        let list: serde_json::Value =
+            serde_json::from_str(&get(&format!("{}/v1/models", r.1))).unwrap();
         assert_eq!(list["data"][0]["id"], "tiny", "{list}");
         // the engine's own entry: its max_model_len too
         assert_eq!(list["data"][0]["max_model_len"], 512, "{list}");
@@ -320,7 +343,11 @@ fn the_router_lists_the_models_itself_and_ties_do_not_pin_a_kind_of_request() {
     let after: Vec<usize> = bs.iter().map(|b| b.lists.load(Ordering::SeqCst)).collect();
     assert_eq!(before, after, "no list reached an engine");
     for i in 0..3 {
-        assert_eq!(by.iter().filter(|&&x| x == i).count(), 4, "even turns: {by:?}");
+        assert_eq!(
+            by.iter().filter(|&&x| x == i).count(),
+            4,
+            "even turns: {by:?}"
+        );
     }
 }
 
@@ -331,17 +358,21 @@ fn workload() -> Vec<serde_json::Value> {
     for p in 0..6 {
         let system = format!("You are assistant number {p}. ").repeat(12);
         for q in 0..4 {
-            reqs.push(serde_json::json!({"model": "tiny", "max_tokens": 1, "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": format!("p{p} question {q}")},
-            ]}));
+            reqs.push(
+                serde_json::json!({"model": "tiny", "max_tokens": 1, "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": format!("p{p} question {q}")},
+                ]}),
+            );
         }
     }
     // a fixed shuffle
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     let mut x = 12345u64;
     for i in (1..order.len()).rev() {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         order.swap(i, (x >> 33) as usize % (i + 1));
     }
     order.into_iter().map(|i| reqs[i].clone()).collect()
@@ -373,10 +404,20 @@ fn the_prefix_policy_keeps_a_prefix_on_one_replica_and_least_outstanding_spreads
             assert_eq!(s, vec![1; 6], "{policy}: each prefix on one replica");
             // and the prefixes themselves spread over the replicas
             assert!(bs.iter().all(|b| !b.prompts().is_empty()), "{s:?}");
-            assert_eq!(metric(&m, "ray_launch_router_routed_total{by=\"prefix\"}"), 18.0, "{m}");
+            assert_eq!(
+                metric(&m, "ray_launch_router_routed_total{by=\"prefix\"}"),
+                18.0,
+                "{m}"
+            );
         } else {
-            assert!(s.iter().sum::<usize>() >= 12, "{policy}: prefixes spread: {s:?}");
-            assert_eq!(metric(&m, "ray_launch_router_routed_total{by=\"prefix\"}"), 0.0);
+            assert!(
+                s.iter().sum::<usize>() >= 12,
+                "{policy}: prefixes spread: {s:?}"
+            );
+            assert_eq!(
+                metric(&m, "ray_launch_router_routed_total{by=\"prefix\"}"),
+                0.0
+            );
         }
     }
 }
@@ -402,13 +443,18 @@ fn a_session_key_keeps_a_client_on_its_replica_until_it_is_loaded() {
     for n in 0..4 {
         let mut req = completion(&format!("short {n}"));
         req["user"] = "alice".into();
-        seen.entry("alice".into()).or_default().push(post(&r, "/v1/completions", &req, &[]).2.unwrap());
+        seen.entry("alice".into())
+            .or_default()
+            .push(post(&r, "/v1/completions", &req, &[]).2.unwrap());
     }
     for (s, reps) in &seen {
         assert!(reps.iter().all(|x| *x == reps[0]), "{s}: {reps:?}");
     }
     let m = metrics(&r);
-    assert!(metric(&m, "ray_launch_router_routed_total{by=\"session\"}") >= 12.0, "{m}");
+    assert!(
+        metric(&m, "ray_launch_router_routed_total{by=\"session\"}") >= 12.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -425,11 +471,25 @@ fn a_replica_the_master_does_not_call_ready_gets_no_request() {
         std::fs::write(&tmp, v.to_string()).unwrap();
         std::fs::rename(&tmp, &state).unwrap();
     };
-    write("restarting", "engine stalled: 2 request(s) running or waiting");
-    let r = router(&[&a, &b], &["--policy", "least_outstanding", "--state-file", state.to_str().unwrap()]);
+    write(
+        "restarting",
+        "engine stalled: 2 request(s) running or waiting",
+    );
+    let r = router(
+        &[&a, &b],
+        &[
+            "--policy",
+            "least_outstanding",
+            "--state-file",
+            state.to_str().unwrap(),
+        ],
+    );
     // /health answers on both: the master's word keeps replica 1 out
     for n in 0..6 {
-        assert_eq!(post(&r, "/v1/completions", &completion(&format!("q{n}")), &[]).2, Some(0));
+        assert_eq!(
+            post(&r, "/v1/completions", &completion(&format!("q{n}")), &[]).2,
+            Some(0)
+        );
     }
     assert!(metrics(&r).contains("replica_healthy{replica=\"1\"} 0"));
     // the master says ready: it serves within a poll or two
@@ -447,6 +507,9 @@ fn a_replica_the_master_does_not_call_ready_gets_no_request() {
     write("restarting", "engine stalled");
     std::thread::sleep(Duration::from_millis(800));
     for n in 0..6 {
-        assert_eq!(post(&r, "/v1/completions", &completion(&format!("z{n}")), &[]).2, Some(0));
+        assert_eq!(
+            post(&r, "/v1/completions", &completion(&format!("z{n}")), &[]).2,
+            Some(0)
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Forwarding a request to a replica of its model: the pick (the policy's), and another
 //! replica when the first failed before any byte of its answer reached the client (refused,
 //! reset, no headers, a 502/503 of its own, a body that broke before its first chunk), at
-//! most `--retries` times; after the first byte, a failure is told in the answer (an SSE
-//! error event, or a cut body). A non-streamed answer is read whole before it is passed on
-//! (up to [`WHOLE`] bytes), so its failure is still before the first byte.
+//! most `--retries` times; a refused connection reached nobody and does not count (every
+//! replica may be tried; all refused: 503). After the first byte, a failure is told in the
+//! answer (an SSE error event, or a cut body). A non-streamed answer is read whole before it
+//! is passed on (up to [`WHOLE`] bytes), so its failure is still before the first byte.
 
 use super::{error, hop_by_hop, policy, prefix, InFlight, Shared};
 use axum::body::Body;
@@ -51,7 +52,8 @@ pub(super) async fn forward(
     };
     let keys = affinity_keys(&st, &parts, &bytes);
     let mut tried: Vec<usize> = Vec::new();
-    let mut last: Option<Response> = None;
+    // the answer of the last try that reached a replica, and how many did
+    let (mut last, mut reached): (Option<Response>, usize) = (None, 0);
     loop {
         let Some(i) = pick(&st, &members, &tried, keys.as_ref()) else {
             return last.unwrap_or_else(|| none_left(&st, group, &tried));
@@ -61,10 +63,14 @@ pub(super) async fn forward(
             Try::Again(why, answer) => {
                 st.metrics.retry(&st.replicas[i].label.replica, why);
                 tried.push(i);
-                if tried.len() > st.retries {
-                    return answer;
+                // a refused connection reached nobody: it does not count against the retries
+                if why != "connect" {
+                    reached += 1;
+                    if reached > st.retries {
+                        return answer;
+                    }
+                    last = Some(answer);
                 }
-                last = Some(answer);
             }
         }
     }
@@ -76,10 +82,7 @@ fn affinity_keys(st: &Shared, parts: &Parts, bytes: &[u8]) -> Option<prefix::Key
         return None;
     }
     let (text, user) = prefix::prompt_of(bytes)?;
-    let header = parts
-        .headers
-        .get("x-session-id")
-        .map(HeaderValue::as_bytes);
+    let header = parts.headers.get("x-session-id").map(HeaderValue::as_bytes);
     let session = header.or(user.as_deref().map(str::as_bytes));
     Some(st.keyer.keys(text, session))
 }
@@ -138,13 +141,7 @@ fn none_left(st: &Shared, group: Option<usize>, tried: &[usize]) -> Response {
 }
 
 /// One try at replica `i`: sent, and its answer up to the first byte the client would see.
-async fn attempt(
-    st: &Arc<Shared>,
-    i: usize,
-    parts: &Parts,
-    pq: &str,
-    bytes: &bytes::Bytes,
-) -> Try {
+async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &bytes::Bytes) -> Try {
     let r = &st.replicas[i];
     r.outstanding.fetch_add(1, Ordering::Relaxed);
     r.m_outstanding.inc();
@@ -159,11 +156,10 @@ async fn attempt(
         // nothing reached the replica
         Err(e) if e.is_connect() => {
             st.metrics.error(&r.label.replica, "connect");
-            let change = r
-                .health
-                .lock()
-                .ok()
-                .and_then(|mut h| h.on_refused(format!("connection failed ({e})"), Instant::now()));
+            let change =
+                r.health.lock().ok().and_then(|mut h| {
+                    h.on_refused(format!("connection failed ({e})"), Instant::now())
+                });
             st.note(i, change);
             return Try::Again("connect", upstream_failed(i, e));
         }
@@ -219,8 +215,12 @@ async fn attempt(
     let rest = body.map(move |chunk| {
         let _keep = &flight;
         chunk.map_err(|e| {
-            st2.metrics.error(&st2.replicas[i].label.replica, "upstream");
-            std::io::Error::other(format!("replica {i} failed mid-answer: {}", e.without_url()))
+            st2.metrics
+                .error(&st2.replicas[i].label.replica, "upstream");
+            std::io::Error::other(format!(
+                "replica {i} failed mid-answer: {}",
+                e.without_url()
+            ))
         })
     });
     let stream = first.chain(rest);

@@ -76,11 +76,8 @@ impl Metrics {
             "Why each replica was chosen: load (fewest in flight), prefix (it holds the prompt's longest prefix), session (the client's key)",
             routed.clone(),
         );
-        let routed_by = ["load", "prefix", "session"].map(|by| {
-            routed
-                .get_or_create(&RoutedLabel { by: by.into() })
-                .clone()
-        });
+        let routed_by = ["load", "prefix", "session"]
+            .map(|by| routed.get_or_create(&RoutedLabel { by: by.into() }).clone());
         registry.register(
             "requests",
             "Requests sent to each replica",

@@ -23,8 +23,8 @@ mod metrics;
 pub mod policy;
 pub mod prefix;
 mod resolve;
-mod state;
 pub mod server;
+mod state;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -326,9 +326,10 @@ impl Shared {
             .map(|&g| {
                 let grp = &self.groups[g];
                 // the engine's own entry (max_model_len, root, ...) when one came up
-                let card = grp.members.iter().find_map(|&i| {
-                    self.replicas[i].card.lock().ok().and_then(|c| c.clone())
-                });
+                let card = grp
+                    .members
+                    .iter()
+                    .find_map(|&i| self.replicas[i].card.lock().ok().and_then(|c| c.clone()));
                 let mut v = card.unwrap_or_else(|| {
                     serde_json::json!({
                         "object": "model",

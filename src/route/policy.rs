@@ -16,7 +16,15 @@ pub struct View {
 
 /// How requests are spread over a model's replicas (`router.policy`).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
@@ -147,11 +155,7 @@ impl Health {
             return None;
         }
         self.since = Some(now);
-        Some(if after {
-            Change::Up
-        } else {
-            Change::Down(why)
-        })
+        Some(if after { Change::Up } else { Change::Down(why) })
     }
 
     fn set(&mut self, healthy: bool, why: String, now: Instant) -> Option<Change> {

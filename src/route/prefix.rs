@@ -143,7 +143,7 @@ impl Index {
                 None => prefixes.push((r, depth + 1)),
             }
         }
-        prefixes.sort_by(|a, b| b.1.cmp(&a.1));
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.1));
         Found { session, prefixes }
     }
 
@@ -207,8 +207,10 @@ mod tests {
         for t in turns {
             messages.push(serde_json::json!({"role": "user", "content": t}));
         }
-        serde_json::to_vec(&serde_json::json!({"model": "m", "max_tokens": 4, "messages": messages}))
-            .unwrap()
+        serde_json::to_vec(
+            &serde_json::json!({"model": "m", "max_tokens": 4, "messages": messages}),
+        )
+        .unwrap()
     }
 
     fn keys(k: &Keyer, body: &[u8]) -> Keys {
@@ -225,7 +227,10 @@ mod tests {
         assert_eq!(ix.find(&a), Found::default());
         ix.record(&a, 2);
         // another question after the same system prompt: the blocks before the question match
-        let b = keys(&kr, &chat(&system, &["a different one, longer than the first"]));
+        let b = keys(
+            &kr,
+            &chat(&system, &["a different one, longer than the first"]),
+        );
         let f = ix.find(&b);
         assert_eq!(f.prefixes.len(), 1);
         assert_eq!(f.prefixes[0].0, 2);
@@ -252,7 +257,12 @@ mod tests {
         let f = ix.find(&long_k);
         assert_eq!(f.prefixes, vec![(0, 5), (1, 2)]);
         // a partial last block is not a key
-        assert_eq!(kr.keys(&long.as_bytes()[..BLOCK * 2 + 5], None).prefixes.len(), 2);
+        assert_eq!(
+            kr.keys(&long.as_bytes()[..BLOCK * 2 + 5], None)
+                .prefixes
+                .len(),
+            2
+        );
         assert_eq!(kr.keys(b"short", None).prefixes, Vec::<u64>::new());
     }
 

@@ -17,7 +17,11 @@ pub(super) fn holds(f: &EndpointFile) -> Vec<(usize, Option<String>)> {
         .iter()
         .map(|r| {
             let held = (r.state != ReplicaState::Ready).then(|| {
-                let why = r.reason.as_deref().map(|w| format!(": {w}")).unwrap_or_default();
+                let why = r
+                    .reason
+                    .as_deref()
+                    .map(|w| format!(": {w}"))
+                    .unwrap_or_default();
                 format!("the job's master says it is {}{why}", r.state.as_str())
             });
             (r.replica, held)
@@ -68,7 +72,11 @@ mod tests {
         let f = EndpointFile {
             replicas: vec![
                 r(0, ReplicaState::Ready, None),
-                r(1, ReplicaState::Restarting, Some("engine stalled: 2 request(s)")),
+                r(
+                    1,
+                    ReplicaState::Restarting,
+                    Some("engine stalled: 2 request(s)"),
+                ),
                 r(2, ReplicaState::Starting, None),
             ],
             ..Default::default()
@@ -79,7 +87,10 @@ mod tests {
                 (0, None),
                 (
                     1,
-                    Some("the job's master says it is restarting: engine stalled: 2 request(s)".into())
+                    Some(
+                        "the job's master says it is restarting: engine stalled: 2 request(s)"
+                            .into()
+                    )
                 ),
                 (2, Some("the job's master says it is starting".into())),
             ]

@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 pub const NODES: usize = 3;
 pub const BED_PROCS: &[&str] = &["unshare", "tini", "slurmd", "slurmstepd"];
 
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

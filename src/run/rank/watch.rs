@@ -242,7 +242,10 @@ pub(super) async fn first_token(f: &FirstToken) -> Result<(), String> {
             }
             Ok(r) => last = format!("/v1/completions answered {}", r.status().as_u16()),
             Err(e) if e.is_timeout() => {
-                last = format!("no answer to a one-token completion within {}", humantime::format_duration(f.timeout));
+                last = format!(
+                    "no answer to a one-token completion within {}",
+                    humantime::format_duration(f.timeout)
+                );
             }
             Err(e) => last = format!("/v1/completions: {e}"),
         }
@@ -278,7 +281,11 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
     // ready means it generates: /health alone has marked engines ready that hang at the
     // first request
     if let Some(f) = &p.first_token {
-        let _ = tx.send(Event::Phase(kind, tx.slot, "asking for a first token".into()));
+        let _ = tx.send(Event::Phase(
+            kind,
+            tx.slot,
+            "asking for a first token".into(),
+        ));
         let t0 = std::time::Instant::now();
         if let Err(why) = first_token(f).await {
             return tx.failed(
@@ -288,7 +295,11 @@ pub(super) async fn health(kind: Kind, p: Probe, session: i32, tx: Reports) {
             );
         }
         let ms = t0.elapsed().as_millis();
-        let _ = tx.send(Event::Phase(kind, tx.slot, format!("first token in {ms} ms")));
+        let _ = tx.send(Event::Phase(
+            kind,
+            tx.slot,
+            format!("first token in {ms} ms"),
+        ));
     }
     let _ = tx.send(Event::Up(kind, tx.slot));
     let why = alive(&client, &p).await;
