@@ -1,6 +1,7 @@
-//! What the prefix policy remembers: per model, which replica last got each prompt prefix
+//! What the prefix policy remembers: which replica last got each prompt prefix
 //! (and each client-given session key), in a memory bound fixed at start. Pure: no I/O, no
-//! clock; the router holds one [`Index`] per model behind a lock.
+//! clock; the router holds one [`Index`] for all its models behind a lock (a lookup keeps
+//! only the replicas of the request's model).
 //!
 //! A prompt is its body's `messages` (chat) or `prompt` (completions) as the client's JSON
 //! spells it: requests that share leading messages share a leading run of that text, with no
