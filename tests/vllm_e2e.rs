@@ -178,8 +178,13 @@ fn real_vllm_serves_across_two_nodes_and_scancel_leaves_nothing() {
         seen.first().is_some_and(|p| p == "loading weights"),
         "{seen:?}\n{ev}"
     );
+    // then the readiness check: a real completion of one token before the job is ready
+    let n = seen.len();
     assert!(
-        seen.last().is_some_and(|p| p == "starting the server"),
+        n >= 3
+            && seen[n - 3] == "starting the server"
+            && seen[n - 2] == "asking for a first token"
+            && seen[n - 1].starts_with("first token in "),
         "{seen:?}\n{ev}"
     );
     let jid = job_id("rl-vllm");
