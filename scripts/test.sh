@@ -37,7 +37,7 @@ failed=0
 tally=()
 for round in $(seq 1 "$REPEAT"); do
     t=$(date +%s)
-    if cargo test --no-fail-fast --test e2e --test security_e2e --test vllm_e2e -- --ignored --test-threads=1 2>&1; then
+    if cargo test --no-fail-fast --test e2e --test security_e2e --test service_e2e --test vllm_e2e -- --ignored --test-threads=1 2>&1; then
         r=ok
     else
         r=FAILED; failed=$((failed + 1))

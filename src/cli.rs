@@ -74,6 +74,9 @@ pub enum Cmd {
     Wait(WaitArgs),
     /// Where a job is: its state, URL, models and replicas, from its endpoint file.
     Status(StatusArgs),
+    /// A service (a chain of jobs under one name): `stop`.
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Serve one OpenAI endpoint over several replicas (what the master runs when the job has
     /// more than one; the API key comes from RAY_LAUNCH_ROUTER_API_KEY).
     Route(RouteArgs),
@@ -289,15 +292,44 @@ pub struct RouteArgs {
     /// `--replica` flags in the job's replica order).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// Serve a service's chain of jobs (`service: {name: NAME}` in their config) at one URL:
+    /// each job joins while the service file says it serves and drains at its handover; the
+    /// service's key is needed. No `--replica`.
+    #[arg(long, conflicts_with_all = ["replicas", "models", "attach", "state_file"])]
+    pub service: Option<String>,
+    /// The service's directory (default `~/.ray-launch/services/NAME`).
+    #[arg(long, requires = "service")]
+    pub service_dir: Option<String>,
+    /// With `--service`: how many jobs may serve through it at once (a handover needs two).
+    #[arg(long, default_value_t = 4, requires = "service")]
+    pub slots: usize,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The endpoint file (the config's `endpoint_file`, or RAY_LAUNCH_ENDPOINT).
-    #[arg(env = ev::RAY_LAUNCH_ENDPOINT)]
-    pub endpoint_file: PathBuf,
+    #[arg(env = ev::RAY_LAUNCH_ENDPOINT, required_unless_present = "service")]
+    pub endpoint_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// A service's chain instead: each job, its state, URL and time left.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// The service's directory (default `~/.ray-launch/services/NAME`).
+    #[arg(long, requires = "service")]
+    pub service_dir: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// End a service's chain: no successor is submitted (a queued one is cancelled), the
+    /// serving job drains and exits 0.
+    Stop {
+        name: String,
+        /// The service's directory (default `~/.ray-launch/services/NAME`).
+        #[arg(long)]
+        dir: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -331,37 +363,9 @@ pub fn main() -> i32 {
         Some(Cmd::Hostlist(h)) => cmd_hostlist(h),
         Some(Cmd::Wait(w)) => cmd_wait(w),
         Some(Cmd::Status(a)) => cmd_status(a),
-        Some(Cmd::Route(r)) => {
-            crate::route::backends(&r.models, &r.replicas, &r.attach, &r.attach_keys)
-                .map_err(|e| {
-                    Error::usage(format!("route: {e}")).hint("see `ray-launch route --help`")
-                })
-                .map(|(models, backends)| {
-                    // the connection cap follows the descriptor limit
-                    raise_nofile();
-                    crate::route::main(crate::route::Options {
-                        listen: r.listen,
-                        backends,
-                        models,
-                        health_interval: r.health_interval,
-                        health_timeout: r.health_timeout,
-                        health_failures: r.health_failures,
-                        max_body: r.max_body,
-                        request_timeout: r.request_timeout,
-                        api_key: None,
-                        limits: crate::route::server::Limits {
-                            max_connections: r.max_connections,
-                            header_timeout: r.header_timeout,
-                            body_timeout: r.body_timeout,
-                            max_buffered: r.max_buffered,
-                        },
-                        policy: r.policy,
-                        retries: r.retries,
-                        prefix_memory: r.prefix_memory,
-                        prefix_margin: r.prefix_margin,
-                        state_file: r.state_file,
-                    })
-                })
+        Some(Cmd::Route(r)) => cmd_route(r),
+        Some(Cmd::Service(ServiceCmd::Stop { name, dir })) => {
+            cmd_service_stop(&name, dir.as_deref())
         }
         Some(Cmd::Completions { shell }) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -379,6 +383,66 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// `ray-launch route`.
+fn cmd_route(r: RouteArgs) -> Result<i32> {
+    let service = route_service(&r)?;
+    let slots: Vec<String> = match &service {
+        Some(_) => (0..r.slots.max(1)).map(|_| String::new()).collect(),
+        None => r.replicas.clone(),
+    };
+    crate::route::backends(&r.models, &slots, &r.attach, &r.attach_keys)
+        .map_err(|e| Error::usage(format!("route: {e}")).hint("see `ray-launch route --help`"))
+        .map(|(models, backends)| {
+            // the connection cap follows the descriptor limit
+            raise_nofile();
+            crate::route::main(crate::route::Options {
+                listen: r.listen,
+                backends,
+                models,
+                health_interval: r.health_interval,
+                health_timeout: r.health_timeout,
+                health_failures: r.health_failures,
+                max_body: r.max_body,
+                request_timeout: r.request_timeout,
+                api_key: service.as_ref().map(|(_, k)| k.clone()),
+                limits: crate::route::server::Limits {
+                    max_connections: r.max_connections,
+                    header_timeout: r.header_timeout,
+                    body_timeout: r.body_timeout,
+                    max_buffered: r.max_buffered,
+                },
+                policy: r.policy,
+                retries: r.retries,
+                prefix_memory: r.prefix_memory,
+                prefix_margin: r.prefix_margin,
+                state_file: r.state_file,
+                // a service's slots name each job they take in turn
+                job: std::env::var(ev::SLURM_JOB_ID)
+                    .ok()
+                    .filter(|j| !j.is_empty() && service.is_none()),
+                service: service.map(|(d, _)| d),
+            })
+        })
+}
+
+/// `route --service NAME`: the service's directory and key (refused like a job refuses them).
+fn route_service(r: &RouteArgs) -> Result<Option<(PathBuf, String)>> {
+    let Some(name) = &r.service else {
+        return Ok(None);
+    };
+    let svc = crate::service::Service::open(name, r.service_dir.as_deref())
+        .and_then(|s| {
+            let key = crate::auth::read_key_file(&s.key_path())
+                .map_err(|e| format!("the service key: {e}"))?;
+            Ok((s.dir, key))
+        })
+        .map_err(|e| {
+            Error::usage(format!("route --service {name}: {e}"))
+                .hint("start the service's first job (its key is made then), or give its directory with --service-dir")
+        })?;
+    Ok(Some(svc))
 }
 
 /// The man page: the top command's page, then each visible subcommand's as a section.
@@ -660,10 +724,95 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
     Ok(exit::SUCCESS)
 }
 
+fn open_service(name: &str, dir: Option<&str>) -> Result<crate::service::Service> {
+    crate::service::Service::open(name, dir).map_err(|e| {
+        Error::usage(format!("service `{name}`: {e}"))
+            .hint("give the name in the jobs' `service: {name: NAME}` (and --service-dir when it sets `service.dir`)")
+    })
+}
+
+/// `ray-launch service stop NAME`.
+fn cmd_service_stop(name: &str, dir: Option<&str>) -> Result<i32> {
+    use crate::service::JobState;
+    let svc = open_service(name, dir)?;
+    let sf = svc
+        .update(|sf| {
+            sf.stopped = true;
+            sf.clone()
+        })
+        .map_err(Error::usage)?;
+    for j in sf.jobs.iter().filter(|j| j.state == JobState::Queued) {
+        let ok = std::process::Command::new("scancel")
+            .arg(&j.job)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        println!(
+            "queued job {}: {}",
+            j.job,
+            if ok { "cancelled" } else { "scancel failed" }
+        );
+    }
+    for j in sf.serving() {
+        println!("job {} drains and exits 0", j.job);
+    }
+    println!("service `{name}` stopped: no successor will be submitted");
+    Ok(exit::SUCCESS)
+}
+
+/// `ray-launch status --service NAME`: the chain.
+fn service_status(name: &str, dir: Option<&str>, format: Format) -> Result<i32> {
+    let svc = open_service(name, dir)?;
+    let sf = svc.read().map_err(Error::usage)?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&sf).expect("the service file serializes")
+        ),
+        Format::Text => {
+            let now = crate::service::now();
+            println!(
+                "service {}{}",
+                sf.name,
+                if sf.stopped { " (stopped)" } else { "" }
+            );
+            for j in &sf.jobs {
+                let left = j
+                    .end
+                    .map(|e| format!(", {}s left", e.saturating_sub(now)))
+                    .unwrap_or_default();
+                println!(
+                    "  job {}: {}{left}{}{}{}",
+                    j.job,
+                    j.state.as_str(),
+                    j.url
+                        .as_deref()
+                        .map(|u| format!(", {u}"))
+                        .unwrap_or_default(),
+                    j.successor
+                        .as_deref()
+                        .filter(|s| !s.is_empty())
+                        .map(|s| format!(", successor {s}"))
+                        .unwrap_or_default(),
+                    j.reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
 fn cmd_status(a: StatusArgs) -> Result<i32> {
     use crate::endpoint::EndpointFile;
-    let shown = a.endpoint_file.display().to_string();
-    let f = EndpointFile::read(&a.endpoint_file)
+    if let Some(name) = &a.service {
+        return service_status(name, a.service_dir.as_deref(), a.format);
+    }
+    let path = a.endpoint_file.clone().unwrap_or_default();
+    let shown = path.display().to_string();
+    let f = EndpointFile::read(&path)
         .map_err(|e| Error::usage(e).hint("give the endpoint file of a job (its `endpoint_file`, by default ray-launch-JOBID/endpoint.json)"))?
         .ok_or_else(|| {
             Error::usage(format!("{shown} does not exist (yet)"))

@@ -50,3 +50,4 @@ pub mod plan;
 pub mod private;
 pub mod route;
 pub mod run;
+pub mod service;

@@ -344,6 +344,25 @@ pub struct Batch {
     pub request_timeout: Dur,
 }
 
+/// `service:`: this job is one of a chain that serves under one name, one key and one URL
+/// (src/service/): it submits its successor before its time limit and hands over to it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// The service's directory (default `~/.ray-launch/services/NAME`): on a file system every
+    /// node and the login node share.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// How long before the job's end its successor is submitted (and the handover begins).
+    #[serde(default = "default_handover_before")]
+    pub handover_before: Dur,
+}
+
+fn default_handover_before() -> Dur {
+    Dur(Duration::from_secs(30 * 60))
+}
+
 fn default_max_attempts() -> u32 {
     3
 }
@@ -698,6 +717,9 @@ pub struct Config {
     /// A batch to run through the endpoint (instead of serving until stopped).
     #[serde(default)]
     pub batch: Option<Batch>,
+    /// A chain of jobs serving one model for days (instead of one job).
+    #[serde(default)]
+    pub service: Option<Service>,
     #[serde(default)]
     pub on_node_failure: OnNodeFailure,
     /// Per-node process logs. Placeholders `{job}`; relative paths are from the working directory.
@@ -999,7 +1021,58 @@ fn validate(l: &Loaded) -> Result<(u16, u16)> {
     validate_timeouts(l)?;
     validate_ray(l)?;
     validate_batch(l)?;
+    validate_service(l)?;
     Ok(range)
+}
+
+/// The `service:` section.
+fn validate_service(l: &Loaded) -> Result<()> {
+    let c = &l.config;
+    let Some(svc) = &c.service else {
+        return Ok(());
+    };
+    crate::service::check_name(&svc.name)
+        .map_err(|why| l.key_error("service.name", why, "e.g. `service: {name: llama-70b}`"))?;
+    if svc
+        .dir
+        .as_deref()
+        .is_some_and(|d| d.trim().is_empty() || d.contains('\0'))
+    {
+        return Err(l.key_error(
+            "service.dir",
+            "is not a path",
+            "give a directory on the shared home, or leave it out (~/.ray-launch/services/NAME)",
+        ));
+    }
+    if svc.handover_before.0.is_zero() {
+        return Err(l.key_error(
+            "service.handover_before",
+            "must be longer than zero",
+            "give the successor time to queue and start, e.g. `30m`",
+        ));
+    }
+    if c.server.api_key_file.is_some() {
+        return Err(l.key_error(
+            "server.api_key_file",
+            "is set with `service`: every job of a service uses the service's own key",
+            "remove `server.api_key_file` (the key is the service directory's `key`)",
+        ));
+    }
+    if c.security.auth == AuthSetting::Off {
+        return Err(l.key_error(
+            "service",
+            "needs `security.auth` on: the service key guards the chain's URL",
+            "remove `security.auth: off`",
+        ));
+    }
+    if c.batch.is_some() {
+        return Err(l.key_error(
+            "service",
+            "and `batch` are both set: a batch ends when its input is done, a service serves on",
+            "remove one of the two",
+        ));
+    }
+    Ok(())
 }
 
 /// The `batch:` section.

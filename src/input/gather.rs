@@ -100,6 +100,15 @@ pub fn security(s: &Settings, step: &Step, munge_works: &dyn Fn() -> bool) -> Re
             }
         }
     };
+    // a service's key: made by the first launcher of the chain, then the same for every job
+    if let Some(svc) = &s.service {
+        crate::service::Service::open(&svc.name, Some(&svc.dir))
+            .and_then(|sv| sv.ensure_key())
+            .map_err(|e| {
+                Error::usage(format!("service `{}`: {e}", svc.name))
+                    .hint("the service directory must be yours and 0700 (`chmod 700 DIR`), its key 0600; or give another `service.dir`")
+            })?;
+    }
     let user_api_key = match &c.server.api_key_file {
         None => None,
         Some(f) => {
@@ -240,7 +249,11 @@ pub fn gather(req: Request<'_>) -> Result<Gathered> {
         }
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let settings = settings::resolve(&loaded, &req.overrides, &step, req.client, &cwd);
+    let mut overrides = req.overrides.clone();
+    if overrides.home.is_none() {
+        overrides.home = std::env::var("HOME").ok().filter(|h| !h.is_empty());
+    }
+    let settings = settings::resolve(&loaded, &overrides, &step, req.client, &cwd);
     let wanted: Vec<usize> = match req.resolve {
         Resolve::All => (0..step.nodes.len()).collect(),
         Resolve::Needed => {

@@ -41,6 +41,8 @@ pub struct Settings {
     pub policy: Policy,
     /// A batch job (`--batch`, `batch:`): what its batch runs with. Its command is the client.
     pub batch: Option<BatchJob>,
+    /// A job of a service (`service:`).
+    pub service: Option<ServiceJob>,
 }
 
 /// A batch job's settings (the config's `batch:` with the command line's `--batch`/`--output`).
@@ -150,6 +152,40 @@ pub struct Overrides {
     pub log_dir: Option<String>,
     /// `run --batch IN --output OUT`.
     pub batch: Option<(String, String)>,
+    /// `$HOME` (where a service's directory is by default).
+    pub home: Option<String>,
+}
+
+/// A job of a service (`service:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceJob {
+    pub name: String,
+    /// The service's directory (absolute).
+    pub dir: String,
+    pub handover_before: Duration,
+}
+
+/// The job of service `svc`: its directory, and the config as a service job runs it (the
+/// service's key, and the router in front whatever the replica count: one place for the
+/// job's header and its count of requests in flight).
+fn service_job(
+    svc: &config::Service,
+    c: &mut Config,
+    home: Option<&str>,
+    cwd: &Path,
+) -> ServiceJob {
+    let dir = match (&svc.dir, home) {
+        (Some(d), _) => absolute(d, cwd),
+        (None, Some(h)) => format!("{h}/.ray-launch/services/{}", svc.name),
+        (None, None) => absolute(&format!(".ray-launch/services/{}", svc.name), cwd),
+    };
+    c.server.api_key_file = Some(format!("{dir}/key"));
+    c.router.enabled = Some(true);
+    ServiceJob {
+        name: svc.name.clone(),
+        dir,
+        handover_before: svc.handover_before.0,
+    }
 }
 
 fn absolute(p: &str, cwd: &Path) -> String {
@@ -185,7 +221,12 @@ pub fn resolve(
     client: Vec<String>,
     cwd: &Path,
 ) -> Settings {
-    let c = &loaded.config;
+    let mut cfg = loaded.config.clone();
+    let service = cfg
+        .service
+        .clone()
+        .map(|svc| service_job(&svc, &mut cfg, ov.home.as_deref(), cwd));
+    let c = &cfg;
     let (gpus_per_node, gpus_from) = match (ov.gpus_per_node, c.gpus_per_node) {
         (Some(n), _) => (n, None),
         (None, Auto::Value(n)) => (n, None),
@@ -262,6 +303,7 @@ pub fn resolve(
         step_suffix,
         policy: policy(c),
         batch: None,
+        service,
     };
     s.batch = batch_job(c, ov, &s, &fill, cwd);
     if let (Some(b), true) = (&s.batch, s.client.is_empty()) {

@@ -183,7 +183,7 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
-    let head = head_of(&resp, i);
+    let head = head_of(&resp, i, st.replicas[i].job());
     let mut body = resp.bytes_stream();
     // the answer's start: the first chunk of a stream, or the whole of a plain answer
     let mut start = bytes::BytesMut::new();
@@ -246,19 +246,36 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
     )
 }
 
-/// The answer's status and headers as the client gets them, naming the replica.
-fn head_of(resp: &reqwest::Response, i: usize) -> axum::http::response::Builder {
+/// The answer's status and headers as the client gets them, naming the replica and the job
+/// (a job's router behind a service's router named them already: its names are kept).
+fn head_of(
+    resp: &reqwest::Response,
+    i: usize,
+    job: Option<String>,
+) -> axum::http::response::Builder {
     let mut out = Response::builder().status(resp.status());
     for (k, v) in resp.headers() {
         if !hop_by_hop(k) {
             out = out.header(k, v);
         }
     }
-    out.header(
-        HeaderName::from_static("x-ray-launch-replica"),
-        HeaderValue::from(i),
-    )
+    let has = |h: &str| resp.headers().contains_key(h);
+    if !has(REPLICA_HEADER) {
+        out = out.header(
+            HeaderName::from_static(REPLICA_HEADER),
+            HeaderValue::from(i),
+        );
+    }
+    if let Some(job) = job.filter(|_| !has(JOB_HEADER)) {
+        if let Ok(v) = HeaderValue::from_str(&job) {
+            out = out.header(HeaderName::from_static(JOB_HEADER), v);
+        }
+    }
+    out
 }
+
+const REPLICA_HEADER: &str = "x-ray-launch-replica";
+const JOB_HEADER: &str = "x-ray-launch-job";
 
 fn whole(head: axum::http::response::Builder, b: bytes::Bytes) -> Response {
     head.body(Body::from(b))
@@ -286,7 +303,7 @@ fn upstream(
     let r = &st.replicas[i];
     let mut rb = st
         .client
-        .request(parts.method.clone(), format!("{}{pq}", r.base))
+        .request(parts.method.clone(), format!("{}{pq}", r.base()))
         .body(bytes.clone());
     for (k, v) in parts.headers.iter() {
         let pass = if r.attached {

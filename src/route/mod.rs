@@ -24,6 +24,7 @@ pub mod policy;
 pub mod prefix;
 mod resolve;
 pub mod server;
+mod service;
 mod state;
 
 use axum::body::Body;
@@ -84,6 +85,11 @@ pub struct Options {
     /// The job's endpoint file: a replica serves only while the master says it is ready
     /// (`--replica` in the job's replica order).
     pub state_file: Option<std::path::PathBuf>,
+    /// The Slurm job the replicas belong to (`x-ray-launch-job` on every answer).
+    pub job: Option<String>,
+    /// A service's directory: the backends are slots, each taking a job of the chain while
+    /// the service file says it serves.
+    pub service: Option<std::path::PathBuf>,
 }
 
 /// Each model's (name, served name), when requests go by name; empty for one model.
@@ -165,7 +171,10 @@ pub fn backends(
 }
 
 struct Replica {
-    base: String,
+    /// Its base URL (a service router's slot takes each job's in turn; empty: a free slot).
+    base: std::sync::RwLock<String>,
+    /// The Slurm job it belongs to (`x-ray-launch-job`), when known.
+    job: std::sync::RwLock<Option<String>>,
     label: ReplicaLabel,
     /// Which of `Shared::groups` it serves.
     group: usize,
@@ -239,6 +248,16 @@ impl resolve::Catalog for Shared {
     }
     fn attached(&self, g: usize) -> bool {
         self.groups[g].attached
+    }
+}
+
+impl Replica {
+    fn base(&self) -> String {
+        self.base.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    fn job(&self) -> Option<String> {
+        self.job.read().ok().and_then(|j| j.clone())
     }
 }
 
@@ -370,7 +389,7 @@ impl Shared {
                 r.m_healthy.set(1);
                 log(&format!(
                     "replica {i} ({}) is healthy: sending requests to it",
-                    r.base
+                    r.base()
                 ));
             }
             Some(policy::Change::Down(why)) => {
@@ -379,7 +398,10 @@ impl Shared {
                 if let Ok(mut ix) = self.index.lock() {
                     ix.forget(i);
                 }
-                log(&format!("replica {i} ({}) left the router: {why}", r.base));
+                log(&format!(
+                    "replica {i} ({}) left the router: {why}",
+                    r.base()
+                ));
             }
             None => {}
         }
@@ -569,16 +591,21 @@ async fn handle(State(st): State<Arc<Shared>>, req: Request) -> Response {
 
 async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) {
     let r = &st.replicas[i];
-    let url = format!("{}/health", r.base);
     let timeout = policy::poll_timeout(interval).max(timeout);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_card: Option<Instant> = None;
     loop {
         tick.tick().await;
+        let base = r.base();
+        if base.is_empty() {
+            // a service router's free slot
+            continue;
+        }
+        let url = format!("{base}/health");
         let res = if r.attached {
             // an attached server: the check it passed before the job started
-            match attach::probe(&st.client, &r.base, r.key.as_deref(), timeout).await {
+            match attach::probe(&st.client, &base, r.key.as_deref(), timeout).await {
                 Ok(ids) => {
                     if let Ok(mut v) = r.ids.lock() {
                         *v = ids;
@@ -623,7 +650,7 @@ async fn card(st: &Shared, i: usize, timeout: Duration) -> Option<serde_json::Va
     let r = &st.replicas[i];
     let mut rb = st
         .client
-        .get(format!("{}/v1/models", r.base))
+        .get(format!("{}/v1/models", r.base()))
         .timeout(timeout);
     if let Some(k) = &st.api_key {
         rb = rb.bearer_auth(k);
@@ -686,7 +713,8 @@ fn build(o: &Options, metrics: &Metrics) -> Result<(Vec<Group>, Vec<Replica>), S
         let m_healthy = metrics.healthy.get_or_create(&label).clone();
         m_healthy.set(0);
         replicas.push(Replica {
-            base: b.base.trim_end_matches('/').to_string(),
+            base: std::sync::RwLock::new(b.base.trim_end_matches('/').to_string()),
+            job: std::sync::RwLock::new(o.job.clone()),
             group: g,
             attached: b.attached,
             key,
@@ -720,9 +748,10 @@ pub async fn serve(o: Options) -> Result<(), String> {
     let shown: Vec<String> = replicas
         .iter()
         .map(|r| match (by_name, r.attached) {
-            (false, _) => r.base.clone(),
-            (true, false) => format!("{}={}", groups[r.group].name, r.base),
-            (true, true) => format!("{}={} (attached)", groups[r.group].name, r.base),
+            (false, _) if o.service.is_some() => format!("slot {}", r.label.replica),
+            (false, _) => r.base(),
+            (true, false) => format!("{}={}", groups[r.group].name, r.base()),
+            (true, true) => format!("{}={} (attached)", groups[r.group].name, r.base()),
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -750,6 +779,10 @@ pub async fn serve(o: Options) -> Result<(), String> {
     }
     if let Some(f) = &o.state_file {
         tokio::spawn(state::watch(shared.clone(), f.clone()));
+    }
+    if let Some(dir) = &o.service {
+        service::hold_all(&shared);
+        tokio::spawn(service::follow(shared.clone(), dir.clone()));
     }
     log(&format!(
         "{LISTENING} http://{} over {} replica(s): {} (policy {}, {} retries)",

@@ -30,6 +30,8 @@ pub(super) enum Inbound {
     Attached(Result<Vec<(String, Vec<String>)>, RunError>),
     /// The batch input's check: its request count, or the first bad line.
     BatchChecked(Result<u64, String>),
+    /// A service job handed over (or the service was stopped): end the job with exit 0.
+    Handover(String),
 }
 
 /// Bind the channel's port (before anything else starts, so a clash fails fast).

@@ -22,6 +22,7 @@ mod outputs;
 mod rendezvous;
 mod replicas;
 mod serve;
+mod service;
 mod startup;
 #[cfg(test)]
 mod tests;

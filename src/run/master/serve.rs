@@ -53,6 +53,15 @@ pub async fn serve(
     );
     out.endpoint(None, Status::Starting, None, None);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Inbound>();
+    let service = settings.service.as_ref().map(|svc| {
+        super::service::start(
+            svc,
+            step.job_id.clone(),
+            settings.endpoint_file.clone(),
+            settings.timeouts.shutdown_grace,
+            in_tx.clone(),
+        )
+    });
     let acceptor = tokio::spawn(gate::accept_loop(listener, ctx, in_tx.clone()));
     let mut m = Master {
         coord: Coord::new(settings.clone(), step, channel_port, out.t0),
@@ -63,6 +72,7 @@ pub async fn serve(
         in_tx,
         acceptor: Some(acceptor),
         requeue: None,
+        service,
     };
     m.run(&mut in_rx).await;
     m.finish(&mut in_rx).await;
@@ -80,6 +90,8 @@ struct Master {
     in_tx: mpsc::UnboundedSender<Inbound>,
     acceptor: Option<JoinHandle<()>>,
     requeue: Option<String>,
+    /// A service job: what its service task is told of the job.
+    service: Option<tokio::sync::watch::Sender<super::service::JobView>>,
 }
 
 impl Master {
@@ -164,6 +176,7 @@ impl Master {
             Inbound::Msg(rank, msg) => self.coord.on_message(rank, msg, now),
             Inbound::Attached(res) => self.coord.on_attach_checked(res, now),
             Inbound::BatchChecked(res) => self.coord.on_batch_checked(res, now),
+            Inbound::Handover(why) => self.coord.stop(crate::exit::SUCCESS, why, None),
             Inbound::Closed(rank) => {
                 self.writers.remove(&rank);
                 self.coord.on_closed(rank, now)
@@ -182,9 +195,18 @@ impl Master {
                     status,
                     reason,
                     code,
-                } => self
-                    .out
-                    .endpoint(self.coord.plan(), status, reason.as_deref(), code),
+                } => {
+                    self.out
+                        .endpoint(self.coord.plan(), status, reason.as_deref(), code);
+                    if let Some(w) = &self.service {
+                        let url = self.coord.plan().map(|p| p.url().to_string());
+                        w.send_replace(super::service::JobView {
+                            status,
+                            reason: reason.clone(),
+                            url,
+                        });
+                    }
+                }
                 Action::Replicas(v, dropped) => {
                     self.out.replicas = v;
                     self.out.dropped = dropped;
@@ -260,6 +282,10 @@ impl Master {
         }
         // the batch has exited: its last word goes into the endpoint file and the event log
         self.out.batch_poll(self.coord.plan(), true);
+        if let Some(svc) = &self.settings.service {
+            let (status, reason, _) = &self.out.status;
+            super::service::finish(svc, &self.out.step.job_id, *status, reason.as_deref());
+        }
         self.out.close();
         if let Some(why) = &self.requeue {
             outputs::requeue_job(&self.out.step, why).await;
