@@ -298,8 +298,15 @@ impl Shared {
 
     fn view(&self, i: usize) -> policy::View {
         let r = &self.replicas[i];
+        let (healthy, held) = r
+            .health
+            .lock()
+            .map(|h| (h.healthy(), h.held()))
+            .unwrap_or((false, true));
         policy::View {
-            healthy: r.health.lock().map(|h| h.healthy()).unwrap_or(false),
+            healthy,
+            // a service router's free slot has nowhere to go
+            held: held || r.base.read().map_or(true, |b| b.is_empty()),
             outstanding: r.outstanding.load(Ordering::Relaxed),
             last_chosen: r.last_chosen.load(Ordering::Relaxed),
         }

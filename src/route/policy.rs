@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct View {
     pub healthy: bool,
+    /// Out of the rotation by the master's (or the service's) word, or no replica there yet:
+    /// never tried, not even when nothing is healthy.
+    pub held: bool,
     /// Requests sent to it that have not finished (their response still streams).
     pub outstanding: usize,
     /// When it was last chosen (a sequence number; 0: never): ties go to the one chosen
@@ -66,12 +69,13 @@ impl By {
 
 /// The replica for the next request: the healthy one with the fewest outstanding requests,
 /// ties going to the one chosen longest ago. `tried` are skipped (replicas this request
-/// failed on). When no replica is healthy, the least loaded untried one is still tried:
-/// health is polled, and a replica that just came back should not wait for the next poll.
+/// failed on). When no replica is healthy, the least loaded untried one that is not held is
+/// still tried: health is polled, and a replica that just came back should not wait for the
+/// next poll.
 pub fn pick(views: &[View], tried: &[usize]) -> Option<usize> {
     let best = |healthy_only: bool| {
         (0..views.len())
-            .filter(|i| !tried.contains(i))
+            .filter(|i| !tried.contains(i) && !views[*i].held)
             .filter(|&i| !healthy_only || views[i].healthy)
             .min_by_key(|&i| (views[i].outstanding, views[i].last_chosen))
     };
@@ -145,6 +149,10 @@ impl Health {
         self.healthy && !self.held
     }
 
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
     /// `healthy` and `held` as given; what changed for the rotation.
     fn change(&mut self, healthy: bool, held: bool, why: String, now: Instant) -> Option<Change> {
         let before = self.healthy();
@@ -205,6 +213,7 @@ mod tests {
     fn v(healthy: bool, outstanding: usize) -> View {
         View {
             healthy,
+            held: false,
             outstanding,
             last_chosen: 0,
         }
@@ -222,6 +231,13 @@ mod tests {
         assert_eq!(pick(&views, &[0, 1, 3]), Some(2));
         assert_eq!(pick(&views, &[0, 1, 2, 3]), None);
         assert_eq!(pick(&[], &[]), None);
+        // a held replica (the master's word, or a service router's free slot) never
+        let held = View {
+            held: true,
+            ..v(false, 0)
+        };
+        assert_eq!(pick(&[held, v(false, 5)], &[]), Some(1));
+        assert_eq!(pick(&[held], &[]), None);
     }
 
     #[test]
