@@ -28,6 +28,9 @@
 //!   [`env_vars`] (variable names), [`error`] (`error:` / `caused by:` / `hint:`).
 //! - [`route`]: the router (`ray-launch route`), one OpenAI endpoint over the replicas; a
 //!   child of the master's launcher, planned and supervised like the engine.
+//! - [`service`]: a chain of jobs under one name, key and URL (its directory, and the pure
+//!   [`service::handover`]); the master's [`run::master`] carries it out, `route --service`
+//!   follows it.
 //! - [`cli`]: clap and the subcommands; [`logging`]: `[rank node]`-prefixed lines.
 //!
 //! Imports go one way: `run` → `plan` → `input` (and `plan` → `route::attach`, the spec the
