@@ -441,8 +441,8 @@ fn main() {
 
     // ---- 2. prefix hits over several engines
     let replicas = env("REPLICAS", 3) as usize;
-    let prefixes = env("PREFIXES", 24) as usize;
-    let asks = env("ASKS", 12) as usize;
+    let prefixes = env("PREFIXES", 64) as usize;
+    let asks = env("ASKS", 16) as usize;
     let prefix_bytes = env("PREFIX_BYTES", 2048) as usize;
     let caches: Vec<Arc<Cache>> = (0..replicas).map(|_| Arc::default()).collect();
     let engines: Vec<u16> = caches

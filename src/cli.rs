@@ -432,7 +432,7 @@ fn route_service(r: &RouteArgs) -> Result<Option<(PathBuf, String)>> {
     let Some(name) = &r.service else {
         return Ok(None);
     };
-    let svc = crate::service::Service::open(name, r.service_dir.as_deref())
+    let svc = crate::service::Service::find(name, r.service_dir.as_deref())
         .and_then(|s| {
             let key = crate::auth::read_key_file(&s.key_path())
                 .map_err(|e| format!("the service key: {e}"))?;
@@ -725,7 +725,7 @@ fn cmd_hostlist(h: HostlistCmd) -> Result<i32> {
 }
 
 fn open_service(name: &str, dir: Option<&str>) -> Result<crate::service::Service> {
-    crate::service::Service::open(name, dir).map_err(|e| {
+    crate::service::Service::find(name, dir).map_err(|e| {
         Error::usage(format!("service `{name}`: {e}"))
             .hint("give the name in the jobs' `service: {name: NAME}` (and --service-dir when it sets `service.dir`)")
     })

@@ -155,6 +155,33 @@ impl Service {
         })
     }
 
+    /// A service that exists (for `route --service`, `status --service`, `service stop`):
+    /// nothing is created, and a directory someone else could reach is refused.
+    pub fn find(name: &str, dir: Option<&str>) -> Result<Service, String> {
+        use std::os::unix::fs::MetadataExt as _;
+        check_name(name)?;
+        let dir = dir_of(name, dir)?;
+        let md = std::fs::symlink_metadata(&dir).map_err(|e| {
+            format!(
+                "no service directory at {} ({e}): its first job makes it",
+                dir.display()
+            )
+        })?;
+        let me = nix::unistd::getuid().as_raw();
+        if !md.is_dir() || md.uid() != me || md.mode() & 0o077 != 0 {
+            return Err(format!(
+                "{} is not a directory of yours that only you can reach (mode {:o}, uid {})",
+                dir.display(),
+                md.mode() & 0o7777,
+                md.uid()
+            ));
+        }
+        Ok(Service {
+            name: name.to_string(),
+            dir,
+        })
+    }
+
     pub fn key_path(&self) -> PathBuf {
         self.dir.join("key")
     }
