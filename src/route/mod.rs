@@ -3,11 +3,13 @@
 //! fault here is a process that dies, seen and reported like any other, and the supervisor
 //! stays small.
 //!
-//! Each request goes to the healthy replica with the fewest outstanding requests
-//! ([`policy::pick`]). The request body is read first (at most `--max-body`), so a request
-//! whose connection was refused can be sent to another replica; once a replica accepted the
-//! connection the request is never sent again. Responses stream through as they come
-//! (SSE included). `/health` and `/metrics` (Prometheus) are the router's own; everything
+//! Each request goes to a healthy replica by the policy ([`policy`]): the one holding the
+//! prompt's longest prefix or the client's session ([`prefix`]) within a load margin, else
+//! the fewest outstanding requests. The request body is read first (at most `--max-body`), so
+//! a request whose replica failed before any byte of its answer reached the client can be
+//! sent to another ([`forward`]). Responses stream through as they come (SSE included). The
+//! master's word on each replica comes from the job's endpoint file ([`state`]); a
+//! service's router takes the chain's jobs into slots from the service file ([`service`]). `/health` and `/metrics` (Prometheus) are the router's own; everything
 //! else needs the job's API key when it has one, and goes to a replica as it is.
 //!
 //! With several models (`--model`, and replicas named by model) a request goes to a replica
