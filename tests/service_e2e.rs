@@ -25,6 +25,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Cancels the test's jobs however it ends (a failed test must not leave the bed busy).
+struct CancelJobs;
+
+impl Drop for CancelJobs {
+    fn drop(&mut self) {
+        let _ = slurm("scancel").args(["-n", "rl-svc"]).status();
+    }
+}
+
 /// The service file.
 fn service(dir: &Path) -> serde_json::Value {
     std::fs::read(dir.join("service.json"))
@@ -175,13 +184,14 @@ fn log_of(bed: &Bed, job: &str) -> String {
 }
 
 /// Three jobs of one node, `--time=2`, handing over 85 s before their end (so each serves
-/// about half a minute): a client sends requests without pause through one `route
+/// about half a minute; the first on SIGUSR1, earlier): a client sends requests without pause through one `route
 /// --service` for the whole chain; `service stop` ends it at the third job. No request
 /// fails, every job serves some, each ends with exit 0 before its limit, and nothing is left.
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
     let bed = Bed::new();
+    let _cancel = CancelJobs;
     let dir: PathBuf = bed.path("svc");
     let cfg = bed.config(
         ONE_NODE,
@@ -203,6 +213,13 @@ fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
     let (_router, url) = front(&dir, "chain");
     let stop = Arc::new(AtomicBool::new(false));
     let load = client(url, key, stop.clone());
+    // the first hands over early: SIGUSR1, as `#SBATCH --signal=USR1@…` would send it
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(slurm("scancel")
+        .args(["--signal=USR1", &first])
+        .status()
+        .unwrap()
+        .success());
 
     // two handovers: each job submits the next, which serves, and then it ends
     wait_for(
@@ -271,6 +288,22 @@ fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
         );
         assert_eq!(f["jobs"][i]["state"], "ended", "{f:#}");
     }
+    // the first handed over on SIGUSR1, long before its handover time
+    assert!(
+        log_of(&bed, &chain[0]).contains("SIGUSR1: handing over to a successor (service)"),
+        "{}",
+        log_of(&bed, &chain[0])
+    );
+    // (the second started well before the first's handover time: its end, 2 min after its
+    // start, is well before the first's handover time + 2 min)
+    let at = |i: usize, k: &str| f["jobs"][i][k].as_u64().unwrap() as i64;
+    let early = at(0, "handover_at") + 120 - at(1, "end");
+    assert!(
+        early > 10,
+        "job {} started only {early} s before job {}'s handover time",
+        chain[1],
+        chain[0]
+    );
     // the third submitted none: two handovers, two successors
     assert!(f["jobs"][2]["successor"].is_null(), "{f:#}");
 }
@@ -282,6 +315,7 @@ fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn a_broken_successor_leaves_the_current_job_serving_and_says_why() {
     let bed = Bed::new();
+    let _cancel = CancelJobs;
     let dir: PathBuf = bed.path("svc");
     let cfg = bed.config(
         ONE_NODE,

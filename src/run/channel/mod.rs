@@ -160,6 +160,9 @@ pub enum ToMaster {
     Stopping {
         signal: i32,
     },
+    /// A service job's rank got SIGUSR1 (`--signal=USR1@…`): hand over to a successor now
+    /// (the job goes on serving until the successor serves).
+    HandoverNow,
     /// Teardown on this rank is complete.
     Stopped,
     Heartbeat,

@@ -73,6 +73,8 @@ pub enum Action {
     /// requeue` and a node failed, or `batch.requeue` and a batch stopped with work left):
     /// `(SETTING): why`.
     Requeue(String),
+    /// A service job was asked (SIGUSR1) to hand over to its successor now.
+    HandoverNow,
 }
 
 /// The job's course, as the master sees it.
@@ -382,6 +384,9 @@ impl Coord {
                 };
                 self.stop(code, format!("{node} {what}"), Some(rank))
             }
+            // every rank gets Slurm's signal: the service task takes the first, the rest are
+            // the same request
+            ToMaster::HandoverNow => vec![Action::HandoverNow],
             ToMaster::Stopped => {
                 self.peers[rank].stopped = true;
                 let mut acts = vec![self.event(Event::NodeStopped, Some(rank))];

@@ -200,10 +200,10 @@ impl Master {
                         .endpoint(self.coord.plan(), status, reason.as_deref(), code);
                     if let Some(w) = &self.service {
                         let url = self.coord.plan().map(|p| p.url().to_string());
-                        w.send_replace(super::service::JobView {
-                            status,
-                            reason: reason.clone(),
-                            url,
+                        w.send_modify(|v| {
+                            v.status = status;
+                            v.reason.clone_from(&reason);
+                            v.url = url;
                         });
                     }
                 }
@@ -250,6 +250,12 @@ impl Master {
                 Action::Warn(s) => tracing::warn!("{s}"),
                 Action::AllStopped => done = true,
                 Action::Requeue(why) => self.requeue = Some(why),
+                Action::HandoverNow => match &self.service {
+                    Some(w) => w.send_modify(|v| v.usr1 = true),
+                    None => tracing::warn!(
+                        "SIGUSR1 asked for a handover, but this job has no `service:`"
+                    ),
+                },
             }
         }
         done

@@ -19,6 +19,8 @@ pub struct JobView {
     pub reason: Option<String>,
     /// The job's URL (its router's), once planned.
     pub url: Option<String>,
+    /// SIGUSR1 asked for the handover now.
+    pub usr1: bool,
 }
 
 /// Start the task; the sender the master's loop keeps the job's view in.
@@ -134,7 +136,8 @@ impl Task {
                     j.url = view.url.clone();
                 });
             }
-            let seen = self.look(serving, view.url.as_deref()).await;
+            let mut seen = self.look(serving, view.url.as_deref()).await;
+            seen.usr1 = view.usr1;
             let mut acts = self.handover.step(&seen);
             while let Some(act) = acts.pop() {
                 match act {
@@ -201,7 +204,7 @@ impl Task {
             now: now(),
             end: self.end,
             ready,
-            usr1: false,
+            usr1: false, // the caller's: from the master's loop
             stop: sf.stopped,
             successor,
             outstanding,

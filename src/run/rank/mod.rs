@@ -148,6 +148,8 @@ pub struct RankMachine {
     heartbeat_timeout: Duration,
     /// A batch job: SIGUSR1 stops it with work left (exit 9), not as a drain (0).
     batch: bool,
+    /// A service job: SIGUSR1 asks for the handover to a successor instead of a stop.
+    service: bool,
 }
 
 fn report_stop(code: i32, reason: &str, culprit: Option<&str>) -> Action {
@@ -186,6 +188,7 @@ impl RankMachine {
             last_master: now,
             heartbeat_timeout,
             batch: false,
+            service: false,
         }
     }
 
@@ -193,6 +196,13 @@ impl RankMachine {
     #[must_use]
     pub fn for_batch(mut self, batch: bool) -> Self {
         self.batch = batch;
+        self
+    }
+
+    /// The job is one of a service's chain (SIGUSR1: hand over, see [`Self::on_signal`]).
+    #[must_use]
+    pub fn for_service(mut self, service: bool) -> Self {
+        self.service = service;
         self
     }
 

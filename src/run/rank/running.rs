@@ -47,6 +47,14 @@ impl RankMachine {
 
     fn on_signal(&mut self, sig: i32, now: Instant) -> Vec<Action> {
         let mut acts = Vec::new();
+        // a service job: SIGUSR1 (Slurm's `--signal=USR1@…` before the limit) starts the
+        // handover now; the job serves on, and a later SIGTERM is a first one
+        if sig == signals::libc_sig::USR1 && self.service && self.stopping.is_none() {
+            return vec![
+                Action::Send(ToMaster::HandoverNow),
+                Action::Info("SIGUSR1: handing over to a successor (service)".into()),
+            ];
+        }
         match self.esc.on_signal(sig, now) {
             Shutdown::Graceful { signal } if self.stopping.is_none() => {
                 let what = if signal == signals::libc_sig::USR1 {

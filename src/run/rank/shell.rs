@@ -332,7 +332,8 @@ pub async fn run(
         s.timeouts.rendezvous,
         Instant::now(),
     )
-    .for_batch(s.batch.is_some());
+    .for_batch(s.batch.is_some())
+    .for_service(s.service.is_some());
     let (mut sh, inbox) = Shell::new(&g, me);
     let (channel_port, coord_done) = match master {
         Some(h) => (Some(h.port), Some(h.done)),

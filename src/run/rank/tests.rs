@@ -258,6 +258,25 @@ fn a_signal_in_each_phase() {
 }
 
 #[test]
+fn sigusr1_in_a_service_job_asks_for_the_handover_and_serves_on() {
+    let t0 = Instant::now();
+    let mut m = running(t0).for_service(true);
+    let acts = m.on(Input::Signal(10), t0);
+    assert_eq!(
+        acts,
+        [
+            Action::Send(ToMaster::HandoverNow),
+            Action::Info("SIGUSR1: handing over to a successor (service)".into())
+        ]
+    );
+    assert!(!acts.contains(&Action::Teardown));
+    // the time limit's SIGTERM later is a first, graceful one
+    let acts = m.on(Input::Signal(15), t0 + Duration::from_secs(1));
+    assert!(acts.contains(&Action::Teardown), "{acts:?}");
+    assert!(!acts.contains(&Action::KillAll), "{acts:?}");
+}
+
+#[test]
 fn a_stop_during_startup_starts_nothing_more() {
     let t0 = Instant::now();
     let mut m = running(t0);
