@@ -43,6 +43,17 @@ pub fn private_umask() {
     USER_UMASK.store(old.bits() as u32, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Children started from now on ignore SIGUSR1 (a service job: Slurm's `--signal=USR1@…`
+/// reaches every process of the step, and there it asks the launcher for a handover while
+/// the engines and the router serve on). An ignored signal stays ignored across `exec`
+/// unless the program installs a handler of its own.
+static CHILDREN_IGNORE_USR1: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+pub fn children_ignore_usr1() {
+    CHILDREN_IGNORE_USR1.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn spawn(
     argv: &[String],
     env: &BTreeMap<String, String>,
@@ -60,10 +71,16 @@ pub fn spawn(
     }
     let parent = nix::unistd::getpid();
     let umask = USER_UMASK.load(std::sync::atomic::Ordering::Relaxed);
-    // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, kill) between fork and exec.
+    let ignore_usr1 = CHILDREN_IGNORE_USR1.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: only async-signal-safe calls (setsid, prctl, getppid, kill, sigaction) between
+    // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if ignore_usr1 {
+                nix::sys::signal::signal(Signal::SIGUSR1, nix::sys::signal::SigHandler::SigIgn)
+                    .map_err(std::io::Error::from)?;
+            }
             if umask != u32::MAX {
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask as _));
             }

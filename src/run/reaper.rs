@@ -128,7 +128,15 @@ impl Reaper {
 const REAP_GRACE: Duration = Duration::from_secs(1);
 
 pub fn main(grace: Duration) -> i32 {
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    // Slurm signals every process of a step (`scancel --signal`, `--signal=USR1@…`): the
+    // reaper lives until its launcher is gone, whatever the job is told
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         // SAFETY: setting SIG_IGN installs no handler code.
         unsafe {
             let _ = signal(s, SigHandler::SigIgn);

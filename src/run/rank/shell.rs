@@ -334,6 +334,9 @@ pub async fn run(
     )
     .for_batch(s.batch.is_some())
     .for_service(s.service.is_some());
+    if s.service.is_some() {
+        proc::children_ignore_usr1();
+    }
     let (mut sh, inbox) = Shell::new(&g, me);
     let (channel_port, coord_done) = match master {
         Some(h) => (Some(h.port), Some(h.done)),
