@@ -111,8 +111,8 @@ impl Drop for Router {
 }
 
 impl Router {
-    /// CPU seconds of the router and its children so far.
-    fn cpu(&self) -> f64 {
+    /// The router's pid and its children's (a Python launcher's Rust router).
+    fn pids(&self) -> Vec<u32> {
         let pid = self.child.id();
         let mut pids = vec![pid];
         if let Ok(kids) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
@@ -121,6 +121,12 @@ impl Router {
                     .filter_map(|p| p.parse::<u32>().ok()),
             );
         }
+        pids
+    }
+
+    /// CPU seconds of the router and its children so far.
+    fn cpu(&self) -> f64 {
+        let pids = self.pids();
         let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
             .flatten()
@@ -142,14 +148,7 @@ impl Router {
 
     /// Peak RSS of the router and its children, MB.
     fn rss_mb(&self) -> f64 {
-        let pid = self.child.id();
-        let mut pids = vec![pid];
-        if let Ok(kids) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-            pids.extend(
-                kids.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
+        let pids = self.pids();
         pids.iter()
             .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
             .filter_map(|s| {

@@ -179,6 +179,14 @@ fn a_gpu_held_by_another_users_process_stops_check_and_the_run_before_anything_s
         ])
         .spawn()
         .expect("setpriv (util-linux) runs, as root");
+    // the holder is `sleep` of nobody once setpriv has exec'd it (before, it is root's setpriv)
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(format!("/proc/{}/comm", holder.id()))
+        .map_or(true, |c| c.trim() != "sleep")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "setpriv never ran sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let exe = |name: &str, body: String| {

@@ -253,19 +253,6 @@ fn sbatch_serve(bed: &Bed, cfg: &std::path::Path, sbatch_args: &[&str]) -> Strin
     job
 }
 
-/// Until `job` has left the queue (at most `limit`).
-fn wait_gone(job: &str, limit: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let q = slurm("squeue").args(["-h", "-j", job]).output().unwrap();
-        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(t0.elapsed() < limit, "job {job} still queued");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 #[ignore = "needs the Slurm test bed: scripts/test.sh"]
 fn the_time_limit_of_an_sbatch_job_leaves_no_process_and_no_file() {

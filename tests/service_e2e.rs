@@ -9,21 +9,12 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ONE_NODE: &str = "engine: vllm\nmodel: tiny\nparallel: {tensor: 1, nodes_per_replica: 1}\ngpus_per_node: 0\nvllm: {backend: mp, executable: @STANDIN@/vllm}\nenv: {STANDIN_SERVICE_MS: '30'}";
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Cancels the test's jobs however it ends (a failed test must not leave the bed busy).
 struct CancelJobs;
@@ -95,6 +86,26 @@ fn submit(bed: &Bed, cfg: &Path) -> String {
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(!job.is_empty(), "{}", text(&out));
     job
+}
+
+/// Service `name`'s first job (in `--time=2` jobs handing over `handover_before` before
+/// their end), submitted and serving: the service's directory, the config, the job.
+fn first_job(bed: &Bed, name: &str, handover_before: &str) -> (PathBuf, PathBuf, String) {
+    let dir = bed.path("svc");
+    let cfg = bed.config(
+        ONE_NODE,
+        &format!(
+            "service: {{name: {name}, dir: @RECORD@/svc, handover_before: {handover_before}}}"
+        ),
+    );
+    let first = submit(bed, &cfg);
+    wait_for(
+        "the first job serves",
+        Duration::from_secs(90),
+        &dir,
+        || jobs(&dir).contains(&(first.clone(), "serving".into())),
+    );
+    (dir, cfg, first)
 }
 
 /// `ray-launch route --service NAME` on this host; its URL.
@@ -192,18 +203,7 @@ fn log_of(bed: &Bed, job: &str) -> String {
 fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
     let bed = Bed::new();
     let _cancel = CancelJobs;
-    let dir: PathBuf = bed.path("svc");
-    let cfg = bed.config(
-        ONE_NODE,
-        "service: {name: chain, dir: @RECORD@/svc, handover_before: 85s}",
-    );
-    let first = submit(&bed, &cfg);
-    wait_for(
-        "the first job serves",
-        Duration::from_secs(90),
-        &dir,
-        || jobs(&dir).contains(&(first.clone(), "serving".into())),
-    );
+    let (dir, _cfg, first) = first_job(&bed, "chain", "85s");
     assert_eq!(private_mode(&dir), 0o700);
     assert_eq!(private_mode(&dir.join("key")), 0o600);
     let key = std::fs::read_to_string(dir.join("key"))
@@ -316,18 +316,7 @@ fn a_chain_of_three_jobs_hands_over_with_no_failed_request() {
 fn a_broken_successor_leaves_the_current_job_serving_and_says_why() {
     let bed = Bed::new();
     let _cancel = CancelJobs;
-    let dir: PathBuf = bed.path("svc");
-    let cfg = bed.config(
-        ONE_NODE,
-        "service: {name: broken, dir: @RECORD@/svc, handover_before: 95s}",
-    );
-    let first = submit(&bed, &cfg);
-    wait_for(
-        "the first job serves",
-        Duration::from_secs(90),
-        &dir,
-        || jobs(&dir).contains(&(first.clone(), "serving".into())),
-    );
+    let (dir, cfg, first) = first_job(&bed, "broken", "95s");
     // the next job reads a config with a typo
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("{text}\nreplicas: {{on_falure: restart}}\n")).unwrap();
@@ -383,17 +372,4 @@ fn a_broken_successor_leaves_the_current_job_serving_and_says_why() {
 fn private_mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
-}
-
-/// Until `job` has left the queue (at most `limit`).
-fn wait_gone(job: &str, limit: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let q = slurm("squeue").args(["-h", "-j", job]).output().unwrap();
-        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(t0.elapsed() < limit, "job {job} still queued");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

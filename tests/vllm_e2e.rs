@@ -356,16 +356,6 @@ fn a_flag_typo_is_caught_by_the_parser_check() {
     }
 }
 
-/// A child killed when the test ends, also when it fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// What a replica's own vLLM `/metrics` says it finished.
 fn vllm_successes(url: &str) -> f64 {
     vllm_counter(url, "vllm:request_success_total")

@@ -85,7 +85,7 @@ struct BodyModel {
 
 /// One line → a request, or what is wrong with it (without the line number).
 pub fn parse_line(line: u64, text: &[u8]) -> Result<Request, String> {
-    if !text.trim_ascii_start().starts_with(b"{") {
+    if text.trim_ascii_start().first() != Some(&b'{') {
         return Err(
             if serde_json::from_slice::<serde_json::Value>(text).is_ok() {
                 "not a JSON object".into()

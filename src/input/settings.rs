@@ -227,20 +227,7 @@ pub fn resolve(
         .clone()
         .map(|svc| service_job(&svc, &mut cfg, ov.home.as_deref(), cwd));
     let c = &cfg;
-    let (gpus_per_node, gpus_from) = match (ov.gpus_per_node, c.gpus_per_node) {
-        (Some(n), _) => (n, None),
-        (None, Auto::Value(n)) => (n, None),
-        (None, Auto::Auto) => match step.detected_gpus_from() {
-            Some((n, from)) => (n, Some(from)),
-            None => (
-                0,
-                Some(
-                    "none found: no Slurm GPUs, no CUDA_VISIBLE_DEVICES, no GPU driver's list"
-                        .into(),
-                ),
-            ),
-        },
-    };
+    let (gpus_per_node, gpus_from) = gpus_of(ov, c, step);
     let job = &step.job_id;
     let fill = |s: &str| s.replace("{job}", job).replace("{step}", &step.step_id);
     let step_suffix = if step.step_id == "0" {
@@ -274,23 +261,8 @@ pub fn resolve(
         log_dir,
         client,
         digest: String::new(),
-        timeouts: Timeouts {
-            rendezvous: c.timeouts.rendezvous.0,
-            worker_join: c.timeouts.worker_join.0,
-            engine_ready: c.timeouts.engine_ready.0,
-            engine_ready_max: c.timeouts.engine_ready_max.0,
-            shutdown_grace: c.timeouts.shutdown_grace.0,
-            kill_wait: c.timeouts.kill_wait.0,
-            teardown_budget: config::teardown_budget(c),
-        },
-        health: Health {
-            interval: c.health.interval.0,
-            failures: c.health.failures,
-            heartbeat_interval: c.health.heartbeat_interval.0,
-            heartbeat_timeout: c.health.heartbeat_timeout.0,
-            stall_timeout: c.health.stall_timeout.0,
-            first_token_timeout: c.health.first_token_timeout.0,
-        },
+        timeouts: Timeouts::of(c),
+        health: Health::of(c),
         port_range: loaded.port_range,
         auth: c.security.auth != config::AuthSetting::Off,
         secret_env: c
@@ -310,16 +282,65 @@ pub fn resolve(
         // the batch finishes its requests in flight within most of the client's grace
         s.client = b.argv(s.timeouts.shutdown_grace.mul_f64(0.75));
     }
+    s.digest = digest(&s);
+    s
+}
+
+/// GPUs per node: the flag, the config, or what the step and the machine say (and whence).
+fn gpus_of(ov: &Overrides, c: &Config, step: &Step) -> (u32, Option<String>) {
+    match (ov.gpus_per_node, c.gpus_per_node) {
+        (Some(n), _) => (n, None),
+        (None, Auto::Value(n)) => (n, None),
+        (None, Auto::Auto) => match step.detected_gpus_from() {
+            Some((n, from)) => (n, Some(from)),
+            None => (
+                0,
+                Some(
+                    "none found: no Slurm GPUs, no CUDA_VISIBLE_DEVICES, no GPU driver's list"
+                        .into(),
+                ),
+            ),
+        },
+    }
+}
+
+impl Timeouts {
+    fn of(c: &Config) -> Timeouts {
+        Timeouts {
+            rendezvous: c.timeouts.rendezvous.0,
+            worker_join: c.timeouts.worker_join.0,
+            engine_ready: c.timeouts.engine_ready.0,
+            engine_ready_max: c.timeouts.engine_ready_max.0,
+            shutdown_grace: c.timeouts.shutdown_grace.0,
+            kill_wait: c.timeouts.kill_wait.0,
+            teardown_budget: config::teardown_budget(c),
+        }
+    }
+}
+
+impl Health {
+    fn of(c: &Config) -> Health {
+        Health {
+            interval: c.health.interval.0,
+            failures: c.health.failures,
+            heartbeat_interval: c.health.heartbeat_interval.0,
+            heartbeat_timeout: c.health.heartbeat_timeout.0,
+            stall_timeout: c.health.stall_timeout.0,
+            first_token_timeout: c.health.first_token_timeout.0,
+        }
+    }
+}
+
+/// What every rank must agree on, hashed with the version (the Hello carries it).
+fn digest(s: &Settings) -> String {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&s.agreed()).expect("serializes"));
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    s.digest = h
-        .finalize()
+    h.finalize()
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
-        .collect();
-    s
+        .collect()
 }
 
 /// The batch of a job: the command line's `--batch`/`--output` over the config's `batch:`.

@@ -151,32 +151,40 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
         i,
         t0: Instant::now(),
     };
-    let resp = match upstream(st, i, parts, pq, bytes).send().await {
-        Ok(resp) => resp,
+    match upstream(st, i, parts, pq, bytes).send().await {
+        Ok(resp) => answer(st, i, resp, flight).await,
+        Err(e) => send_failed(st, i, e),
+    }
+}
+
+/// A send that got no answer: whether another replica may take the request.
+fn send_failed(st: &Shared, i: usize, e: reqwest::Error) -> Try {
+    let r = &st.replicas[i];
+    if e.is_connect() {
         // nothing reached the replica
-        Err(e) if e.is_connect() => {
-            st.metrics.error(&r.label.replica, "connect");
-            let change =
-                r.health.lock().ok().and_then(|mut h| {
-                    h.on_refused(format!("connection failed ({e})"), Instant::now())
-                });
-            st.note(i, change);
-            return Try::Again("connect", upstream_failed(i, e));
-        }
+        st.metrics.error(&r.label.replica, "connect");
+        st.update_health(i, |h| {
+            h.on_refused(format!("connection failed ({e})"), Instant::now())
+        });
+        return Try::Again("connect", upstream_failed(i, e));
+    }
+    st.metrics.error(&r.label.replica, "upstream");
+    if e.is_timeout() {
         // the whole time it had: a second try would wait as long again
-        Err(e) if e.is_timeout() => {
-            st.metrics.error(&r.label.replica, "upstream");
-            return Try::Answer(upstream_failed(i, e));
-        }
-        // reset, or closed before its headers: the client has seen nothing
-        Err(e) => {
-            st.metrics.error(&r.label.replica, "upstream");
-            return Try::Again("upstream", upstream_failed(i, e));
-        }
-    };
+        return Try::Answer(upstream_failed(i, e));
+    }
+    // reset, or closed before its headers: the client has seen nothing
+    Try::Again("upstream", upstream_failed(i, e))
+}
+
+/// The replica's answer, read up to its start (the first chunk of a stream, the whole of a
+/// plain answer): a failure until then may go to another replica; after it, the rest is
+/// passed on as it comes.
+async fn answer(st: &Arc<Shared>, i: usize, resp: reqwest::Response, flight: InFlight) -> Try {
+    let label = &st.replicas[i].label.replica;
     let status = resp.status();
     if status.is_server_error() {
-        st.metrics.error(&r.label.replica, "status");
+        st.metrics.error(label, "status");
     }
     let sse = resp
         .headers()
@@ -185,7 +193,6 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
         .is_some_and(|t| t.starts_with("text/event-stream"));
     let head = head_of(&resp, i, st.replicas[i].job());
     let mut body = resp.bytes_stream();
-    // the answer's start: the first chunk of a stream, or the whole of a plain answer
     let mut start = bytes::BytesMut::new();
     loop {
         if sse && !start.is_empty() || !sse && start.len() > WHOLE {
@@ -194,7 +201,7 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
         match body.next().await {
             Some(Ok(c)) => start.extend_from_slice(&c),
             Some(Err(e)) => {
-                st.metrics.error(&r.label.replica, "upstream");
+                st.metrics.error(label, "upstream");
                 if e.is_timeout() {
                     return Try::Answer(upstream_failed(i, e));
                 }
@@ -203,15 +210,31 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
             None => {
                 // the engine's own shutdown (502/503): another replica may answer
                 if matches!(status.as_u16(), 502 | 503) {
-                    let answer = whole(head, start.freeze());
-                    return Try::Again("status", answer);
+                    return Try::Again("status", whole(head, start.freeze()));
                 }
                 return Try::Answer(whole(head, start.freeze()));
             }
         }
     }
+    let body = passed_on(st, i, start.freeze(), body, flight, sse);
+    Try::Answer(
+        head.body(body)
+            .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())),
+    )
+}
+
+/// The answer's start, then the rest as it comes; a failure in the rest is told the client's
+/// way (an SSE error event, or a cut body). `flight` lives as long as the body streams.
+fn passed_on(
+    st: &Arc<Shared>,
+    i: usize,
+    start: bytes::Bytes,
+    body: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+    flight: InFlight,
+    sse: bool,
+) -> Body {
     let st2 = st.clone();
-    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(start.freeze())]);
+    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(start)]);
     let rest = body.map(move |chunk| {
         let _keep = &flight;
         chunk.map_err(|e| {
@@ -224,26 +247,21 @@ async fn attempt(st: &Arc<Shared>, i: usize, parts: &Parts, pq: &str, bytes: &by
         })
     });
     let stream = first.chain(rest);
-    let body = if sse {
-        // a failure after the first event: one SSE error event, then the end
-        Body::from_stream(stream.scan(false, move |failed, c| {
-            let out = match (*failed, c) {
-                (true, _) => None,
-                (false, Ok(b)) => Some(Ok::<_, std::io::Error>(b)),
-                (false, Err(e)) => {
-                    *failed = true;
-                    Some(Ok(sse_error(&e.to_string())))
-                }
-            };
-            std::future::ready(out)
-        }))
-    } else {
-        Body::from_stream(stream)
-    };
-    Try::Answer(
-        head.body(body)
-            .unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())),
-    )
+    if !sse {
+        return Body::from_stream(stream);
+    }
+    // a failure after the first event: one SSE error event, then the end
+    Body::from_stream(stream.scan(false, move |failed, c| {
+        let out = match (*failed, c) {
+            (true, _) => None,
+            (false, Ok(b)) => Some(Ok::<_, std::io::Error>(b)),
+            (false, Err(e)) => {
+                *failed = true;
+                Some(Ok(sse_error(&e.to_string())))
+            }
+        };
+        std::future::ready(out)
+    }))
 }
 
 /// The answer's status and headers as the client gets them, naming the replica and the job

@@ -391,6 +391,20 @@ impl Shared {
             .any(|r| r.card.lock().is_ok_and(|c| c.is_some()))
     }
 
+    /// Change replica `i`'s health; a change of rotation is logged and counted.
+    fn update_health(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut policy::Health) -> Option<policy::Change>,
+    ) {
+        let change = self.replicas[i]
+            .health
+            .lock()
+            .ok()
+            .and_then(|mut h| f(&mut h));
+        self.note(i, change);
+    }
+
     fn note(&self, i: usize, change: Option<policy::Change>) {
         let r = &self.replicas[i];
         match change {
@@ -635,12 +649,7 @@ async fn poll(st: Arc<Shared>, i: usize, interval: Duration, timeout: Duration) 
             }
         };
         let answered = res.is_ok();
-        let change = r
-            .health
-            .lock()
-            .ok()
-            .and_then(|mut h| h.on_poll(res, Instant::now()));
-        st.note(i, change);
+        st.update_health(i, |h| h.on_poll(res, Instant::now()));
         // its engine's own `/v1/models` entry, once it answers (every 10 s until it gives one)
         let missing = !r.attached && r.card.lock().is_ok_and(|c| c.is_none());
         if answered && missing && last_card.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {

@@ -106,13 +106,7 @@ pub(super) async fn follow(st: Arc<Shared>, dir: PathBuf) {
 fn apply(st: &Shared, m: Moves) {
     let now = Instant::now();
     for (i, why) in m.hold {
-        let r = &st.replicas[i];
-        let change = r
-            .health
-            .lock()
-            .ok()
-            .and_then(|mut h| h.on_state(Some(why), now));
-        st.note(i, change);
+        st.update_health(i, |h| h.on_state(Some(why), now));
     }
     for i in m.free {
         let r = &st.replicas[i];
@@ -143,11 +137,10 @@ fn apply(st: &Shared, m: Moves) {
         }
         log(&format!("slot {i}: job {job} serves at {url}"));
         // the job's master called it serving: in the rotation now (the polls follow)
-        let change = r.health.lock().ok().and_then(|mut h| {
+        st.update_health(i, |h| {
             h.on_poll(Ok(()), now);
             h.on_state(None, now)
         });
-        st.note(i, change);
     }
 }
 

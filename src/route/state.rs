@@ -40,15 +40,9 @@ pub(super) async fn watch(st: Arc<Shared>, path: PathBuf) {
             seen = stamp;
             if let Ok(Some(f)) = EndpointFile::read(&path) {
                 for (i, held) in holds(&f) {
-                    let Some(r) = st.replicas.get(i).filter(|r| !r.attached) else {
-                        continue;
-                    };
-                    let change = r
-                        .health
-                        .lock()
-                        .ok()
-                        .and_then(|mut h| h.on_state(held, Instant::now()));
-                    st.note(i, change);
+                    if st.replicas.get(i).is_some_and(|r| !r.attached) {
+                        st.update_health(i, |h| h.on_state(held, Instant::now()));
+                    }
                 }
             }
         }

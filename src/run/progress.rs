@@ -48,6 +48,27 @@ pub fn parse(text: &str) -> Option<Sample> {
     })
 }
 
+/// One metric of a Prometheus text answer, summed over its label sets; `None` when absent.
+pub fn sum_of(text: &str, metric: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
 /// Whether the engine makes progress: busy for `timeout` without one more token is a stall.
 #[derive(Debug, Clone)]
 pub struct Progress {

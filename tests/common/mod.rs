@@ -9,6 +9,29 @@ use std::time::{Duration, Instant};
 pub const NODES: usize = 3;
 pub const BED_PROCS: &[&str] = &["unshare", "tini", "slurmd", "slurmstepd"];
 
+/// A child killed when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Until `job` has left the queue (at most `limit`).
+pub fn wait_gone(job: &str, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let q = slurm("squeue").args(["-h", "-j", job]).output().unwrap();
+        if String::from_utf8_lossy(&q.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(t0.elapsed() < limit, "job {job} still queued");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A loopback port free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

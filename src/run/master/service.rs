@@ -136,8 +136,7 @@ impl Task {
                     j.url = view.url.clone();
                 });
             }
-            let mut seen = self.look(serving, view.url.as_deref()).await;
-            seen.usr1 = view.usr1;
+            let seen = self.look(serving, view.url.as_deref(), view.usr1).await;
             let mut acts = self.handover.step(&seen);
             while let Some(act) = acts.pop() {
                 match act {
@@ -177,7 +176,7 @@ impl Task {
     }
 
     /// One look at the service file, the successor and the job's router.
-    async fn look(&self, ready: bool, url: Option<&str>) -> Seen {
+    async fn look(&self, ready: bool, url: Option<&str>, usr1: bool) -> Seen {
         let sf = self.service.read().unwrap_or_default();
         let me = sf.job(&self.job);
         let successor = match me.and_then(|j| j.successor.clone()) {
@@ -204,7 +203,7 @@ impl Task {
             now: now(),
             end: self.end,
             ready,
-            usr1: false, // the caller's: from the master's loop
+            usr1,
             stop: sf.stopped,
             successor,
             outstanding,
@@ -386,8 +385,5 @@ async fn in_flight(url: &str) -> usize {
     let Ok(text) = async { client.get(&metrics).send().await?.text().await }.await else {
         return 0;
     };
-    text.lines()
-        .filter(|l| l.starts_with("ray_launch_router_outstanding"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as usize
+    crate::run::progress::sum_of(&text, "ray_launch_router_outstanding").unwrap_or(0.0) as usize
 }
